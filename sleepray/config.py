@@ -1,0 +1,237 @@
+"""One typed config for the whole system.
+
+Loaded from YAML with dotted command-line overrides (``nrem.beta=0.3``) and
+validated at load: an unknown key or a bad value raises ``ConfigError`` naming
+the key. Every knob of the method (DESIGN.md section 1) is a field with a default.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class WorldConfig(_Section):
+    """The built-in synthetic knowledge stream (bioS-style)."""
+    seed: int = 0
+    n_episodes: int = Field(5, ge=1)
+    people_per_episode: int = Field(4, ge=0)
+    orgs_per_episode: int = Field(1, ge=0)
+    places_per_episode: int = Field(1, ge=0)
+    phrasings_per_fact: int = Field(2, ge=1, description="distinct renderings of each fact in the documents")
+    question_delay: int = Field(1, ge=0, description="episodes after which questions about an episode come back")
+    source: Literal["builtin", "file"] = "builtin"
+    data_path: Optional[str] = Field(None, description="JSONL or Parquet of user documents and QA pairs")
+
+
+class ModelConfig(_Section):
+    path: str = Field("seed:small", description="'seed:test', 'seed:small', a local HF folder or a hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    device: str = "auto"
+    cache_dir: Optional[str] = Field(None, description="where seed models are built; default ~/.cache/sleepray")
+
+
+class SeedConfig(_Section):
+    """Overrides for the seed-model build; the profile sets the defaults."""
+    profile: Literal["test", "small"] = "small"
+    steps: Optional[int] = Field(None, ge=1)
+    seed: int = 0
+
+
+class ExpertConfig(_Section):
+    """L1 memory: low-rank experts on the MLP projections (PEFT LoRA)."""
+    rank: int = Field(8, ge=1, description="rank r of each expert (paper default 64; smaller for tiny models)")
+    lora_alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    max_slots: int = Field(8, ge=1, description="pre-allocated expert slots")
+    deep_sleep_every: int = Field(4, ge=1, description="K: merge L1 experts into L2 every K sleeps")
+
+
+class NREMConfig(_Section):
+    """Knowledge Seeding: GKD + Learning to Imitate."""
+    lam: float = Field(1.0, ge=0, le=1, description="lambda: fraction of student-sampled sequences")
+    beta: float = Field(0.5, ge=0, le=1, description="generalized JSD beta (0 forward KL, 1 reverse KL)")
+    alpha: float = Field(0.5, ge=0, le=1, description="objective (1-alpha) E[r] - alpha E[D]")
+    gamma: float = Field(0.5, ge=0, le=1, description="reward mix gamma r_sem + (1-gamma) r_abs")
+    z0: Optional[float] = Field(None, gt=0, description="Levenshtein gate; None = half the length")
+    lr: float = Field(1e-3, gt=0, description="paper: 5e-6 for real models; tiny models need more")
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(24, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    logprobs_topk: int = Field(20, ge=1, description="top-k of the teacher distribution kept")
+    prompts_per_episode: int = Field(32, ge=1)
+    judge: Literal["embedding", "model"] = "embedding"
+    judge_threshold: float = Field(0.8, ge=-1, le=1)
+    lti_group_size: int = Field(4, ge=1, description="completions per prefix (group baseline)")
+    lti_clip: float = Field(0.2, gt=0, description="clip epsilon of the importance ratio")
+    prefix_min_frac: float = Field(0.2, ge=0, lt=1)
+    prefix_max_frac: float = Field(0.8, gt=0, le=1)
+    use_lti: bool = True
+    use_expansion: bool = Field(True, description="False: train the whole model (ablation)")
+
+    @model_validator(mode="after")
+    def _prefix_range(self):
+        if self.prefix_min_frac >= self.prefix_max_frac:
+            raise ValueError("prefix_min_frac must be < prefix_max_frac")
+        return self
+
+
+class REMConfig(_Section):
+    """Dreaming: SEAL-style self-written curriculum."""
+    enabled: bool = True
+    dreams_per_episode: int = Field(8, ge=1, description="m")
+    formats: list[Literal["implications", "qa", "rewrite"]] = Field(
+        default_factory=lambda: ["implications", "qa", "rewrite"])
+    keep_top_k: int = Field(4, ge=0, description="k")
+    keep_random: int = Field(1, ge=0, description="b")
+    selection: Literal["grad_align", "grad_norm"] = "grad_align"
+    random_expert: bool = True
+    trial_steps: int = Field(5, ge=1)
+    trial_lr: float = Field(1e-3, gt=0)
+    restem: bool = True
+    restem_lr: float = Field(5e-4, gt=0)
+    restem_steps: int = Field(20, ge=0)
+    replay: bool = True
+    replay_fraction: float = Field(0.3, ge=0, le=1)
+    buffer_size: int = Field(2000, ge=0)
+    curriculum: Literal["easy_to_hard", "hard_to_easy", "random"] = "easy_to_hard"
+    sft_steps: int = Field(50, ge=0)
+    sft_lr: float = Field(1e-3, gt=0)
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+
+
+class CycleConfig(_Section):
+    storage: str = Field("runs/default", description="local folder or pyarrow/fsspec URI")
+    capacity_tokens: int = Field(2048, ge=1, description="short-term memory size that triggers sleep (chunk size)")
+    schedule_seconds: Optional[float] = Field(None, gt=0)
+    n_sleeps: int = Field(2, ge=1, description="sleeps the cycle job runs before it stops")
+
+
+class EngineConfig(_Section):
+    kind: Literal["auto", "vllm", "transformers"] = "auto"
+    kv_cache_gib: float = Field(1.0, gt=0)
+    max_model_len: int = Field(1024, ge=16)
+    enforce_eager: bool = True
+    max_loras: int = Field(4, ge=1)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+
+
+class RayConfig(_Section):
+    address: Optional[str] = None
+    num_rollout_workers: int = Field(1, ge=1)
+    num_learner_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_key: Optional[str] = None
+    memory: Literal["on", "off"] = "on"
+    context_policy: Literal["all", "recent", "relevant"] = "recent"
+    max_tokens_limit: int = Field(256, ge=1)
+
+
+class EvalConfig(_Section):
+    profile: Literal["quick", "standard"] = "quick"
+    seeds: int = Field(3, ge=1)
+    methods: list[str] = Field(default_factory=lambda: ["no_sleep", "in_context", "sleep"])
+
+
+class Config(_Section):
+    world: WorldConfig = Field(default_factory=WorldConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    seed: SeedConfig = Field(default_factory=SeedConfig)
+    experts: ExpertConfig = Field(default_factory=ExpertConfig)
+    nrem: NREMConfig = Field(default_factory=NREMConfig)
+    rem: REMConfig = Field(default_factory=REMConfig)
+    cycle: CycleConfig = Field(default_factory=CycleConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{k}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ``["nrem.beta=0.3", "world.n_episodes=2"]`` into a nested dict (YAML-typed values)."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        if not key.strip():
+            raise ConfigError(f"override '{item}' has no key")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{key}: {msg}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def from_dict(data: dict) -> Config:
+    try:
+        return Config.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (optional), apply dotted overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+    data = _merge(data, parse_overrides(overrides or []))
+    return from_dict(data)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
