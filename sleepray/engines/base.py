@@ -1,0 +1,251 @@
+"""One generation interface, two implementations (vLLM and plain transformers).
+
+Both engines
+
+* generate with per-token log-probs of the SAMPLED tokens (and optional top-k lists),
+* score given continuation tokens under a context (teacher log-probs for GKD),
+* switch LoRA adapters per request, without restarting (``load_adapter(name, path)``
+  registers a version; a request picks it with ``adapter=name``; ``None`` = base).
+
+Log-prob semantics (identical in both engines): every log-prob is
+``log_softmax(logits)`` of the model in float32, i.e. of the model's own distribution at
+temperature 1 without top-p filtering, whatever temperature/top_p the request samples
+with (vLLM's default ``logprobs_mode="raw_logprobs"``). Top-k lists are the k most
+likely tokens of that distribution, most likely first, as ``(token_id, logprob)``.
+
+Tokenization: a prompt / score context is tokenized with the model's tokenizer and its
+special tokens (BOS); a string ``continuation`` is tokenized on its own without special
+tokens and appended (pass ``continuation_ids`` to score exact tokens, e.g. a sample's).
+"""
+from __future__ import annotations
+
+import abc
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+from sleepray.config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GenRequest", "GenResult", "ScoreRequest", "ScoreResult", "Engine", "make_engine",
+           "vllm_available", "DEFAULT_MAX_LORA_RANK"]
+
+DEFAULT_MAX_LORA_RANK = 64
+TopK = list[list[tuple[int, float]]]
+
+
+@dataclass
+class GenRequest:
+    prompt: str
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    logprobs_topk: int = 0
+    adapter: Optional[str] = None
+    seed: Optional[int] = None
+    stop: Optional[list[str]] = None
+
+    def validate(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(self.prompt).__name__}")
+        if int(self.max_tokens) < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.logprobs_topk < 0:
+            raise ValueError(f"logprobs_topk must be >= 0, got {self.logprobs_topk}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is not None and any((not isinstance(s, str)) or s == "" for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+
+
+@dataclass
+class GenResult:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]                  # of the sampled tokens
+    topk: Optional[TopK]                   # per generated position, or None (logprobs_topk == 0)
+    adapter: Optional[str]
+    finish_reason: Optional[str] = None    # "stop" (EOS or stop string) or "length"
+
+
+@dataclass
+class ScoreRequest:
+    context: str
+    continuation_ids: Optional[list[int]] = None
+    continuation: Optional[str] = None
+    logprobs_topk: int = 0
+    adapter: Optional[str] = None
+
+    def validate(self) -> None:
+        if not isinstance(self.context, str):
+            raise TypeError(f"context must be a str, got {type(self.context).__name__}")
+        if (self.continuation_ids is None) == (self.continuation is None):
+            raise ValueError("give exactly one of continuation_ids or continuation")
+        if self.logprobs_topk < 0:
+            raise ValueError(f"logprobs_topk must be >= 0, got {self.logprobs_topk}")
+
+
+@dataclass
+class ScoreResult:
+    token_ids: list[int]                   # the continuation tokens
+    logprobs: list[float]                  # of those tokens under the context
+    topk: Optional[TopK] = None            # per continuation position, or None
+
+
+@dataclass
+class _Prepared:
+    """A request turned into token ids (shared by both engines so they agree exactly)."""
+    prompt_ids: list[int]
+    cont_ids: list[int] = field(default_factory=list)
+    max_tokens: int = 0
+
+
+class Engine(abc.ABC):
+    """Generation + scoring + adapter switching; see the module docstring."""
+
+    kind: str = "?"
+
+    def __init__(self, model_path: str, cfg: EngineConfig):
+        self.model_path = str(model_path)
+        self.cfg = cfg
+        self.tokenizer = None  # set by subclasses (a transformers tokenizer)
+        self._adapters: dict[str, str] = {}  # name -> adapter folder
+
+    # ---------------------------------------------------------------- API
+    @abc.abstractmethod
+    def generate(self, requests: list[GenRequest]) -> list[GenResult]: ...
+
+    @abc.abstractmethod
+    def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]: ...
+
+    @abc.abstractmethod
+    def load_adapter(self, name: str, path: str) -> None:
+        """Register (or replace) the adapter ``name`` from a PEFT folder; no restart."""
+
+    @abc.abstractmethod
+    def unload_adapter(self, name: str) -> None: ...
+
+    def adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    def adapter_path(self, name: str) -> str:
+        return self._adapters[self._check_adapter(name)]
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------ helpers
+    def _check_adapter(self, name: Optional[str]) -> Optional[str]:
+        if name is not None and name not in self._adapters:
+            raise KeyError(f"unknown adapter {name!r} (loaded: {sorted(self._adapters)}); "
+                           "call load_adapter(name, path) first")
+        return name
+
+    @staticmethod
+    def _check_name(name: str) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"adapter name must be a non-empty str, got {name!r}")
+
+    @staticmethod
+    def _check_adapter_folder(path: str) -> str:
+        """A PEFT LoRA folder with safetensors weights (never pickle)."""
+        import os
+        p = os.path.abspath(os.path.expanduser(str(path)))
+        if not os.path.isfile(os.path.join(p, "adapter_config.json")):
+            raise ValueError(f"{p}: not a PEFT adapter folder (no adapter_config.json)")
+        if not os.path.isfile(os.path.join(p, "adapter_model.safetensors")):
+            raise ValueError(f"{p}: no adapter_model.safetensors (only safetensors are loaded)")
+        return p
+
+    def _prompt_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def _prepare_gen(self, req: GenRequest) -> _Prepared:
+        req.validate()
+        self._check_adapter(req.adapter)
+        ids = self._prompt_ids(req.prompt)
+        room = self.cfg.max_model_len - len(ids)
+        if room < 1:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit max_model_len="
+                             f"{self.cfg.max_model_len} with room to generate")
+        return _Prepared(ids, max_tokens=min(int(req.max_tokens), room))
+
+    def _prepare_score(self, req: ScoreRequest) -> _Prepared:
+        req.validate()
+        self._check_adapter(req.adapter)
+        ctx = self._prompt_ids(req.context)
+        if req.continuation_ids is not None:
+            cont = [int(t) for t in req.continuation_ids]
+        else:
+            cont = list(self.tokenizer(req.continuation, add_special_tokens=False)["input_ids"])
+        if not ctx:
+            raise ValueError("score context tokenizes to nothing (no BOS either): cannot score "
+                             "the first continuation token")
+        vocab = self._vocab_size()
+        bad = [t for t in cont if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"continuation token ids out of range [0, {vocab}): {bad[:5]}")
+        if len(ctx) + len(cont) > self.cfg.max_model_len:
+            raise ValueError(f"context + continuation = {len(ctx) + len(cont)} tokens exceeds "
+                             f"max_model_len={self.cfg.max_model_len}")
+        return _Prepared(ctx, cont_ids=cont)
+
+    def _vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+
+def vllm_available() -> bool:
+    """True when ``import vllm`` works (it fails loudly e.g. with a CUDA torchvision on CPU)."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # ImportError, RuntimeError (torchvision::nms), ...
+        log.info("vLLM not usable (%s: %s); falling back to transformers", type(e).__name__, e)
+        return False
+    return True
+
+
+def _round_lora_rank(r: int) -> int:
+    """vLLM accepts max_lora_rank only from a fixed set; round up to the next one."""
+    allowed = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+    for a in allowed:
+        if r <= a:
+            return a
+    raise ValueError(f"max_lora_rank {r} is larger than vLLM's maximum {allowed[-1]}")
+
+
+def make_engine(kind: Optional[str], model_path: str, cfg: Optional[EngineConfig] = None,
+                max_lora_rank: int = DEFAULT_MAX_LORA_RANK, seed: int = 0,
+                dtype: Optional[str] = None, device: str = "auto",
+                lora_target_modules: Optional[list[str]] = None) -> Engine:
+    """Build an engine. ``kind``: "auto" (vLLM when it imports, else transformers), "vllm",
+    "transformers", or None (= ``cfg.kind``). ``model_path`` may be ``seed:test`` etc.
+    ``max_lora_rank`` (vLLM: rounded up to a rank it supports) must cover the combined
+    adapter (sum of the on-experts' ranks); ``lora_target_modules`` (vLLM) default to the
+    experts' MLP projections."""
+    from sleepray.models import resolve_model_path
+
+    cfg = cfg or EngineConfig()
+    kind = kind or cfg.kind
+    if kind not in ("auto", "vllm", "transformers"):
+        raise ValueError(f"engine kind must be 'auto', 'vllm' or 'transformers', got {kind!r}")
+    path = resolve_model_path(str(model_path))
+    if kind == "auto":
+        kind = "vllm" if vllm_available() else "transformers"
+    if kind == "vllm":
+        from sleepray.engines.vllm_engine import VLLMEngine
+        return VLLMEngine(path, cfg, max_lora_rank=max_lora_rank, seed=seed, dtype=dtype,
+                          lora_target_modules=lora_target_modules)
+    from sleepray.engines.hf_engine import HFEngine
+    return HFEngine(path, cfg, seed=seed, dtype=dtype or "float32", device=device)
+
