@@ -1,0 +1,123 @@
+"""Pretraining examples for the seed model: read facts from context, answer questions.
+
+Each example is documents about a few fresh entities followed by questions and
+answers about them, or a paragraph of general text. Entities come from training
+worlds (seeds below ``EVAL_WORLD_SEED_MIN``), so evaluation worlds stay unseen.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from sleepray import general_text
+from sleepray.lexicon import pools
+from sleepray.world import QA_FORMAT, World, render_fact
+
+TRAIN_WORLD_SEED_MAX = 10_000_000
+EVAL_WORLD_SEED_MIN = 10_000_000  # worlds used by evaluation and by default configs are >= this or small
+
+
+@dataclass
+class Shape:
+    max_people: int = 4
+    max_orgs: int = 1
+    max_places: int = 1
+    max_phrasings: int = 2
+    questions: int = 8
+    p_general: float = 0.15
+    p_cloze: float = 0.0  # questions asked as the fact's own sentence, cut before the value
+    p_repeat: float = 0.0  # copy drills: a list of world words, then the same list again
+    p_partial: float = 0.0  # contexts of a random subset of the facts (as few as one)
+
+
+def qa_example(rng: random.Random, shape: Shape) -> tuple[str, list[tuple[str, str]]]:
+    """(context, [(question-prompt, answer)]) from a fresh random training world."""
+    world = World(seed=rng.randrange(1, TRAIN_WORLD_SEED_MAX),
+                  people_per_episode=rng.randint(1, shape.max_people),
+                  orgs_per_episode=rng.randint(0, shape.max_orgs),
+                  places_per_episode=rng.randint(0, shape.max_places),
+                  phrasings_per_fact=rng.randint(1, shape.max_phrasings))
+    ep = world.episode(0)
+    context, probes = ep.context, ep.probes
+    if rng.random() < shape.p_partial:
+        # short contexts make the copy signal strong early: as few as one fact
+        facts = rng.sample(ep.facts, rng.randint(1, len(ep.facts)))
+        context = " ".join(render_fact(f, rng.randrange(3)) for f in facts)
+        keep = {(f.entity, f.attribute) for f in facts}
+        probes = [p for p in probes if (p.entity, p.attribute) in keep]
+    probes = rng.sample(probes, min(shape.questions, len(probes)))
+    facts_by_key = {(f.entity, f.attribute): f for f in ep.facts}
+    qas = []
+    for p in probes:
+        if rng.random() < shape.p_cloze:
+            fact = facts_by_key[(p.entity, p.attribute)]
+            sentence = render_fact(fact, rng.randrange(3))
+            cut = sentence.rfind(" " + fact.value)
+            if cut > 0 and sentence.endswith(fact.value + "."):
+                qas.append((QA_FORMAT.format(q=sentence[:cut] + " ..."), p.answer))
+                continue
+        qas.append((QA_FORMAT.format(q=p.question), p.answer))
+    return context, qas
+
+
+def encode_example(tok, rng: random.Random, shape: Shape, seq_len: int, answer_weight: float,
+                   doc_weight: float = 1.0):
+    """Token ids and per-token loss weights (answers weigh ``answer_weight``)."""
+    if rng.random() < shape.p_general:
+        text = general_text.paragraph(rng, rng.randint(3, 12))
+        ids = [tok.bos_token_id] + tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+        ids = ids[:seq_len]
+        return ids, [1.0] * len(ids)
+    if rng.random() < shape.p_repeat:
+        return repeat_example(tok, rng, seq_len)
+    context, qas = qa_example(rng, shape)
+    ids = [tok.bos_token_id] + tok.encode(context + "\n", add_special_tokens=False)
+    w = [doc_weight] * len(ids)
+    for q, a in qas:
+        q_ids = tok.encode(q, add_special_tokens=False)
+        a_ids = tok.encode(" " + a + "\n", add_special_tokens=False)
+        if len(ids) + len(q_ids) + len(a_ids) > seq_len:
+            break
+        ids += q_ids + a_ids
+        w += [0.0] * len(q_ids) + [answer_weight] * len(a_ids)
+    return ids[:seq_len], w[:seq_len]
+
+
+def repeat_example(tok, rng: random.Random, seq_len: int):
+    """A copy drill: random world words, then the same words; the loss is on the copy.
+
+    Copying from context is what reading facts needs, and a model learns the copy
+    circuit (induction heads) far faster from drills than from facts alone.
+    """
+    words = [w for pool in ("first_name", "last_name", "city", "org", "major", "year")
+             for w in rng.sample(pools()[pool], 3)]
+    rng.shuffle(words)
+    first = tok.encode(" " + " ".join(words[: rng.randint(6, len(words))]), add_special_tokens=False)
+    first = first[: (seq_len - 1) // 2]
+    ids = [tok.bos_token_id] + first + first
+    return ids, [0.0] * (1 + len(first)) + [1.0] * len(first)
+
+
+def batch(tok, rng: random.Random, shape: Shape, batch_size: int, seq_len: int,
+          answer_weight: float = 4.0, doc_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    rows = [encode_example(tok, rng, shape, seq_len, answer_weight, doc_weight) for _ in range(batch_size)]
+    n = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((batch_size, n), tok.pad_token_id, dtype=torch.long)
+    weights = torch.zeros((batch_size, n))
+    attn = torch.zeros((batch_size, n), dtype=torch.long)
+    for i, (ids, w) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        weights[i, : len(w)] = torch.tensor(w)
+        attn[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attn, "weights": weights}
+
+
+def tokenizer_corpus(seed: int, n_worlds: int, n_general: int):
+    """Texts for tokenizer training: world documents, questions, answers and general text."""
+    rng = random.Random(seed)
+    for _ in range(n_worlds):
+        ctx, qas = qa_example(rng, Shape(max_people=6, max_phrasings=3, questions=20))
+        yield ctx + "\n" + "\n".join(f"{q} {a}" for q, a in qas)
+    yield from general_text.corpus(seed, n_general)

@@ -1,0 +1,195 @@
+"""The seed model: a small Llama pretrained to read facts from its context.
+
+``build_seed(profile)`` trains a BPE tokenizer on world and general text, pretrains a
+small Llama on "documents -> questions -> answers" examples from fresh random worlds,
+evaluates it on held-out worlds (in-context vs closed-book) and saves a Hugging Face
+folder (safetensors + tokenizer) that transformers, PEFT and vLLM load.
+``seed_path(profile)`` builds once per machine and caches the result.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from sleepray import pretrain_data
+from sleepray.pretrain_data import EVAL_WORLD_SEED_MIN, Shape
+from sleepray.qa import evaluate_probes
+from sleepray.tokenizer import train_tokenizer
+from sleepray.world import World, chance_accuracy
+
+log = logging.getLogger(__name__)
+SEED_VERSION = 1
+
+
+@dataclass
+class Profile:
+    name: str
+    vocab_size: int
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    steps: int
+    batch_size: int
+    seq_len: int
+    lr: float
+    shape: Shape = field(default_factory=Shape)
+    eval_world: dict = field(default_factory=dict)  # World kwargs of the held-out evaluation
+    eval_episodes: int = 4
+    max_position: int = 1024
+    doc_weight: float = 1.0  # loss weight of document tokens (answers weigh 4)
+
+
+PROFILES = {
+    # one person per context, for tests: about 2.5 minutes on 2 cores
+    "test": Profile("test", vocab_size=2048, hidden=128, layers=2, heads=2, intermediate=384,
+                    steps=800, batch_size=32, seq_len=128, lr=2e-3,
+                    shape=Shape(max_people=1, max_orgs=0, max_places=0, max_phrasings=1, questions=12,
+                                p_partial=1.0, p_general=0.0),
+                    eval_world=dict(people_per_episode=1, orgs_per_episode=0, places_per_episode=0,
+                                    phrasings_per_fact=1), eval_episodes=8),
+    # a person and a place per episode (the default world), every fact twice: the embedded default
+    "small": Profile("small", vocab_size=2048, hidden=192, layers=2, heads=3, intermediate=576,
+                     steps=2500, batch_size=32, seq_len=160, lr=2e-3,
+                     shape=Shape(max_people=1, max_orgs=0, max_places=1, max_phrasings=2, questions=12,
+                                 p_partial=1.0, p_general=0.0),
+                     eval_world=dict(people_per_episode=1, orgs_per_episode=0, places_per_episode=1,
+                                     phrasings_per_fact=2), eval_episodes=8),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SLEEPRAY_CACHE", Path.home() / ".cache" / "sleepray"))
+
+
+def _lr_at(step: int, total: int, base: float, warmup: int = 30, decay_frac: float = 0.3) -> float:
+    """Linear warmup, constant, then cosine down to 10% over the last ``decay_frac``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    start = int(total * (1 - decay_frac))
+    if step < start:
+        return base
+    frac = (step - start) / max(1, total - start)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def make_model(p: Profile, tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=p.hidden, intermediate_size=p.intermediate,
+        num_hidden_layers=p.layers, num_attention_heads=p.heads, num_key_value_heads=p.heads,
+        max_position_embeddings=p.max_position, rope_theta=10000.0, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        torch_dtype="float32")
+    return LlamaForCausalLM(cfg)
+
+
+def pretrain(model, tok, p: Profile, steps: int, seed: int, progress: bool = True) -> list[float]:
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc=f"pretrain seed:{p.name}", disable=not progress)
+    for step in bar:
+        b = pretrain_data.batch(tok, rng, p.shape, p.batch_size, p.seq_len, doc_weight=p.doc_weight)
+        w = b["weights"][:, 1:]
+        keep = w > 0  # the LM head runs only where the loss looks
+        hidden = model.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        logits = model.lm_head(hidden[:, :-1][keep])
+        lp = torch.nn.functional.cross_entropy(logits, b["input_ids"][:, 1:][keep], reduction="none")
+        loss = (lp * w[keep]).sum() / w[keep].sum()
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, p.lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    model.eval()
+    return losses
+
+
+def evaluate_seed(model, tok, p: Profile, world_seed: int = EVAL_WORLD_SEED_MIN) -> dict:
+    """In-context and closed-book accuracy on held-out worlds the model never saw."""
+    world = World(seed=world_seed, **p.eval_world)
+    ic, cb, probes = [], [], []
+    for ep in world.episodes(p.eval_episodes):
+        ic.append(evaluate_probes(model, tok, ep.probes, ep.context).accuracy)
+        cb.append(evaluate_probes(model, tok, ep.probes, None).accuracy)
+        probes += ep.probes
+    return {"in_context_accuracy": sum(ic) / len(ic), "closed_book_accuracy": sum(cb) / len(cb),
+            "chance_accuracy": chance_accuracy(probes), "n_probes": len(probes),
+            "eval_world_seed": world_seed, "eval_world": p.eval_world}
+
+
+def build_seed(profile: str, out_dir: str | Path, steps: int | None = None, seed: int = 0,
+               progress: bool = True) -> dict:
+    """Build the seed model into ``out_dir``; return its report (also saved as seed_report.json)."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown seed profile '{profile}' (choose from {sorted(PROFILES)})")
+    p = PROFILES[profile]
+    torch.set_num_threads(int(os.environ.get("SLEEPRAY_THREADS", os.cpu_count() or 1)))
+    t0 = time.time()
+    log.info("training tokenizer (vocab %d)", p.vocab_size)
+    tok = train_tokenizer(pretrain_data.tokenizer_corpus(seed, 3000, 1500), p.vocab_size)
+    model = make_model(p, tok)
+    n_params = sum(x.numel() for x in model.parameters())
+    log.info("pretraining %s: %.2fM parameters, %d steps", profile, n_params / 1e6, steps or p.steps)
+    losses = pretrain(model, tok, p, steps or p.steps, seed, progress)
+    train_s = time.time() - t0
+    metrics = evaluate_seed(model, tok, p)
+    report = {"profile": profile, "version": SEED_VERSION, "parameters": n_params,
+              "steps": steps or p.steps, "seed": seed, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+              "train_seconds": round(train_s, 1), "build_seconds": round(time.time() - t0, 1),
+              "profile_config": asdict(p), **metrics}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    (out / "seed_report.json").write_text(json.dumps(report, indent=2))
+    log.info("seed:%s built in %.0fs: in-context %.2f, closed-book %.2f (chance %.3f)", profile,
+             report["build_seconds"], report["in_context_accuracy"], report["closed_book_accuracy"],
+             report["chance_accuracy"])
+    return report
+
+
+def profile_hash(profile: str) -> str:
+    """A short hash of everything that shapes the build, so a changed recipe is rebuilt."""
+    import hashlib
+    blob = json.dumps([SEED_VERSION, asdict(PROFILES[profile])], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def seed_path(profile: str, progress: bool = True) -> Path:
+    """The cached seed model folder for ``profile``, built on first use (one builder at a time)."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown seed profile '{profile}' (choose from {sorted(PROFILES)})")
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"seed-{profile}-v{SEED_VERSION}-{profile_hash(profile)}"
+    if (final / "seed_report.json").exists():
+        return final
+    with open(root / f".seed-{profile}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / "seed_report.json").exists():
+            return final
+        tmp = root / f".seed-{profile}-building-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_seed(profile, tmp, progress=progress)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    return final
