@@ -235,6 +235,20 @@ class ExpertBank:
         self._apply()
 
     @contextlib.contextmanager
+    def teacher_mode(self) -> Iterator[None]:
+        """The model before expansion: the frozen on-experts only, the training expert off."""
+        self._check_open()
+        try:
+            if self.on:
+                self.model.base_model.set_adapter(list(self.on), inference_mode=True)
+                yield
+            else:
+                with self.model.disable_adapter():
+                    yield
+        finally:
+            self._apply()
+
+    @contextlib.contextmanager
     def random_free_slot_context(self, rng: Any = None, scale: float = 0.05) -> Iterator[str]:
         """Switch on one random free slot with small random A and B while sampling.
 

@@ -1,0 +1,202 @@
+"""NREM: Knowledge Seeding (DESIGN.md section 1), in one process.
+
+Teacher: the model before expansion (frozen on-experts), WITH the episode in context.
+Student: the model after expansion (new expert on), WITHOUT it. Only the new expert trains.
+
+    maximise (1 - alpha) E[r] - alpha E[D]
+
+D: generalized JSD(beta) per token on sequences sampled from the student (fraction
+lambda) or the teacher (1 - lambda); no gradient through sampling.
+r: Learning to Imitate: a teacher sample cut at a random prefix and completed by the
+student, rewarded gamma * r_sem + (1 - gamma) * r_abs, trained by policy gradient with
+a group baseline and a clipped importance ratio.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from sleepray.losses import generalized_jsd
+from sleepray.prompts import ConsolidationPrompt
+from sleepray.rewards import ExactJudge, clipped_pg_loss, group_advantages, lti_reward
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------ sampling
+
+@torch.no_grad()
+def sample(model, tok, prompts: list[str], max_new_tokens: int, temperature: float,
+           prefix_ids: list[list[int]] | None = None) -> list[list[int]]:
+    """Sampled continuations (token ids, cut after the first newline) for each prompt."""
+    newline = tok.encode("\n", add_special_tokens=False)[-1]
+    rows = [tok.encode(p) + (prefix_ids[i] if prefix_ids else []) for i, p in enumerate(prompts)]
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), tok.pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, r in enumerate(rows):  # left padding
+        ids[i, n - len(r):] = torch.tensor(r)
+        attn[i, n - len(r):] = 1
+    device = next(model.parameters()).device
+    out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                         max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                         top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id,
+                         eos_token_id=[tok.eos_token_id, newline])
+    res = []
+    for row in out[:, n:].tolist():
+        cut = []
+        for t in row:
+            if t in (tok.pad_token_id, tok.eos_token_id):
+                break
+            cut.append(t)
+            if t == newline:
+                break
+        res.append(cut or [newline])
+    return res
+
+
+def _continuation_logits(model, tok, prompts: list[str], conts: list[list[int]]):
+    """Logits predicting each continuation token: [B, L, V] and mask [B, L]."""
+    rows = [tok.encode(p) for p in prompts]
+    seqs = [r + c for r, c in zip(rows, conts)]
+    n = max(len(s) for s in seqs)
+    device = next(model.parameters()).device
+    ids = torch.full((len(seqs), n), tok.pad_token_id, dtype=torch.long, device=device)
+    attn = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):  # right padding keeps positions as in sampling without context
+        ids[i, : len(s)] = torch.tensor(s, device=device)
+        attn[i, : len(s)] = 1
+    logits = model(input_ids=ids, attention_mask=attn).logits
+    L = max(len(c) for c in conts)
+    out = logits.new_zeros((len(seqs), L, logits.shape[-1]))
+    mask = torch.zeros((len(seqs), L), dtype=torch.bool, device=device)
+    for i, (r, c) in enumerate(zip(rows, conts)):
+        out[i, : len(c)] = logits[i, len(r) - 1: len(r) - 1 + len(c)]
+        mask[i, : len(c)] = True
+    return out, mask
+
+
+def _token_logprobs(logits, conts: list[list[int]]):
+    L = logits.shape[1]
+    target = torch.tensor([c + [0] * (L - len(c)) for c in conts], device=logits.device)
+    return torch.log_softmax(logits.float(), -1).gather(-1, target[..., None])[..., 0]
+
+
+# ------------------------------------------------------------------------ training
+
+@dataclass
+class NREMResult:
+    steps: int
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def final(self) -> dict:
+        tail = self.history[-10:]
+        return {k: sum(h[k] for h in tail) / len(tail) for k in tail[0]} if tail else {}
+
+
+def make_judge(ncfg, bank=None, tok=None):
+    if ncfg.judge == "exact":
+        return ExactJudge()
+    if ncfg.judge == "embedding":
+        from sleepray.rewards import EmbeddingJudge
+        return EmbeddingJudge(ncfg.judge_threshold)
+    from sleepray.rewards import ModelJudge
+
+    class _FrozenModelJudge:  # the frozen model before expansion is asked
+        def __init__(self):
+            self.inner = ModelJudge(bank.model, tok)
+
+        def same_meaning(self, a, b):
+            with bank.teacher_mode():
+                return self.inner.same_meaning(a, b)
+    return _FrozenModelJudge()
+
+
+def _lti_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Random, judge):
+    """Learning to Imitate: policy gradient on student completions of teacher-sample prefixes."""
+    model = bank.model
+    with bank.teacher_mode():
+        d = sample(model, tok, [p.teacher_prompt for p in batch], ncfg.max_new_tokens, ncfg.temperature)
+    G = ncfg.lti_group_size
+    prompts, prefixes, refs = [], [], []
+    for p, di in zip(batch, d):
+        k = int(len(di) * rng.uniform(ncfg.prefix_min_frac, ncfg.prefix_max_frac))
+        for _ in range(G):
+            prompts.append(p.prompt)
+            prefixes.append(di[:k])
+            refs.append(tok.decode(di, skip_special_tokens=True).strip())
+    comps = sample(model, tok, prompts, ncfg.max_new_tokens, ncfg.temperature, prefix_ids=prefixes)
+    preds = [tok.decode(pre + c, skip_special_tokens=True).strip() for pre, c in zip(prefixes, comps)]
+    rewards = torch.tensor(lti_reward(preds, refs, judge, ncfg.gamma, ncfg.z0)).view(len(batch), G)
+    adv = group_advantages(rewards).view(-1)
+    full_prompts = [p + tok.decode(pre) if pre else p for p, pre in zip(prompts, prefixes)]
+    logits, mask = _continuation_logits(model, tok, full_prompts, comps)
+    lp = _token_logprobs(logits, comps)
+    # samples come from the current adapter here, so old == new; a rollout worker's
+    # samples from an older adapter version pass their own log-probs instead
+    loss = clipped_pg_loss(lp, lp.detach(), adv.to(lp.device), mask, ncfg.lti_clip)
+    return loss, rewards.mean().item()
+
+
+def gkd_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Random):
+    """Generalized distillation on a lambda mix of student- and teacher-sampled sequences."""
+    model = bank.model
+    from_student = [rng.random() < ncfg.lam for _ in batch]
+    ys: list[list[int] | None] = [None] * len(batch)
+    stu_idx = [i for i, s in enumerate(from_student) if s]
+    tea_idx = [i for i, s in enumerate(from_student) if not s]
+    if stu_idx:
+        for i, y in zip(stu_idx, sample(model, tok, [batch[i].prompt for i in stu_idx],
+                                        ncfg.max_new_tokens, ncfg.temperature)):
+            ys[i] = y
+    if tea_idx:
+        with bank.teacher_mode():
+            for i, y in zip(tea_idx, sample(model, tok, [batch[i].teacher_prompt for i in tea_idx],
+                                            ncfg.max_new_tokens, ncfg.temperature)):
+                ys[i] = y
+    with torch.no_grad(), bank.teacher_mode():
+        t_logits, mask = _continuation_logits(model, tok, [p.teacher_prompt for p in batch], ys)
+    s_logits, _ = _continuation_logits(model, tok, [p.prompt for p in batch], ys)
+    return generalized_jsd(s_logits, t_logits, ncfg.beta, mask=mask)
+
+
+def run_nrem(bank, tok, prompts: list[ConsolidationPrompt], ncfg, seed: int = 0,
+             progress: bool = True, judge=None) -> NREMResult:
+    """Train the bank's open expert on ``prompts``; returns the per-step history."""
+    if not prompts:
+        raise ValueError("NREM needs at least one consolidation prompt (is the short-term memory empty?)")
+    if bank.training is None:
+        raise RuntimeError("open a new expert (bank.open_new_expert()) before NREM")
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    params = bank.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=ncfg.lr, weight_decay=0.0)
+    use_lti = ncfg.use_lti and ncfg.alpha < 1.0
+    if use_lti and judge is None:
+        judge = make_judge(ncfg, bank, tok) if ncfg.gamma > 0 else None
+    result = NREMResult(ncfg.steps)
+    bank.model.eval()  # no dropout; the LoRA weights still train
+    bar = tqdm(range(ncfg.steps), desc="NREM", disable=not progress)
+    for step in bar:
+        batch = [rng.choice(prompts) for _ in range(ncfg.batch_size)]
+        div = gkd_loss(bank, tok, batch, ncfg, rng)
+        loss = ncfg.alpha * div if use_lti else div
+        reward = float("nan")
+        if use_lti:
+            pg, reward = _lti_loss(bank, tok, batch, ncfg, rng, judge)
+            loss = loss + (1 - ncfg.alpha) * pg
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        rec = {"step": step, "divergence": div.item(), "loss": loss.item()}
+        if use_lti:
+            rec["reward"] = reward
+        result.history.append(rec)
+        bar.set_postfix(D=f"{rec['divergence']:.3f}", r=f"{reward:.2f}")
+    return result

@@ -1,0 +1,69 @@
+"""NREM on the `test` seed model: only the new expert trains, and facts move into it."""
+import random
+
+import pytest
+import torch
+
+from sleepray.config import load_config
+from sleepray.experts import ExpertBank
+from sleepray.models import load_model
+from sleepray.nrem import gkd_loss, run_nrem
+from sleepray.prompts import consolidation_prompts
+from sleepray.qa import evaluate_probes
+from sleepray.world import World
+
+QUICK = ["world.people_per_episode=1", "world.orgs_per_episode=0", "world.places_per_episode=0",
+         "world.phrasings_per_fact=1", "nrem.judge=exact", "nrem.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def episode():
+    return World(10_000_777, 1, 0, 0, 1).episode(0)
+
+
+def test_nrem_trains_only_the_new_expert_and_moves_facts_into_it(seed_test_model, episode):
+    cfg = load_config(None, QUICK + ["nrem.steps=40"])
+    model, tok = load_model(str(seed_test_model))
+    bank = ExpertBank(model, cfg.experts)
+    before_cb = evaluate_probes(bank.model, tok, episode.probes, None).accuracy
+    bank.open_new_expert()
+    slot = bank.training
+    snapshot = {n: p.detach().clone() for n, p in bank.model.named_parameters()}
+    prompts = consolidation_prompts(episode, cfg.nrem.prompts_per_episode, random.Random(0))
+    res = run_nrem(bank, tok, prompts, cfg.nrem, seed=0, progress=False)
+    assert len(res.history) == 40
+    changed = {n for n, p in bank.model.named_parameters() if not torch.equal(p, snapshot[n])}
+    assert changed, "the new expert did not train"
+    assert all(f".{slot}." in n for n in changed), sorted(changed)[:5]
+    # the divergence to the teacher (with the episode in context) went down
+    first = sum(h["divergence"] for h in res.history[:5]) / 5
+    last = sum(h["divergence"] for h in res.history[-5:]) / 5
+    assert last < first
+    bank.freeze_current()
+    after_cb = evaluate_probes(bank.model, tok, episode.probes, None).accuracy
+    assert after_cb > before_cb
+
+
+def test_gkd_has_no_gradient_through_sampling_and_teacher_is_frozen(seed_test_model, episode):
+    cfg = load_config(None, QUICK + ["nrem.lam=0.5"])
+    model, tok = load_model(str(seed_test_model))
+    bank = ExpertBank(model, cfg.experts)
+    bank.open_new_expert()
+    prompts = consolidation_prompts(episode, 8, random.Random(1))
+    loss = gkd_loss(bank, tok, prompts, cfg.nrem, random.Random(2))
+    loss.backward()
+    grads = [p.grad for p in bank.model.parameters() if p.grad is not None]
+    assert grads and len(grads) == len(bank.trainable_parameters())
+
+
+def test_nrem_refuses_empty_memory_and_closed_bank(seed_test_model):
+    cfg = load_config(None, QUICK)
+    model, tok = load_model(str(seed_test_model))
+    bank = ExpertBank(model, cfg.experts)
+    with pytest.raises(ValueError, match="at least one"):
+        bank.open_new_expert()
+        run_nrem(bank, tok, [], cfg.nrem)
+    bank.freeze_current()
+    with pytest.raises(RuntimeError, match="open a new expert"):
+        run_nrem(bank, tok, consolidation_prompts(World(1, 1, 0, 0, 1).episode(0), 4, random.Random(0)),
+                 cfg.nrem)
