@@ -25,8 +25,8 @@ class WorldConfig(_Section):
     """The built-in synthetic knowledge stream (bioS-style)."""
     seed: int = 0
     n_episodes: int = Field(5, ge=1)
-    people_per_episode: int = Field(4, ge=0)
-    orgs_per_episode: int = Field(1, ge=0)
+    people_per_episode: int = Field(1, ge=0)
+    orgs_per_episode: int = Field(0, ge=0)
     places_per_episode: int = Field(1, ge=0)
     phrasings_per_fact: int = Field(2, ge=1, description="distinct renderings of each fact in the documents")
     question_delay: int = Field(1, ge=0, description="episodes after which questions about an episode come back")
@@ -73,7 +73,7 @@ class NREMConfig(_Section):
     temperature: float = Field(1.0, gt=0)
     logprobs_topk: int = Field(20, ge=1, description="top-k of the teacher distribution kept")
     prompts_per_episode: int = Field(32, ge=1)
-    judge: Literal["embedding", "model"] = "embedding"
+    judge: Literal["embedding", "model", "exact"] = "embedding"
     judge_threshold: float = Field(0.8, ge=-1, le=1)
     lti_group_size: int = Field(4, ge=1, description="completions per prefix (group baseline)")
     lti_clip: float = Field(0.2, gt=0, description="clip epsilon of the importance ratio")

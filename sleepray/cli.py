@@ -1,0 +1,167 @@
+"""The `sleepray` command.
+
+Every subcommand takes ``--config FILE`` and dotted overrides (``nrem.beta=0.3``)
+where it uses the config, and has its own ``--help``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from sleepray.config import ConfigError, dump_config, load_config
+
+log = logging.getLogger("sleepray")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config file (see examples/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted config overrides, e.g. world.n_episodes=2 nrem.beta=0.3")
+
+
+def _cfg(args):
+    return load_config(args.config, args.overrides)
+
+
+def cmd_config(args) -> int:
+    print(dump_config(_cfg(args)), end="")
+    return 0
+
+
+def cmd_world(args) -> int:
+    from sleepray.stream import episodes_from_config
+    cfg = _cfg(args)
+    for ep in episodes_from_config(cfg.world, args.episodes):
+        if args.jsonl:
+            print(json.dumps({"episode_id": ep.episode_id, "documents": ep.documents,
+                              "probes": [p.__dict__ for p in ep.probes]}))
+            continue
+        print(f"=== episode {ep.episode_id}: {len(ep.documents)} documents, {len(ep.probes)} probes")
+        print(ep.context)
+        for p in ep.probes[: args.show_probes]:
+            print(f"  Q: {p.question}  ->  {p.answer}")
+    return 0
+
+
+def cmd_seed(args) -> int:
+    from sleepray.seed import build_seed, seed_path
+    if args.out:
+        report = build_seed(args.profile, args.out, steps=args.steps, seed=args.seed)
+    else:
+        if args.steps is not None:
+            raise ConfigError("--steps needs --out: the cached seed model always uses the profile's steps")
+        path = seed_path(args.profile)
+        report = json.loads((path / "seed_report.json").read_text())
+        report["path"] = str(path)
+    keys = ["profile", "path", "parameters", "steps", "build_seconds", "in_context_accuracy",
+            "closed_book_accuracy", "chance_accuracy", "n_probes"]
+    print(json.dumps({k: report[k] for k in keys if k in report}, indent=2))
+    return 0
+
+
+def cmd_memory(args) -> int:
+    from pathlib import Path
+
+    from sleepray.memory import MemoryStore
+    cfg = _cfg(args)
+    store = MemoryStore(Path(cfg.cycle.storage) / "memory")
+    if args.action == "add":
+        from sleepray.stream import episodes_from_config
+        eps = episodes_from_config(cfg.world, args.episodes)
+        receipt = store.append(eps)
+        print(f"appended {len(receipt.episode_ids)} episodes to {store.root} (segment {receipt.segment})")
+    else:
+        rows = store.episodes("all")
+        for r in rows:
+            print(f"{r['episode_id']:<16} {store.status_of(r['episode_id']):<13} {r['n_tokens']:>6} tokens")
+        print(json.dumps(store.pressure()))
+    return 0
+
+
+def cmd_sleep(args) -> int:
+    from sleepray.sleep import sleep_nrem
+    cfg = _cfg(args)
+    if args.phase != "nrem":
+        raise ConfigError(f"phase '{args.phase}' is not available yet")
+    out = sleep_nrem(cfg)
+    print(f"new adapter version: {out}" if out else "nothing to consolidate")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from sleepray.run import run_default
+    return run_default(_cfg(args), episodes=args.episodes, sleep=not args.no_sleep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sleepray",
+        description="Language models that sleep: serve awake, consolidate memories into weights asleep.")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the main job on the embedded default (local, seed model, CPU)",
+                       description="Build (once) the seed model; show what it knows about the configured "
+                                   "world in context and closed-book; sleep (NREM) on those episodes; "
+                                   "show the closed-book answers after the sleep.")
+    _add_config_args(p)
+    p.add_argument("--episodes", type=int, default=None, help="episodes to use (default: world.n_episodes)")
+    p.add_argument("--no-sleep", action="store_true", help="only show the answers before any sleep")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("seed", help="build the seed model (tokenizer + small Llama, pretrained)",
+                       description="Train the tokenizer and pretrain the seed model; with no --out the "
+                                   "result is cached per machine and reused.")
+    p.add_argument("--profile", choices=["test", "small"], default="small")
+    p.add_argument("--out", help="build into this folder instead of the cache")
+    p.add_argument("--steps", type=int, default=None, help="pretraining steps (with --out only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_seed)
+
+    p = sub.add_parser("memory", help="add episodes to the short-term memory, or list it",
+                       description="The MemoryStore under cycle.storage/memory: 'add' appends the "
+                                   "configured stream's episodes durably, 'list' shows every episode.")
+    p.add_argument("action", choices=["add", "list"])
+    _add_config_args(p)
+    p.add_argument("--episodes", type=int, default=None, help="episodes to add (default: world.n_episodes)")
+    p.set_defaults(func=cmd_memory)
+
+    p = sub.add_parser("sleep", help="consolidate the short-term memory now (one sleep)",
+                       description="Run a sleep over cycle.storage: NREM trains a fresh expert on the "
+                                   "short-term episodes, writes a new adapter version with its lineage "
+                                   "and marks the episodes consolidated.")
+    p.add_argument("--phase", choices=["nrem"], default="nrem")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_sleep)
+
+    p = sub.add_parser("config", help="print the validated config (defaults + file + overrides)",
+                       description="Load, validate and print the full config as YAML.")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("world", help="print episodes of the built-in world",
+                       description="Print the documents and probe questions of the configured world.")
+    _add_config_args(p)
+    p.add_argument("--episodes", type=int, default=None)
+    p.add_argument("--show-probes", type=int, default=6)
+    p.add_argument("--jsonl", action="store_true", help="one JSON object per episode")
+    p.set_defaults(func=cmd_world)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError) as err:
+        print(f"sleepray {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
