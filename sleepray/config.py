@@ -112,6 +112,16 @@ class REMConfig(_Section):
     sft_lr: float = Field(1e-3, gt=0)
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(1.0, gt=0)
+    random_expert_scale: float = Field(
+        0.05, gt=0, description="size of the random unused expert's perturbation while dreaming")
+    probes_per_episode: int = Field(8, ge=1, description="probe questions per episode for scoring and trials")
+    probe_max_new_tokens: int = Field(12, ge=1, description="length of the teacher's greedy probe answers")
+    trial_metric: Literal["loss", "accuracy"] = Field(
+        "loss", description="probe score of a trial, vs the teacher's answers: NLL (lower is better) "
+                            "or greedy exact match")
+    batch_size: int = Field(8, ge=1, description="batch size of dream SFT and of the ReST-EM update")
+    writer_rank: Optional[int] = Field(None, ge=1, description="rank of the dream-writer adapter; "
+                                                               "None = the experts' rank")
 
 
 class CycleConfig(_Section):

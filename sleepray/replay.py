@@ -1,0 +1,128 @@
+"""The rehearsal buffer of REM (DESIGN.md section 1, Dreaming step 5): dreams kept for
+generative replay in later sleeps.
+
+One Parquet file; every append rewrites it atomically (temporary file, fsync,
+``os.replace``), so a crash leaves either the old or the new buffer, never half of
+one. Rows are kept in the order they were appended and the buffer keeps at most
+``capacity`` of them: the oldest are dropped first.
+
+Columns (:data:`BUFFER_COLUMNS`): ``episode_id``, ``format``, ``prompt``, ``text``,
+``score`` (selection score), ``trial_reward`` (1 / 0, null when untried), ``kept``
+(selected for a trial), ``sleep_id``.
+"""
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = ["BUFFER_COLUMNS", "BUFFER_SCHEMA", "Dream", "ReplayBuffer", "write_table_atomic"]
+
+
+@dataclass
+class Dream:
+    """One self-written training text about an episode.
+
+    ``prompt`` is what the dream writer was given (the episode followed by the format's
+    cue); ``text`` is what it wrote. :attr:`sft_text` is what an expert trains on: the
+    dream alone, without the episode (the student's view).
+    """
+    episode_id: str
+    format: str  # "implications" | "qa" | "rewrite"
+    prompt: str
+    text: str
+
+    @property
+    def sft_text(self) -> str:
+        body = self.text.strip()
+        if self.format == "qa":  # the model wrote what follows "Q:"; keep the pair readable
+            return f"Q: {body}"
+        return body
+
+
+BUFFER_SCHEMA = pa.schema([
+    ("episode_id", pa.string()),
+    ("format", pa.string()),
+    ("prompt", pa.string()),
+    ("text", pa.string()),
+    ("score", pa.float64()),
+    ("trial_reward", pa.int8()),
+    ("kept", pa.bool_()),
+    ("sleep_id", pa.string()),
+])
+BUFFER_COLUMNS = list(BUFFER_SCHEMA.names)
+
+
+def write_table_atomic(table: pa.Table, path: Union[str, os.PathLike]) -> Path:
+    """Write ``table`` to ``path`` via a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        pq.write_table(table, str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+class ReplayBuffer:
+    """Dreams kept across sleeps, in one Parquet file at ``path`` (capped at ``capacity`` rows)."""
+
+    def __init__(self, path: Union[str, os.PathLike], capacity: int = 2000):
+        if capacity < 0:
+            raise ValueError("capacity must be >= 0")
+        self.path = Path(path)
+        self.capacity = int(capacity)
+
+    # ------------------------------------------------------------------ reading
+    def table(self) -> pa.Table:
+        if not self.path.is_file():
+            return BUFFER_SCHEMA.empty_table()
+        return pq.read_table(str(self.path)).select(BUFFER_COLUMNS).cast(BUFFER_SCHEMA)
+
+    def rows(self) -> list[dict]:
+        return self.table().to_pylist()
+
+    def __len__(self) -> int:
+        if not self.path.is_file():
+            return 0
+        return pq.ParquetFile(str(self.path)).metadata.num_rows
+
+    def episodes(self) -> set[str]:
+        return set(self.table().column("episode_id").to_pylist())
+
+    # ------------------------------------------------------------------ writing
+    def append(self, rows: Iterable[dict]) -> int:
+        """Append rows (dicts with the buffer columns; missing ones are null); returns the new size."""
+        new = [{c: r.get(c) for c in BUFFER_COLUMNS} for r in rows]
+        for r in new:
+            if not r["episode_id"] or r["text"] is None:
+                raise ValueError(f"buffer rows need episode_id and text: {r}")
+        if not new:
+            return len(self)
+        table = pa.concat_tables([self.table(), pa.Table.from_pylist(new, schema=BUFFER_SCHEMA)])
+        if table.num_rows > self.capacity:  # drop the oldest
+            table = table.slice(table.num_rows - self.capacity)
+        write_table_atomic(table, self.path)
+        return table.num_rows
+
+    # ----------------------------------------------------------------- sampling
+    def sample(self, n: int, exclude_episodes: Iterable[str] = (),
+               rng: Optional[random.Random] = None) -> list[Dream]:
+        """Up to ``n`` distinct dreams, none about ``exclude_episodes``, drawn uniformly."""
+        if n <= 0:
+            return []
+        rng = rng or random.Random()
+        excluded = set(exclude_episodes)
+        pool = [r for r in self.rows() if r["episode_id"] not in excluded]
+        picked = rng.sample(pool, min(n, len(pool)))
+        return [Dream(r["episode_id"], r["format"], r["prompt"] or "", r["text"]) for r in picked]

@@ -1,0 +1,260 @@
+"""REM (Dreaming) on the `test` seed model with tiny settings: dreams, selection, trials,
+ReST-EM, dream SFT with replay, the rehearsal buffer, and no ground-truth leak."""
+import ast
+import dataclasses
+import random
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import sleepray.rem as rem
+from sleepray import lm
+from sleepray.config import load_config
+from sleepray.experts import ExpertBank
+from sleepray.models import load_model
+from sleepray.replay import BUFFER_COLUMNS, Dream, ReplayBuffer
+from sleepray.world import Episode, Probe, World
+
+TINY = ["rem.dreams_per_episode=4", "rem.keep_top_k=2", "rem.keep_random=1", "rem.trial_steps=2",
+        "rem.restem_steps=2", "rem.sft_steps=3", "rem.max_new_tokens=24", "rem.batch_size=4",
+        "rem.probes_per_episode=4"]
+
+
+@pytest.fixture(scope="module")
+def rcfg():
+    return load_config(None, TINY).rem
+
+
+@pytest.fixture(scope="module")
+def episode():
+    return World(10_000_321, 1, 0, 0, 1).episode(0)
+
+
+@pytest.fixture
+def bank_tok(seed_test_model):
+    cfg = load_config(None, ["experts.rank=4"])
+    model, tok = load_model(str(seed_test_model))
+    bank = ExpertBank(model, cfg.experts)
+    bank.open_new_expert()
+    return bank, tok
+
+
+def _hand_dreams(episode):
+    first = episode.documents[0].split(". ")
+    texts = [first[0] + ".", " ".join(first[1:3]), "Q: " + episode.probes[0].question, "Nothing at all."]
+    return [Dream(episode.episode_id, f, episode.context + rem.FORMAT_CUES[f], t)
+            for f, t in zip(["implications", "rewrite", "qa", "implications"], texts)]
+
+
+def _state(bank):
+    return ({n: p.detach().clone() for n, p in bank.model.named_parameters()},
+            {n: p.requires_grad for n, p in bank.model.named_parameters()},
+            list(bank.model.active_adapters))
+
+
+def _changed(bank, before):
+    return {n for n, p in bank.model.named_parameters() if not torch.equal(p, before[n])}
+
+
+def _targets(episode):  # probe targets without a model: the documents' own wording, not Probe.answer
+    return [rem.ProbeTarget(episode.episode_id, q, a) for q, a in
+            [(episode.probes[0].question, episode.documents[0].split()[-1].rstrip("."))]]
+
+
+def test_random_expert_changes_dreams_and_restores_state(bank_tok, episode, rcfg):
+    bank, tok = bank_tok
+    params, grads, active = _state(bank)
+    on = rem.write_dreams(bank, tok, episode, rcfg, random.Random(0))
+    assert _changed(bank, params) == set()
+    assert {n: p.requires_grad for n, p in bank.model.named_parameters()} == grads
+    assert list(bank.model.active_adapters) == active and bank.free_slots == bank.slots[1:]
+    off_cfg = rcfg.model_copy(update={"random_expert": False})
+    off = rem.write_dreams(bank, tok, episode, off_cfg, random.Random(0))
+    again = rem.write_dreams(bank, tok, episode, off_cfg, random.Random(0))
+    assert [d.text for d in off] == [d.text for d in again]  # same seed, same dreams
+    assert [d.text for d in on] != [d.text for d in off]  # only the random expert differs
+    assert len(on) == 4 and [d.format for d in on] == ["implications", "qa", "rewrite", "implications"]
+    assert on[1].prompt == episode.context + "\nQ:" and on[0].prompt.endswith("\nImplications:\n")
+    assert any("\n" in d.text for d in on + off)  # several lines are kept
+
+
+def test_scores_and_selection(bank_tok, episode):
+    bank, tok = bank_tok
+    dreams = _hand_dreams(episode)
+    targets = rem.teacher_probe_targets(bank, tok, episode, 4)
+    assert len(targets) == 4 and all(t.target for t in targets)
+    norms = rem.score_dreams(bank, tok, dreams, targets, "grad_norm")
+    align = rem.score_dreams(bank, tok, dreams, targets, "grad_align")
+    assert len(norms) == len(align) == len(dreams)
+    assert all(s > 0 for s in norms)
+    assert all(-1.0 - 1e-6 <= s <= 1.0 + 1e-6 for s in align) and any(s != 0 for s in align)
+    assert all(p.grad is None for p in bank.model.parameters())
+    kept = rem.select(dreams, align, 2, 1, random.Random(0))
+    assert len(kept) == 3 and len({id(d) for d in kept}) == 3
+    best = sorted(range(4), key=lambda i: -align[i])[:2]
+    assert [id(d) for d in kept[:2]] == [id(dreams[i]) for i in best]
+    assert len(rem.select(dreams, align, 3, 5, random.Random(0))) == 4
+
+
+def test_trials_are_isolated_and_restore_the_expert(bank_tok, episode, rcfg):
+    bank, tok = bank_tok
+    with torch.no_grad():  # a non-trivial expert, as after NREM
+        for p in bank.trainable_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    params, grads, _ = _state(bank)
+    dreams = _hand_dreams(episode)[:3]
+    results = rem.run_trials(bank, tok, dreams, _targets(episode), rcfg)
+    assert _changed(bank, params) == set()
+    assert {n: p.requires_grad for n, p in bank.model.named_parameters()} == grads
+    assert len(results) == 3 and all(r.reward in (0, 1) for r in results)
+    assert len({r.before for r in results}) == 1  # every trial starts from the same expert
+    assert all(r.after != r.before for r in results)  # each trial did train
+    assert all(r.reward == int(r.after < r.before) for r in results)
+
+
+def test_restem_trains_only_the_writer_and_saves_apart(bank_tok, episode, rcfg, tmp_path, seed_test_model):
+    bank, tok = bank_tok
+    writer = rem.DreamWriter.from_config(bank, tok, rcfg)
+    params, grads, active = _state(bank)
+    assert not any(p.requires_grad for p in writer.parameters())
+    losses = rem.restem_update(writer, _hand_dreams(episode), rcfg)
+    assert len(losses) == 2 and writer.updates == 1
+    changed = _changed(bank, params)
+    assert changed and all(".dream_writer." in n for n in changed), sorted(changed)[:4]
+    assert {n: p.requires_grad for n, p in bank.model.named_parameters()} == grads
+    assert list(bank.model.active_adapters) == active
+    # saved on its own; the bank's save and export never carry it
+    writer.save(tmp_path / "writer")
+    assert (tmp_path / "writer" / "adapter_model.safetensors").is_file()
+    bank.save(tmp_path / "bank")
+    bank.export_combined(tmp_path / "combined")
+    assert not [p for p in (tmp_path / "bank").rglob("*") if "dream_writer" in p.name]
+    from safetensors import safe_open
+    for f in [*(tmp_path / "bank").rglob("*.safetensors"), tmp_path / "combined" / "adapter_model.safetensors"]:
+        with safe_open(str(f), "pt") as st:
+            assert not [k for k in st.keys() if "dream_writer" in k]
+    model2, _ = load_model(str(seed_test_model))
+    bank2 = ExpertBank(model2, bank.cfg)
+    writer2 = rem.DreamWriter.load(bank2, tok, tmp_path / "writer")
+    assert writer2.updates == 1
+    sd1, sd2 = writer.state_dict(), writer2.state_dict()
+    assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    # dreams are written with the writer on
+    with torch.no_grad():
+        for p in writer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    a = rem.write_dreams(bank, tok, episode, rcfg, random.Random(3))
+    b = rem.write_dreams(bank, tok, episode, rcfg, random.Random(3), writer=writer)
+    assert [d.text for d in a] != [d.text for d in b]
+
+
+def test_train_dreams_changes_only_the_open_expert_with_replay(bank_tok, episode, rcfg, tmp_path):
+    bank, tok = bank_tok
+    buf = ReplayBuffer(tmp_path / "buffer.parquet", capacity=50)
+    old = World(10_000_322, 1, 0, 0, 1).episode(0)
+    buf.append([{"episode_id": ep.episode_id, "format": "rewrite", "prompt": "", "text": ep.documents[0],
+                 "score": 0.1, "trial_reward": 1, "kept": True, "sleep_id": "v0001"} for ep in (old, episode)])
+    params, _, _ = _state(bank)
+    slot = bank.training
+    cfg = rcfg.model_copy(update={"replay_fraction": 0.5})
+    info = rem.train_dreams(bank, tok, _hand_dreams(episode)[:2], cfg, buf, random.Random(0))
+    assert info["trained_dreams"] == 2 and info["replayed"] == 1  # the current episode is excluded
+    assert info["sft_steps"] == 3 and info["difficulty_order"] == sorted(info["difficulty_order"])
+    changed = _changed(bank, params)
+    assert changed and all(f".{slot}." in n for n in changed)
+
+
+def test_replay_buffer_round_trip_cap_and_exclusion(tmp_path):
+    path = tmp_path / "buf" / "replay.parquet"
+    buf = ReplayBuffer(path, capacity=5)
+    assert len(buf) == 0 and buf.sample(3, (), random.Random(0)) == []
+    rows = [{"episode_id": f"e{i % 3}", "format": "qa", "prompt": f"p{i}", "text": f"t{i}", "score": i / 10,
+             "trial_reward": i % 2, "kept": True, "sleep_id": f"s{i}"} for i in range(4)]
+    assert buf.append(rows) == 4
+    assert ReplayBuffer(path, 5).rows() == rows  # round trip, every column
+    assert list(pq.read_table(path).schema.names) == BUFFER_COLUMNS
+    buf.append([{**rows[0], "text": "t4", "sleep_id": "s4"}, {**rows[1], "text": "t5", "sleep_id": "s5"}])
+    assert len(buf) == 5 and [r["text"] for r in buf.rows()] == ["t1", "t2", "t3", "t4", "t5"]  # oldest dropped
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
+    got = buf.sample(10, ["e0"], random.Random(0))
+    assert got and all(d.episode_id != "e0" for d in got) and len({d.text for d in got}) == len(got)
+    assert len(buf.sample(2, (), random.Random(1))) == 2
+    assert ReplayBuffer(tmp_path / "zero.parquet", capacity=0).append(rows) == 0
+
+
+SENTINEL = "Zqxsentinel"
+
+
+@pytest.fixture(scope="module")
+def sentinel_run(seed_test_model, episode, rcfg, tmp_path_factory):
+    """run_rem on an episode whose Probe.answer values are sentinels, recording every SFT/loss text."""
+    probes = [dataclasses.replace(p, answer=f"{SENTINEL}{i}") for i, p in enumerate(episode.probes)]
+    ep = Episode(episode.episode_id, episode.documents, episode.facts, probes)
+    out = tmp_path_factory.mktemp("rem")
+    model, tok = load_model(str(seed_test_model))
+    bank = ExpertBank(model, load_config(None, ["experts.rank=4"]).experts)
+    bank.open_new_expert()
+    writer = rem.DreamWriter.from_config(bank, tok, rcfg)
+    buf = ReplayBuffer(out / "buffer.parquet", rcfg.buffer_size)
+    buf.append([{"episode_id": "older", "format": "rewrite", "prompt": "", "text": episode.documents[0],
+                 "score": 0.0, "trial_reward": 1, "kept": True, "sleep_id": "v0000"}])
+    seen: list[str] = []
+    real = lm.token_nll
+
+    def spy(model, tok, texts, prompts=None):
+        seen.extend(texts + (prompts or []))
+        return real(model, tok, texts, prompts)
+
+    targets_seen = []
+    real_targets = rem.teacher_probe_targets
+
+    def spy_targets(*a, **k):
+        res = real_targets(*a, **k)
+        targets_seen.extend(res)
+        return res
+
+    params, _, _ = _state(bank)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lm, "token_nll", spy)
+        mp.setattr(rem, "teacher_probe_targets", spy_targets)
+        metrics = rem.run_rem(bank, tok, [ep], rcfg, out / "v0001", random.Random(0), buf, writer)
+    return dict(metrics=metrics, out=out / "v0001", seen=seen, targets=targets_seen, buffer=buf,
+                bank=bank, params=params, writer=writer)
+
+
+def test_run_rem_writes_dreams_parquet(sentinel_run, rcfg):
+    m, out = sentinel_run["metrics"], sentinel_run["out"]
+    t = pq.read_table(out / "dreams.parquet")
+    assert t.schema.names == rem.DREAMS_COLUMNS and set(BUFFER_COLUMNS) <= set(t.schema.names)
+    rows = t.to_pylist()
+    assert len(rows) == m["dreams"] == 4
+    assert sum(r["kept"] for r in rows) == m["kept"] == 3
+    assert all((r["trial_reward"] is not None) == r["kept"] for r in rows)
+    assert sorted(r["selected_by"] for r in rows if r["kept"]) == ["random", "top_k", "top_k"]
+    assert sum(r["trial_reward"] or 0 for r in rows) == m["rewarded"]
+    assert all(r["sleep_id"] == "v0001" for r in rows)
+    assert pq.read_table(out / "probes.parquet").num_rows == m["probe_targets"] > 0
+    assert (out / "dream_writer" / "adapter_model.safetensors").is_file()
+    changed = _changed(sentinel_run["bank"], sentinel_run["params"])
+    slot = sentinel_run["bank"].training
+    assert all(f".{slot}." in n or ".dream_writer." in n for n in changed)
+    if m["rewarded"]:
+        assert m["sft_steps"] == 3 and m["replayed"] == 1 and m["buffer_size"] == 1 + m["rewarded"]
+        assert sentinel_run["writer"].updates == 1
+
+
+def test_ground_truth_answers_never_leak(sentinel_run):
+    rows = pq.read_table(sentinel_run["out"] / "dreams.parquet").to_pylist()
+    probes = pq.read_table(sentinel_run["out"] / "probes.parquet").to_pylist()
+    texts = [str(v) for r in rows + probes + sentinel_run["buffer"].rows() for v in r.values()]
+    texts += [f"{t.question} {t.target}" for t in sentinel_run["targets"]]
+    texts += sentinel_run["seen"]
+    assert sentinel_run["targets"] and sentinel_run["seen"]
+    assert not [t for t in texts if SENTINEL.lower() in t.lower()]
+    # and the REM code never reads a Probe's answer at all
+    for mod in ("rem.py", "replay.py"):
+        tree = ast.parse((Path(rem.__file__).parent / mod).read_text())
+        assert not [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "answer"], mod
+        assert not [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value == "answer"], mod
