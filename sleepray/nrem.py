@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from sleepray.losses import generalized_jsd
 from sleepray.prompts import ConsolidationPrompt
+from sleepray.sampling import sample_ids
 from sleepray.rewards import ExactJudge, clipped_pg_loss, group_advantages, lti_reward
 
 log = logging.getLogger(__name__)
@@ -29,34 +30,12 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------ sampling
 
-@torch.no_grad()
 def sample(model, tok, prompts: list[str], max_new_tokens: int, temperature: float,
            prefix_ids: list[list[int]] | None = None) -> list[list[int]]:
-    """Sampled continuations (token ids, cut after the first newline) for each prompt."""
+    """Sampled continuations (token ids, cut after the first newline; never empty)."""
     newline = tok.encode("\n", add_special_tokens=False)[-1]
-    rows = [tok.encode(p) + (prefix_ids[i] if prefix_ids else []) for i, p in enumerate(prompts)]
-    n = max(len(r) for r in rows)
-    ids = torch.full((len(rows), n), tok.pad_token_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, r in enumerate(rows):  # left padding
-        ids[i, n - len(r):] = torch.tensor(r)
-        attn[i, n - len(r):] = 1
-    device = next(model.parameters()).device
-    out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
-                         max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                         top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id,
-                         eos_token_id=[tok.eos_token_id, newline])
-    res = []
-    for row in out[:, n:].tolist():
-        cut = []
-        for t in row:
-            if t in (tok.pad_token_id, tok.eos_token_id):
-                break
-            cut.append(t)
-            if t == newline:
-                break
-        res.append(cut or [newline])
-    return res
+    return [ids or [newline] for ids in
+            sample_ids(model, tok, prompts, max_new_tokens, temperature, prefix_ids)]
 
 
 def _continuation_logits(model, tok, prompts: list[str], conts: list[list[int]]):

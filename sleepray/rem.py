@@ -55,6 +55,7 @@ import torch
 
 from sleepray import lm
 from sleepray.replay import Dream, ReplayBuffer, write_table_atomic
+from sleepray.sampling import sample_ids
 from sleepray.world import Episode, qa_prompt
 
 log = logging.getLogger(__name__)
@@ -120,41 +121,12 @@ def _only_adapters(bank, names: Sequence[str]):
 
 # ------------------------------------------------------------------ sampling
 
-@torch.no_grad()
 def sample_text(model, tok, prompts: list[str], max_new_tokens: int, temperature: float,
                 seed: int) -> list[str]:
-    """Sampled continuations of ``prompts`` (several lines: stops at EOS or the length only).
-
-    Same approach as :func:`sleepray.nrem.sample` (left padding, plain ancestral sampling),
-    seeded by ``seed`` without touching the global torch RNG state.
-    """
-    rows = [tok.encode(p) for p in prompts]
-    n = max(len(r) for r in rows)
-    ids = torch.full((len(rows), n), tok.pad_token_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, n - len(r):] = torch.tensor(r)
-        attn[i, n - len(r):] = 1
-    device = _device(model)
-    fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.default_generator.manual_seed(seed)
-        if device.type == "cuda":
-            torch.cuda.manual_seed(seed)
-        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
-                             max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                             top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id)
-    texts = []
-    for row in out[:, n:].tolist():
-        cut = []
-        for t in row:
-            if t in (tok.pad_token_id, tok.eos_token_id):
-                break
-            cut.append(t)
-        texts.append(tok.decode(cut, skip_special_tokens=True).rstrip())
-    return texts
+    """Sampled continuations of ``prompts`` (several lines: stops at EOS or the length only),
+    seeded by ``seed`` without touching the global torch RNG state."""
+    outs = sample_ids(model, tok, prompts, max_new_tokens, temperature, stop_at_newline=False, seed=seed)
+    return [tok.decode(ids, skip_special_tokens=True).rstrip() for ids in outs]
 
 
 def write_dreams(bank, tok, episode: Episode, rcfg, rng: random.Random,

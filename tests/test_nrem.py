@@ -7,13 +7,30 @@ import torch
 from sleepray.config import load_config
 from sleepray.experts import ExpertBank
 from sleepray.models import load_model
-from sleepray.nrem import gkd_loss, run_nrem
+from sleepray.losses import generalized_jsd
+from sleepray.nrem import _continuation_logits, gkd_loss, run_nrem
 from sleepray.prompts import consolidation_prompts
-from sleepray.qa import evaluate_probes
+from sleepray.qa import evaluate_probes, generate_answers
 from sleepray.world import World
 
 QUICK = ["world.people_per_episode=1", "world.orgs_per_episode=0", "world.places_per_episode=0",
          "world.phrasings_per_fact=1", "nrem.judge=exact", "nrem.batch_size=8"]
+
+
+def _teacher_answers(bank, tok, prompts):
+    """(prompt, greedy teacher continuation) pairs: fixed data to measure the student on."""
+    with torch.no_grad(), bank.teacher_mode():
+        answers = generate_answers(bank.model, tok, [p.teacher_prompt for p in prompts], 8)
+    return [(p, tok.encode(" " + a + "\n", add_special_tokens=False)) for p, a in zip(prompts, answers)]
+
+
+def _divergence_on(bank, tok, pairs, beta=0.5):
+    prompts, ys = [p for p, _ in pairs], [y for _, y in pairs]
+    with torch.no_grad():
+        with bank.teacher_mode():
+            t, mask = _continuation_logits(bank.model, tok, [p.teacher_prompt for p in prompts], ys)
+        s, _ = _continuation_logits(bank.model, tok, [p.prompt for p in prompts], ys)
+    return generalized_jsd(s, t, beta, mask=mask).item()
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +39,7 @@ def episode():
 
 
 def test_nrem_trains_only_the_new_expert_and_moves_facts_into_it(seed_test_model, episode):
+    torch.manual_seed(0)  # the fresh expert's initialisation
     cfg = load_config(None, QUICK + ["nrem.steps=40"])
     model, tok = load_model(str(seed_test_model))
     bank = ExpertBank(model, cfg.experts)
@@ -30,6 +48,8 @@ def test_nrem_trains_only_the_new_expert_and_moves_facts_into_it(seed_test_model
     slot = bank.training
     snapshot = {n: p.detach().clone() for n, p in bank.model.named_parameters()}
     prompts = consolidation_prompts(episode, cfg.nrem.prompts_per_episode, random.Random(0))
+    fixed = _teacher_answers(bank, tok, prompts[:16])
+    d_before = _divergence_on(bank, tok, fixed)
     res = run_nrem(bank, tok, prompts, cfg.nrem, seed=0, progress=False)
     assert len(res.history) == 40
     changed = {n for n, p in bank.model.named_parameters() if not torch.equal(p, snapshot[n])}
@@ -41,7 +61,7 @@ def test_nrem_trains_only_the_new_expert_and_moves_facts_into_it(seed_test_model
     assert last < first
     bank.freeze_current()
     after_cb = evaluate_probes(bank.model, tok, episode.probes, None).accuracy
-    assert after_cb > before_cb
+    assert after_cb > before_cb, (before_cb, after_cb)
 
 
 def test_gkd_has_no_gradient_through_sampling_and_teacher_is_frozen(seed_test_model, episode):
