@@ -74,6 +74,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move folder ``src`` to ``dst``, replacing an existing ``dst`` (renames, no copy)."""
+    if dst.exists():
+        aside = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex}"
+        os.replace(dst, aside)
+        os.replace(src, dst)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
 def _atomic_write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     with open(tmp, "w") as f:
@@ -399,13 +410,7 @@ class ExpertBank:
             raise RuntimeError(f"unexpected PEFT layout in {tmp}: {sorted(os.listdir(tmp))}")
         if (tmp / "README.md").exists():
             os.replace(tmp / "README.md", src / "README.md")
-        if out_dir.exists():
-            aside = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex}"
-            os.replace(out_dir, aside)
-            os.replace(src, out_dir)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(src, out_dir)
+        replace_dir(src, out_dir)
         shutil.rmtree(tmp, ignore_errors=True)
         return out_dir
 

@@ -54,6 +54,7 @@ import pyarrow as pa
 import torch
 
 from sleepray import lm
+from sleepray.experts import replace_dir
 from sleepray.replay import Dream, ReplayBuffer, write_table_atomic
 from sleepray.sampling import sample_ids
 from sleepray.world import Episode, qa_prompt
@@ -406,13 +407,7 @@ class DreamWriter:
             src.rmdir()
             (tmp / "README.md").unlink(missing_ok=True)
             (tmp / WRITER_META).write_text(json.dumps({"name": self.name, "updates": self.updates}, indent=2))
-            if folder.exists():
-                aside = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex}"
-                os.replace(folder, aside)
-                os.replace(tmp, folder)
-                shutil.rmtree(aside, ignore_errors=True)
-            else:
-                os.replace(tmp, folder)
+            replace_dir(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return folder

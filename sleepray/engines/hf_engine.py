@@ -129,19 +129,21 @@ class HFEngine(Engine):
     # ------------------------------------------------------------ generate
     @torch.no_grad()
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
-        prepared = [self._prepare_gen(r) for r in requests]
-        out: list[Optional[GenResult]] = [None] * len(requests)
+        return self._grouped(requests, [self._prepare_gen(r) for r in requests], self._gen_batch)
+
+    def _grouped(self, requests: list, prepared: list[_Prepared], batch_fn) -> list:
+        """Run ``batch_fn(model, reqs, preps)`` per adapter group and batch, in request order."""
+        out: list = [None] * len(requests)
         with self._lock:
             self._check_open()
             for adapter, idx in _group(requests, lambda r: r.adapter).items():
                 with self._use(adapter) as model:
                     for s in range(0, len(idx), self.batch_size):
                         chunk = idx[s: s + self.batch_size]
-                        res = self._gen_batch(model, [requests[i] for i in chunk],
-                                              [prepared[i] for i in chunk])
+                        res = batch_fn(model, [requests[i] for i in chunk], [prepared[i] for i in chunk])
                         for i, r in zip(chunk, res):
                             out[i] = r
-        return out  # type: ignore[return-value]
+        return out
 
     def _decode(self, ids: list[int]) -> str:
         """Like vLLM's incremental detokenizer: an incomplete UTF-8 sequence at the end
@@ -226,19 +228,7 @@ class HFEngine(Engine):
     # --------------------------------------------------------------- score
     @torch.no_grad()
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
-        prepared = [self._prepare_score(r) for r in requests]
-        out: list[Optional[ScoreResult]] = [None] * len(requests)
-        with self._lock:
-            self._check_open()
-            for adapter, idx in _group(requests, lambda r: r.adapter).items():
-                with self._use(adapter) as model:
-                    for s in range(0, len(idx), self.batch_size):
-                        chunk = idx[s: s + self.batch_size]
-                        res = self._score_batch(model, [requests[i] for i in chunk],
-                                                [prepared[i] for i in chunk])
-                        for i, r in zip(chunk, res):
-                            out[i] = r
-        return out  # type: ignore[return-value]
+        return self._grouped(requests, [self._prepare_score(r) for r in requests], self._score_batch)
 
     def _score_batch(self, model, reqs: list[ScoreRequest], preps: list[_Prepared]) -> list[ScoreResult]:
         seqs = [p.prompt_ids + p.cont_ids for p in preps]
