@@ -141,10 +141,19 @@ class EngineConfig(_Section):
 
 
 class RayConfig(_Section):
-    address: Optional[str] = None
+    address: Optional[str] = Field(None, description="None: RAY_ADDRESS or an embedded local cluster")
+    namespace: str = Field("sleepray", description="Ray namespace of the named actors")
+    num_cpus: Optional[int] = Field(None, ge=1, description="logical CPUs of an embedded local cluster")
     num_rollout_workers: int = Field(1, ge=1)
-    num_learner_workers: int = Field(1, ge=1)
+    num_learner_workers: int = Field(1, ge=1, description="Ray Train DDP workers")
     use_gpu: bool = False
+    rollout_engine: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="engine of the RolloutWorkers (auto: vLLM where it imports)")
+    publish_every: int = Field(10, ge=1, description="NREM steps between adapter publishes to the rollouts")
+    checkpoint_every: int = Field(10, ge=1, description="NREM steps between Ray Train checkpoints")
+    max_failures: int = Field(2, ge=0, description="Ray Train FailureConfig.max_failures")
+    actor_max_restarts: int = Field(3, ge=0, description="restarts of a dead RolloutWorker")
+    detached: bool = Field(False, description="keep the Coordinator alive after the driver exits")
 
 
 class ServeConfig(_Section):
@@ -152,8 +161,19 @@ class ServeConfig(_Section):
     port: int = Field(8000, ge=1, le=65535)
     api_key: Optional[str] = None
     memory: Literal["on", "off"] = "on"
-    context_policy: Literal["all", "recent", "relevant"] = "recent"
+    context_policy: Literal["all", "recent", "relevant"] = Field(
+        "recent", description="short-term memory put into the context when not all of it fits: "
+                              "the newest (all, recent) or the most relevant to the prompt")
     max_tokens_limit: int = Field(256, ge=1)
+    poll_seconds: float = Field(1.0, gt=0, description="how often replicas look for a new adapter version")
+    model_name: str = Field("sleepray", min_length=1, description="the model id of /v1/models")
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0, description="logical CPUs of each replica")
+    max_ongoing_requests: int = Field(32, ge=1, description="per replica, before Serve queues requests")
+    max_batch_size: int = Field(16, ge=1, description="generation requests batched into one engine call")
+    chat_stop: list[str] = Field(default_factory=lambda: ["\nQ:"],
+                                 description="stop strings added to every chat completion (the "
+                                             "seed model's next-question marker)")
 
 
 class EvalConfig(_Section):

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sleepray.losses import generalized_jsd
+from sleepray.nrem_samplers import LocalSampler
 from sleepray.prompts import ConsolidationPrompt
 from sleepray.sampling import sample_ids
 from sleepray.rewards import ExactJudge, clipped_pg_loss, group_advantages, lti_reward
@@ -96,11 +97,18 @@ def make_judge(ncfg, bank=None, tok=None):
     return _FrozenModelJudge()
 
 
-def _lti_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Random, judge):
+def _old_logprobs(lp, old: list | None):
+    """The sampling policy's log-probs (rollout's), or the current ones where not given."""
+    out = lp.detach().clone()
+    for i, row in enumerate(old or []):
+        if row is not None:
+            out[i, : len(row)] = torch.tensor(row, dtype=out.dtype, device=out.device)
+    return out
+
+
+def _lti_loss(student, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Random, judge, sampler):
     """Learning to Imitate: policy gradient on student completions of teacher-sample prefixes."""
-    model = bank.model
-    with bank.teacher_mode():
-        d = sample(model, tok, [p.teacher_prompt for p in batch], ncfg.max_new_tokens, ncfg.temperature)
+    d = sampler.teacher([p.teacher_prompt for p in batch])
     G = ncfg.lti_group_size
     prompts, prefixes, refs = [], [], []
     for p, di in zip(batch, d):
@@ -109,43 +117,64 @@ def _lti_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Ran
             prompts.append(p.prompt)
             prefixes.append(di[:k])
             refs.append(tok.decode(di, skip_special_tokens=True).strip())
-    comps = sample(model, tok, prompts, ncfg.max_new_tokens, ncfg.temperature, prefix_ids=prefixes)
+    comps, old = sampler.complete(prompts, prefixes)
     preds = [tok.decode(pre + c, skip_special_tokens=True).strip() for pre, c in zip(prefixes, comps)]
     rewards = torch.tensor(lti_reward(preds, refs, judge, ncfg.gamma, ncfg.z0)).view(len(batch), G)
     adv = group_advantages(rewards).view(-1)
     full_prompts = [p + tok.decode(pre) if pre else p for p, pre in zip(prompts, prefixes)]
-    logits, mask = _continuation_logits(model, tok, full_prompts, comps)
+    logits, mask = _continuation_logits(student, tok, full_prompts, comps)
     lp = _token_logprobs(logits, comps)
-    # samples come from the current adapter here, so old == new; a rollout worker's
-    # samples from an older adapter version pass their own log-probs instead
-    loss = clipped_pg_loss(lp, lp.detach(), adv.to(lp.device), mask, ncfg.lti_clip)
+    loss = clipped_pg_loss(lp, _old_logprobs(lp, old), adv.to(lp.device), mask, ncfg.lti_clip)
     return loss, rewards.mean().item()
 
 
-def gkd_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Random):
-    """Generalized distillation on a lambda mix of student- and teacher-sampled sequences."""
-    model = bank.model
+def gkd_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Random,
+             sampler=None, student=None):
+    """Generalized distillation on a lambda mix of student- and teacher-sampled sequences.
+
+    ``student``: the module the gradient flows through (a DDP wrapper of ``bank.model``
+    on a Ray Train worker); the teacher's logits come from ``bank.model`` in teacher mode.
+    """
+    sampler = sampler or LocalSampler(bank, tok, ncfg.max_new_tokens, ncfg.temperature)
+    student = student if student is not None else bank.model
     from_student = [rng.random() < ncfg.lam for _ in batch]
     ys: list[list[int] | None] = [None] * len(batch)
     stu_idx = [i for i, s in enumerate(from_student) if s]
     tea_idx = [i for i, s in enumerate(from_student) if not s]
     if stu_idx:
-        for i, y in zip(stu_idx, sample(model, tok, [batch[i].prompt for i in stu_idx],
-                                        ncfg.max_new_tokens, ncfg.temperature)):
+        for i, y in zip(stu_idx, sampler.student([batch[i].prompt for i in stu_idx])):
             ys[i] = y
     if tea_idx:
-        with bank.teacher_mode():
-            for i, y in zip(tea_idx, sample(model, tok, [batch[i].teacher_prompt for i in tea_idx],
-                                            ncfg.max_new_tokens, ncfg.temperature)):
-                ys[i] = y
+        for i, y in zip(tea_idx, sampler.teacher([batch[i].teacher_prompt for i in tea_idx])):
+            ys[i] = y
     with torch.no_grad(), bank.teacher_mode():
-        t_logits, mask = _continuation_logits(model, tok, [p.teacher_prompt for p in batch], ys)
-    s_logits, _ = _continuation_logits(model, tok, [p.prompt for p in batch], ys)
+        t_logits, mask = _continuation_logits(bank.model, tok, [p.teacher_prompt for p in batch], ys)
+    s_logits, _ = _continuation_logits(student, tok, [p.prompt for p in batch], ys)
     return generalized_jsd(s_logits, t_logits, ncfg.beta, mask=mask)
 
 
+def nrem_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Random, sampler,
+              judge=None, student=None) -> tuple[torch.Tensor, dict]:
+    """The NREM objective on one batch: alpha * D - (1 - alpha) * PG surrogate (or D alone)."""
+    student = student if student is not None else bank.model
+    use_lti = ncfg.use_lti and ncfg.alpha < 1.0
+    div = gkd_loss(bank, tok, batch, ncfg, rng, sampler, student)
+    loss = ncfg.alpha * div if use_lti else div
+    rec = {"divergence": div.item()}
+    if use_lti:
+        pg, reward = _lti_loss(student, tok, batch, ncfg, rng, judge, sampler)
+        loss = loss + (1 - ncfg.alpha) * pg
+        rec["reward"] = reward
+    rec["loss"] = loss.item()
+    return loss, rec
+
+
+def make_optimizer(params, ncfg):
+    return torch.optim.AdamW(params, lr=ncfg.lr, weight_decay=0.0)
+
+
 def run_nrem(bank, tok, prompts: list[ConsolidationPrompt], ncfg, seed: int = 0,
-             progress: bool = True, judge=None) -> NREMResult:
+             progress: bool = True, judge=None, sampler=None) -> NREMResult:
     """Train the bank's open expert on ``prompts``; returns the per-step history."""
     if not prompts:
         raise ValueError("NREM needs at least one consolidation prompt (is the short-term memory empty?)")
@@ -154,28 +183,20 @@ def run_nrem(bank, tok, prompts: list[ConsolidationPrompt], ncfg, seed: int = 0,
     rng = random.Random(seed)
     torch.manual_seed(seed)
     params = bank.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=ncfg.lr, weight_decay=0.0)
-    use_lti = ncfg.use_lti and ncfg.alpha < 1.0
-    if use_lti and judge is None:
+    opt = make_optimizer(params, ncfg)
+    if ncfg.use_lti and ncfg.alpha < 1.0 and judge is None:
         judge = make_judge(ncfg, bank, tok) if ncfg.gamma > 0 else None
+    sampler = sampler or LocalSampler(bank, tok, ncfg.max_new_tokens, ncfg.temperature)
     result = NREMResult(ncfg.steps)
     bank.model.eval()  # no dropout; the LoRA weights still train
     bar = tqdm(range(ncfg.steps), desc="NREM", disable=not progress)
     for step in bar:
         batch = [rng.choice(prompts) for _ in range(ncfg.batch_size)]
-        div = gkd_loss(bank, tok, batch, ncfg, rng)
-        loss = ncfg.alpha * div if use_lti else div
-        reward = float("nan")
-        if use_lti:
-            pg, reward = _lti_loss(bank, tok, batch, ncfg, rng, judge)
-            loss = loss + (1 - ncfg.alpha) * pg
+        loss, rec = nrem_loss(bank, tok, batch, ncfg, rng, sampler, judge)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        rec = {"step": step, "divergence": div.item(), "loss": loss.item()}
-        if use_lti:
-            rec["reward"] = reward
-        result.history.append(rec)
-        bar.set_postfix(D=f"{rec['divergence']:.3f}", r=f"{reward:.2f}")
+        result.history.append({"step": step, **rec})
+        bar.set_postfix(D=f"{rec['divergence']:.3f}", r=f"{rec.get('reward', float('nan')):.2f}")
     return result

@@ -115,6 +115,15 @@ class ReplayBuffer:
         write_table_atomic(table, self.path)
         return table.num_rows
 
+    def drop_sleep(self, sleep_id: str) -> int:
+        """Remove the rows a sleep added (a REM phase redone after a crash adds them again)."""
+        t = self.table()
+        keep = [s != sleep_id for s in t.column("sleep_id").to_pylist()]
+        if all(keep):
+            return 0
+        write_table_atomic(t.filter(pa.array(keep)), self.path)
+        return keep.count(False)
+
     # ----------------------------------------------------------------- sampling
     def sample(self, n: int, exclude_episodes: Iterable[str] = (),
                rng: Optional[random.Random] = None) -> list[Dream]:

@@ -17,14 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import shutil
-import time
 from pathlib import Path
 
-from sleepray.memory import MemoryStore
-from sleepray.models import load_model, resolve_model_path
-from sleepray.prompts import consolidation_prompts
+from sleepray.cycle import run_sleep
 
 log = logging.getLogger(__name__)
 
@@ -46,64 +42,30 @@ def latest_version(storage: str | Path) -> Path | None:
     return v[-1] if v else None
 
 
-def _finish_pending(storage: Path, store: MemoryStore) -> None:
-    """Mark episodes of landed adapter versions that a crash left unmarked."""
-    for v in versions(storage):
-        lin = json.loads((v / "lineage.json").read_text())
-        pending = [e for e in lin["episodes"] if store.status_of(e) == "short_term"]
-        if pending:
-            log.info("resuming %s: marking %d episodes consolidated", v.name, len(pending))
-            store.mark_consolidated(pending, lin["sleep_id"], adapter_version=v.name)
-
-
 def load_bank(cfg, storage: str | Path):
     """(bank, tokenizer, base_path) for the latest version, or a fresh bank on the base model."""
-    from sleepray.experts import ExpertBank
-    base_path = resolve_model_path(cfg.model.path)
-    model, tok = load_model(base_path, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
-    latest = latest_version(storage)
-    bank = ExpertBank.load(model, latest / "bank") if latest else ExpertBank(model, cfg.experts)
-    return bank, tok, base_path
+    from sleepray.sleep_phases import bank_from, starting_bank_dir
+    storage = Path(storage)
+    return bank_from(cfg, storage, starting_bank_dir(cfg, storage))
 
 
-def sleep_nrem(cfg, storage: str | Path | None = None, progress: bool = True,
-               episode_ids: list[str] | None = None) -> Path | None:
-    """Consolidate the short-term memory into a new expert; returns the new version folder."""
-    from sleepray.nrem import run_nrem
-    storage = Path(storage or cfg.cycle.storage)
-    store = MemoryStore(storage / "memory")
-    _finish_pending(storage, store)
-    episodes = store.export_episodes("short_term")  # answers are never read here
-    if episode_ids is not None:
-        episodes = [e for e in episodes if e.episode_id in set(episode_ids)]
-    if not episodes:
-        log.info("short-term memory is empty: nothing to consolidate")
+def sleep_nrem(cfg, storage: str | Path | None = None, progress: bool = True) -> Path | None:
+    """One NREM-only sleep (``sleepray sleep --phase nrem``); returns the new version folder."""
+    return _version_of(run_sleep(cfg, storage, only=["nrem"], progress=progress), cfg, storage)
+
+
+def sleep_full(cfg, storage: str | Path | None = None, progress: bool = True, trigger: str = "request",
+               backend=None) -> Path | None:
+    """One whole sleep (NREM, REM if enabled, publish, deep every K); the new version folder."""
+    return _version_of(run_sleep(cfg, storage, backend=backend, trigger=trigger, progress=progress),
+                       cfg, storage)
+
+
+def _version_of(rec, cfg, storage) -> Path | None:
+    if rec is None:
         return None
-    bank, tok, base_path = load_bank(cfg, storage)
-    prev = latest_version(storage)
-    n = int(prev.name[1:]) + 1 if prev else 1
-    name = f"v{n:04d}"
-    rng = random.Random(cfg.seed.seed + n)
-    writer = model_question_writer(bank, tok, cfg.nrem.temperature)
-    prompts = [p for ep in episodes
-               for p in consolidation_prompts(ep, cfg.nrem.prompts_per_episode, rng, writer)]
-    log.info("NREM %s: %d episodes, %d prompts, expert slot %s", name, len(episodes), len(prompts),
-             bank.free_slots[0] if bank.free_slots else None)
-    t0 = time.time()
-    slot = bank.open_new_expert()
-    result = run_nrem(bank, tok, prompts, cfg.nrem, seed=cfg.seed.seed + n, progress=progress)
-    bank.freeze_current()
-    lineage = {
-        "version": name, "sleep_id": name, "phase": "nrem", "parent": prev.name if prev else None,
-        "base_model": base_path, "expert": slot, "experts_on": list(bank.on),
-        "episodes": [e.episode_id for e in episodes], "config": cfg.model_dump(mode="json"),
-        "metrics": {**result.final, "seconds": round(time.time() - t0, 1), "prompts": len(prompts)},
-        "created_at": time.time(),
-    }
-    publish_version(bank, storage, name, lineage)
-    store.mark_consolidated(lineage["episodes"], name, adapter_version=name)
-    log.info("NREM %s done in %.0fs: %s", name, time.time() - t0, result.final)
-    return adapters_dir(storage) / name
+    v = adapters_dir(storage or cfg.cycle.storage) / rec.version
+    return v if v.is_dir() else None
 
 
 def model_question_writer(bank, tok, temperature: float = 1.0, max_new_tokens: int = 24):

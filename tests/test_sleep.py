@@ -27,7 +27,7 @@ def test_sleep_writes_a_versioned_adapter_and_marks_episodes(tmp_path, overrides
     assert v is not None and v.name == "v0001"
     lineage = json.loads((v / "lineage.json").read_text())
     assert lineage["episodes"] == ["w10000900-e0", "w10000900-e1"]
-    assert lineage["parent"] is None and lineage["metrics"]["prompts"] == 16
+    assert lineage["parent"] is None and lineage["metrics"]["nrem"]["prompts"] == 16
     assert lineage["config"]["nrem"]["steps"] == 4
     assert (v / "adapter_model.safetensors").is_file() and (v / "bank" / "bank.json").is_file()
     store = MemoryStore(tmp_path / "memory")
@@ -56,7 +56,14 @@ def test_crash_after_publish_resumes_without_retraining(tmp_path, overrides, mon
     monkeypatch.undo()
     assert len(versions(tmp_path)) == 1  # the adapter landed
     assert MemoryStore(tmp_path / "memory").pressure()["short_term_episodes"] == 2
-    # the next sleep finishes the marking and finds nothing left to train
+    from sleepray.cycle import records
+    rec = records(tmp_path)[0]
+    assert rec.is_done("nrem") and not rec.is_done("publish")
+    trained_at = rec.metrics("nrem")["finished_at"]
+    # the next sleep resumes at publish: it finishes the marking and trains nothing again
+    assert sleep_nrem(cfg, progress=False) == versions(tmp_path)[0]
+    rec = records(tmp_path)[0]
+    assert rec.complete and rec.metrics("nrem")["finished_at"] == trained_at
     assert sleep_nrem(cfg, progress=False) is None
     store = MemoryStore(tmp_path / "memory")
     assert store.pressure()["short_term_episodes"] == 0
