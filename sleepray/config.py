@@ -129,6 +129,7 @@ class CycleConfig(_Section):
     capacity_tokens: int = Field(2048, ge=1, description="short-term memory size that triggers sleep (chunk size)")
     schedule_seconds: Optional[float] = Field(None, gt=0)
     n_sleeps: int = Field(2, ge=1, description="sleeps the cycle job runs before it stops")
+    poll_seconds: float = Field(2.0, gt=0, description="how often the Coordinator checks its sleep triggers")
 
 
 class EngineConfig(_Section):
@@ -154,6 +155,8 @@ class RayConfig(_Section):
     max_failures: int = Field(2, ge=0, description="Ray Train FailureConfig.max_failures")
     actor_max_restarts: int = Field(3, ge=0, description="restarts of a dead RolloutWorker")
     detached: bool = Field(False, description="keep the Coordinator alive after the driver exits")
+    release_between_sleeps: bool = Field(
+        False, description="stop the RolloutWorkers after each sleep (autoscaling clusters give the nodes back)")
 
 
 class ServeConfig(_Section):
