@@ -24,6 +24,8 @@ run: install
 
 test: install
 	$(VENV)/bin/python -m pytest -q
+	# the fake autoscaling cluster stops every Ray on the machine: its own process, after
+	$(VENV)/bin/python -m pytest -q -m isolated
 
 clean:
 	rm -rf $(VENV)

@@ -72,7 +72,8 @@ class Coordinator:
         self.storage = Path(self.cfg.cycle.storage).resolve()
         self.backend = RayBackend(self.cfg)
         self.phase, self.sleep_id, self.last, self.error = "wake", None, None, None
-        self.sleeps_done = 0
+        self.sleeps_done = 0      # sleeps that consolidated something
+        self.wakes = 0            # sleep attempts that ended (also: nothing to do, failed)
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -135,6 +136,7 @@ class Coordinator:
             if self.cfg.ray.release_between_sleeps:
                 self.backend.release()
             self.phase, self._last_sleep_at = "wake", time.time()
+            self.wakes += 1
 
     # ------------------------------------------------------------------- status
     def status(self) -> dict:
@@ -142,7 +144,8 @@ class Coordinator:
         v = latest_version(self.storage)
         return {"phase": self.phase, "sleep_id": self.sleep_id if self.busy() else None,
                 "pressure": self._pressure(), "adapter_version": v.name if v else None,
-                "last_sleep": self.last, "sleeps_done": self.sleeps_done, "error": self.error,
+                "last_sleep": self.last, "sleeps_done": self.sleeps_done, "wakes": self.wakes,
+                "error": self.error,
                 "storage": str(self.storage)}
 
     def wait_idle(self, timeout: float = 600.0) -> dict:
@@ -165,3 +168,20 @@ def start(cfg, watch: bool = True):
     if cfg.ray.detached:
         opts["lifetime"] = "detached"
     return Coordinator.options(**opts).remote(cfg.model_dump(mode="json"), watch)
+
+
+def sleep_and_wait(coord, trigger: str = "request", timeout: float = 3600.0) -> dict:
+    """Ask for a sleep (or, with ``trigger="pressure"``, wait for the Coordinator to fall
+    asleep by itself) and return its status once it is awake again."""
+    before = ray.get(coord.status.remote())["wakes"]
+    if trigger == "request":
+        while not ray.get(coord.request_sleep.remote("request"))["accepted"]:
+            ray.get(coord.wait_idle.remote(5.0))   # one is running already: the next is ours
+            before = ray.get(coord.status.remote())["wakes"]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = ray.get(coord.wait_idle.remote(5.0))
+        if st["wakes"] > before and st["phase"] == "wake":
+            return st
+        time.sleep(0.5)
+    raise TimeoutError(f"no sleep finished within {timeout}s")

@@ -146,7 +146,8 @@ def _fit(loop, cfg, storage: Path, name: str, config: dict, workers: int) -> Non
     from ray.train.torch import TorchConfig, TorchTrainer
     trainer = TorchTrainer(
         loop, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.ray.use_gpu),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker={"CPU": 1, **cfg.ray.learner_resources}),
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=str((storage / "ray_train").resolve()),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),

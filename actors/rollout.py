@@ -89,11 +89,10 @@ class RolloutWorker:
 class RolloutPool:
     """The RolloutWorkers of a sleep: requests are sharded over them, in order."""
 
-    def __init__(self, cfg, model_path: str, n: Optional[int] = None, resources: Optional[dict] = None):
-        gpu = 1 if cfg.ray.use_gpu else 0
+    def __init__(self, cfg, model_path: str, n: Optional[int] = None):
         cls = ray.remote(RolloutWorker).options(
-            num_cpus=1 if not gpu else 1, num_gpus=gpu, max_restarts=cfg.ray.actor_max_restarts,
-            max_task_retries=-1, resources=resources or None)
+            num_cpus=1, num_gpus=1 if cfg.ray.use_gpu else 0, max_restarts=cfg.ray.actor_max_restarts,
+            max_task_retries=-1, resources=dict(cfg.ray.rollout_resources) or None)
         self.workers = [cls.remote(model_path, cfg.engine.model_dump(), cfg.experts.model_dump(),
                                    cfg.ray.rollout_engine, cfg.seed.seed + i)
                         for i in range(n or cfg.ray.num_rollout_workers)]

@@ -81,18 +81,39 @@ def cmd_memory(args) -> int:
 
 
 def cmd_sleep(args) -> int:
-    from sleepray.sleep import sleep_nrem
+    from sleepray.sleep import sleep_full, sleep_nrem
     cfg = _cfg(args)
-    if args.phase != "nrem":
-        raise ConfigError(f"phase '{args.phase}' is not available yet")
-    out = sleep_nrem(cfg)
+    out = sleep_nrem(cfg) if args.phase == "nrem" else sleep_full(cfg)
     print(f"new adapter version: {out}" if out else "nothing to consolidate")
     return 0
+
+
+def cmd_cycle(args) -> int:
+    from jobs.cycle import main as cycle_main
+    return cycle_main(([] if args.config is None else ["--config", args.config])
+                      + (["--out", args.out] if args.out else []) + ["--trigger", args.trigger]
+                      + args.overrides)
+
+
+def cmd_bench(args) -> int:
+    from jobs.bench import main as bench_main
+    return bench_main((["--config", args.config] if args.config else [])
+                      + ["--out", args.out, "--only", args.only] + args.overrides)
 
 
 def cmd_run(args) -> int:
     from sleepray.run import run_default
     return run_default(_cfg(args), episodes=args.episodes, sleep=not args.no_sleep)
+
+
+def cmd_serve(args) -> int:
+    from actors.serve import run_serve
+    from sleepray.raycluster import connect
+    cfg = _cfg(args)
+    connect(cfg.ray)
+    print(f"serving on http://{cfg.serve.host}:{cfg.serve.port}/v1 (Ctrl-C stops)", flush=True)
+    run_serve(cfg, blocking=True)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the main job on the embedded default (local, seed model, CPU)",
                        description="Build (once) the seed model; show what it knows about the configured "
-                                   "world in context and closed-book; sleep (NREM) on those episodes; "
-                                   "show the closed-book answers after the sleep.")
+                                   "world in context and closed-book; run the cycle job (episodes arrive, "
+                                   "the Coordinator sleeps: NREM, REM, publish) on a local Ray that this "
+                                   "command starts; show the closed-book answers after the sleeps.")
     _add_config_args(p)
     p.add_argument("--episodes", type=int, default=None, help="episodes to use (default: world.n_episodes)")
     p.add_argument("--no-sleep", action="store_true", help="only show the answers before any sleep")
@@ -128,13 +150,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=None, help="episodes to add (default: world.n_episodes)")
     p.set_defaults(func=cmd_memory)
 
-    p = sub.add_parser("sleep", help="consolidate the short-term memory now (one sleep)",
-                       description="Run a sleep over cycle.storage: NREM trains a fresh expert on the "
-                                   "short-term episodes, writes a new adapter version with its lineage "
-                                   "and marks the episodes consolidated.")
-    p.add_argument("--phase", choices=["nrem"], default="nrem")
+    p = sub.add_parser("sleep", help="consolidate the short-term memory now (one sleep, in this process)",
+                       description="Run (or resume) a sleep over cycle.storage in this process: NREM trains "
+                                   "a fresh expert on the short-term episodes, REM dreams and rehearses "
+                                   "(unless --phase nrem or rem.enabled=false), then a new adapter version "
+                                   "is published with its lineage and the episodes are marked "
+                                   "consolidated; a deep sleep every experts.deep_sleep_every sleeps.")
+    p.add_argument("--phase", choices=["all", "nrem"], default="all",
+                   help="all: NREM, REM, publish (and deep); nrem: NREM and publish only")
     _add_config_args(p)
     p.set_defaults(func=cmd_sleep)
+
+    p = sub.add_parser("serve", help="serve the awake model (OpenAI-compatible HTTP, Ray Serve)",
+                       description="Deploy the awake endpoint on Ray Serve at serve.host:serve.port: "
+                                   "/v1/models, /v1/completions, /v1/chat/completions (base model + "
+                                   "the newest adapter version, short-term memory in context), "
+                                   "/v1/memories and /v1/sleep. Joins ray.address / RAY_ADDRESS or "
+                                   "starts a local cluster; blocks until Ctrl-C.")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("cycle", help="run the wake/sleep cycle job on Ray (jobs.cycle)",
+                       description="Feed the configured stream in cycle.n_sleeps parts to the MemoryStore "
+                                   "actor; the Coordinator sleeps after each (or on memory pressure); "
+                                   "closed-book accuracy on every episode so far after each sleep. Joins "
+                                   "ray.address / RAY_ADDRESS or starts a local Ray.")
+    _add_config_args(p)
+    p.add_argument("--out", help="results JSON (default: <storage>/cycle_results.json)")
+    p.add_argument("--trigger", choices=["request", "pressure"], default="request")
+    p.set_defaults(func=cmd_cycle)
+
+    p = sub.add_parser("bench", help="benchmark rollouts, adapter publishing and sleeps (jobs.bench)",
+                       description="vLLM vs transformers rollout tokens/s, adapter publish latency to every "
+                                   "RolloutWorker, and the wall time of one sleep at three memory sizes; "
+                                   "JSON + PNG.")
+    _add_config_args(p)
+    p.add_argument("--out", default="bench.json")
+    p.add_argument("--only", default="rollout,publish,sleep")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("config", help="print the validated config (defaults + file + overrides)",
                        description="Load, validate and print the full config as YAML.")

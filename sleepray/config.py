@@ -155,6 +155,11 @@ class RayConfig(_Section):
     max_failures: int = Field(2, ge=0, description="Ray Train FailureConfig.max_failures")
     actor_max_restarts: int = Field(3, ge=0, description="restarts of a dead RolloutWorker")
     detached: bool = Field(False, description="keep the Coordinator alive after the driver exits")
+    rollout_resources: dict[str, float] = Field(
+        default_factory=dict, description="extra Ray resources per RolloutWorker, e.g. {rollout: 1} "
+                                          "to place them on cluster.yaml's rollout_gpu nodes")
+    learner_resources: dict[str, float] = Field(
+        default_factory=dict, description="extra Ray resources per Ray Train worker, e.g. {learner: 1}")
     release_between_sleeps: bool = Field(
         False, description="stop the RolloutWorkers after each sleep (autoscaling clusters give the nodes back)")
 
@@ -174,9 +179,9 @@ class ServeConfig(_Section):
     num_cpus: float = Field(1.0, ge=0, description="logical CPUs of each replica")
     max_ongoing_requests: int = Field(32, ge=1, description="per replica, before Serve queues requests")
     max_batch_size: int = Field(16, ge=1, description="generation requests batched into one engine call")
-    chat_stop: list[str] = Field(default_factory=lambda: ["\nQ:"],
-                                 description="stop strings added to every chat completion (the "
-                                             "seed model's next-question marker)")
+    chat_stop: list[str] = Field(default_factory=lambda: ["\n"],
+                                 description="stop strings added to every chat completion (the seed "
+                                             "model answers in one line; [] for multi-line models)")
 
 
 class EvalConfig(_Section):

@@ -44,7 +44,10 @@ def connect(rcfg, log_to_driver: bool = True) -> dict:
         ensure_token()
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=rcfg.num_cpus, include_dashboard=False, **kwargs)
+        # logical CPUs: at least 4, so that a rollout worker, a learner worker and an
+        # evaluation task fit side by side on a small machine (they take turns on the cores)
+        ray.init(num_cpus=rcfg.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=True,
+                 dashboard_host="127.0.0.1", **kwargs)
     res = ray.cluster_resources()
     log.info("Ray: %s, resources %s", address or "embedded local cluster",
              {k: v for k, v in res.items() if not k.startswith("node:")})

@@ -1,11 +1,11 @@
 """`sleepray run`: the main job on the embedded default.
 
-Awake: the episodes of the configured world arrive; the model answers questions about
-them with the episodes in its context, and closed-book. Asleep: the episodes go into
-the short-term memory and one NREM sleep consolidates them into a fresh expert. Then
-the closed-book answers again. Every number printed is computed here.
-
-(The Ray actor system will run the same phases as actors; this runs them in one process.)
+First the model answers questions about the configured world's episodes with each
+episode in its context, and closed-book. Then the cycle job runs on a local Ray that this
+command starts itself (``jobs.cycle``): the episodes arrive in ``cycle.n_sleeps`` parts;
+each part goes into the MemoryStore actor and the Coordinator sleeps (NREM on a Ray
+Train learner fed by a vLLM RolloutWorker, REM, publish). Then closed-book again. Every
+number printed is computed here.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import logging
 import time
 from pathlib import Path
 
-from sleepray.memory import MemoryStore
 from sleepray.models import load_from_config
 from sleepray.qa import evaluate_probes
 from sleepray.stream import episodes_from_config
@@ -35,14 +34,22 @@ def run_default(cfg, episodes: int | None = None, sleep: bool = True, max_questi
                               evaluate_probes(model, tok, ep.probes, None)) for ep in eps}
     after = {}
     if sleep:
-        from sleepray.sleep import load_bank, sleep_nrem
-        storage = Path(cfg.cycle.storage) / time.strftime("run-%Y%m%d-%H%M%S")
-        MemoryStore(storage / "memory").append(eps)
-        print(f"awake: {len(eps)} episodes in short-term memory ({storage / 'memory'}); sleeping (NREM)...")
-        version = sleep_nrem(cfg, storage)
+        from jobs.cycle import run_on_ray
+        from sleepray.cycle_run import write_results
+        from sleepray.sleep import latest_version, load_bank
+        storage = Path(cfg.cycle.storage).resolve() / time.strftime("run-%Y%m%d-%H%M%S")
+        cfg.cycle.storage = str(storage)
+        print(f"awake: {len(eps)} episodes arrive in {cfg.cycle.n_sleeps} parts; "
+              f"each goes to the short-term memory ({storage / 'memory'}), then a sleep on a local Ray...")
+        result = run_on_ray(cfg)
+        write_results(result, storage / "cycle_results.json")
         bank, tok, _ = load_bank(cfg, storage)
         after = {ep.episode_id: evaluate_probes(bank.model, tok, ep.probes, None) for ep in eps}
-        print(f"asleep: consolidated into {version}")
+        for i, st in enumerate(result["sleeps"]):
+            last = st.get("last_sleep") or {}
+            print(f"sleep {i + 1}: {last.get('version')} over {last.get('episodes')} episodes "
+                  f"in {st['wall_seconds']:.0f}s")
+        print(f"asleep: consolidated into {latest_version(storage)} (results: {storage / 'cycle_results.json'})")
     totals: dict[str, list[float]] = {"in context": [], "closed book": [], "after sleep": []}
     for ep in eps:
         ic, cb = before[ep.episode_id]

@@ -1,19 +1,28 @@
-"""`sleepray run` end to end on the test seed model: the numbers it prints are real."""
+"""`sleepray run` end to end on the test seed model: it starts its own local Ray, runs the
+cycle job there, and the numbers it prints are real."""
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
-from sleepray.cli import main
 from sleepray.config import load_config
 from sleepray.models import load_model
 from sleepray.qa import evaluate_probes
 from sleepray.stream import episodes_from_config
 
 
-def test_run_prints_before_and_after_a_sleep(tmp_path, capsys, seed_test_model):
+def test_run_starts_a_local_ray_and_prints_before_and_after_a_sleep(tmp_path, seed_test_model):
     args = ["-c", "examples/quick.yaml", f"cycle.storage={tmp_path}", "world.n_episodes=1",
-            "nrem.steps=6", "nrem.judge=exact"]
-    assert main(["run", *args]) == 0
-    out = capsys.readouterr().out
+            "cycle.n_sleeps=1", "nrem.steps=6", "nrem.judge=exact", "rem.enabled=false",
+            "ray.rollout_engine=transformers", f"model.path={seed_test_model}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    r = subprocess.run([str(Path(sys.executable).with_name("sleepray")), "run", *args], env=env,
+                       capture_output=True, text=True, timeout=900, cwd=Path(__file__).parent.parent)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
     assert "truth" in out and "after sleep" in out and "consolidated into" in out
+    assert "embedded local cluster" in r.stderr                       # its own Ray
     printed = re.search(r"accuracy: in context ([0-9.]+), closed book ([0-9.]+), closed book after sleep", out)
     assert printed, out
     cfg = load_config(args[1], args[2:])
@@ -22,3 +31,4 @@ def test_run_prints_before_and_after_a_sleep(tmp_path, capsys, seed_test_model):
     assert float(printed.group(1)) == round(evaluate_probes(model, tok, ep.probes, ep.context).accuracy, 2)
     assert float(printed.group(2)) == round(evaluate_probes(model, tok, ep.probes, None).accuracy, 2)
     assert list(tmp_path.glob("run-*/adapters/v0001/lineage.json"))
+    assert list(tmp_path.glob("run-*/cycle_results.json"))

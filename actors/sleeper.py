@@ -1,0 +1,54 @@
+"""The sleep runner the awake endpoint uses when no Coordinator actor is running.
+
+A named, detached actor per storage folder (so that every Serve replica sees one phase)
+wrapping ``sleepray.sleep_control.BackgroundSleeper``; the sleep itself runs as a Ray
+task (``sleep_nrem`` over the storage folder, one CPU), so a failed sleep never takes
+the status down with it.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import ray
+
+from sleepray.sleep_control import BackgroundSleeper
+
+NAME = "serve-sleeper"
+
+
+@ray.remote(num_cpus=1, max_retries=0)
+def sleep_task(cfg_json: dict, storage: str) -> Optional[str]:
+    from sleepray.config import from_dict
+    from sleepray.sleep import sleep_nrem
+    logging.basicConfig(level=logging.INFO)
+    out = sleep_nrem(from_dict(cfg_json), storage, progress=False)
+    return str(out) if out else None
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=8)
+class SleeperActor:
+    def __init__(self, storage: str, cfg_json: dict):
+        logging.basicConfig(level=logging.INFO)
+        self.storage, self.cfg_json = storage, cfg_json
+        capacity = cfg_json.get("cycle", {}).get("capacity_tokens", 2048)
+        self.sleeper = BackgroundSleeper(storage, capacity, self._run)
+
+    def _run(self, reason: str) -> Optional[str]:
+        return ray.get(sleep_task.remote(self.cfg_json, self.storage))
+
+    def status(self) -> dict:
+        return self.sleeper.status()
+
+    def request_sleep(self, reason: str = "requested", cfg_json: Optional[dict] = None) -> dict:
+        if cfg_json is not None:   # the config of the latest replica that asked
+            self.cfg_json = cfg_json
+        return self.sleeper.request_sleep(reason)
+
+
+def get_or_create(storage: str, namespace: str | None, cfg_json: dict):
+    """The sleeper of ``storage`` (created on first use, shared by every replica after)."""
+    storage = str(Path(storage).resolve())
+    return SleeperActor.options(name=f"{NAME}:{storage}", namespace=namespace, get_if_exists=True,
+                                lifetime="detached").remote(storage, cfg_json)

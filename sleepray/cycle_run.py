@@ -1,0 +1,80 @@
+"""The full loop over an episode stream: wake (episodes arrive), sleep, measure; repeat.
+
+The stream is cut into ``cycle.n_sleeps`` chunks. While awake, a chunk's episodes go
+into the MemoryStore; then the Coordinator sleeps (on request, or by itself once the
+short-term memory reaches ``cycle.capacity_tokens`` with ``trigger="pressure"``). After
+every sleep the model answers every episode seen so far, closed-book: row i of the
+accuracy matrix R[i, j]. ``run_cycle`` takes the memory, the coordinator and the
+evaluator as plain callables, so it runs the same with Ray actors or in one process.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def chunks(items: list, n: int) -> list[list]:
+    """``items`` cut into ``n`` nearly equal, non-empty, ordered chunks (fewer if too few items)."""
+    n = max(1, min(n, len(items)))
+    k, r = divmod(len(items), n)
+    out, i = [], 0
+    for c in range(n):
+        size = k + (1 if c < r else 0)
+        out.append(items[i: i + size])
+        i += size
+    return out
+
+
+def evaluate(cfg, storage: str | Path, episodes: list, in_context: bool = False) -> dict:
+    """Closed-book accuracy (and in-context, if asked) of the latest version on each episode."""
+    from sleepray.qa import evaluate_probes
+    from sleepray.sleep import latest_version, load_bank
+    bank, tok, _ = load_bank(cfg, storage)
+    v = latest_version(storage)
+    out = {"version": v.name if v else None, "closed_book": {}, "in_context": {}}
+    for ep in episodes:
+        out["closed_book"][ep.episode_id] = evaluate_probes(bank.model, tok, ep.probes, None).accuracy
+        if in_context:
+            with bank.teacher_mode():
+                out["in_context"][ep.episode_id] = evaluate_probes(bank.model, tok, ep.probes, ep.context).accuracy
+    return out
+
+
+def run_cycle(cfg, episodes: list, append: Callable[[list], dict], sleep: Callable[[str], dict],
+              evaluate_fn: Callable[[list, bool], dict], trigger: str = "request",
+              progress: bool = True) -> dict:
+    """Wake/sleep over ``episodes``; returns R, the per-sleep statuses and timings."""
+    parts = chunks(episodes, cfg.cycle.n_sleeps)
+    base = evaluate_fn(episodes, True)
+    seen: list = []
+    rows, sleeps = [], []
+    bar = tqdm(parts, desc="cycle", unit="sleep", disable=not progress)
+    for i, part in enumerate(bar):
+        receipt = append(part)
+        seen += part
+        log.info("wake %d: %d episodes acknowledged (%s)", i + 1, len(part), receipt.get("segment"))
+        t0 = time.time()
+        status = sleep(trigger)
+        if status.get("error"):
+            raise RuntimeError(f"sleep {i + 1} failed: {status['error']}")
+        sleeps.append({**status, "wall_seconds": round(time.time() - t0, 1)})
+        ev = evaluate_fn(seen, False)
+        rows.append([ev["closed_book"].get(e.episode_id) for e in episodes])
+        acc = sum(ev["closed_book"].values()) / len(ev["closed_book"])
+        bar.set_postfix(version=ev["version"], closed_book=f"{acc:.2f}")
+    return {"episodes": [e.episode_id for e in episodes], "parts": [[e.episode_id for e in p] for p in parts],
+            "before": base, "R": rows, "sleeps": sleeps}
+
+
+def write_results(result: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str))
+    return path
