@@ -116,6 +116,17 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from sleepray.eval_report import methods_table
+    from sleepray.eval_run import run_and_report
+    cfg = _cfg(args)
+    results = run_and_report(cfg, args.out, progress=not args.no_progress)
+    print(methods_table(results))
+    print(f"{args.out}: results.json, answers.parquet, report.md, plots/ "
+          f"({results['wall_seconds'] / 60:.1f} min)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sleepray",
@@ -201,6 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-probes", type=int, default=6)
     p.add_argument("--jsonl", action="store_true", help="one JSON object per episode")
     p.set_defaults(func=cmd_world)
+
+    p = sub.add_parser("eval", help="continual-learning benchmark: methods x seeds, accuracy matrix, report",
+                       description="Cut the configured stream into cycle.n_sleeps parts; for every method of "
+                                   "eval.methods (no_sleep, in_context, sft, seal, distill_no_expansion, "
+                                   "no_expansion, sleep, sleep_no_rem, sleep_no_lti, sleep_no_replay) and "
+                                   "eval.seeds seeds, sleep after each part and answer every episode "
+                                   "closed-book and in context: the matrix R[i, j], ACC, BWT, FWT, perplexity "
+                                   "drift. Writes results.json, answers.parquet, plots/ and report.md under "
+                                   "--out. In this process (no Ray needed). Profiles: examples/eval_quick.yaml, "
+                                   "examples/eval_standard.yaml.")
+    _add_config_args(p)
+    p.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -185,9 +185,25 @@ class ServeConfig(_Section):
 
 
 class EvalConfig(_Section):
+    """The continual-learning benchmark (``sleepray eval``; see sleepray/eval_run.py)."""
     profile: Literal["quick", "standard"] = "quick"
     seeds: int = Field(3, ge=1)
     methods: list[str] = Field(default_factory=lambda: ["no_sleep", "in_context", "sleep"])
+    first_seed: int = Field(0, ge=0, description="seeds are first_seed .. first_seed + seeds - 1 "
+                                                 "(each sets seed.seed: training randomness; the world stays)")
+    baseline_steps: Optional[int] = Field(None, ge=1, description="training steps of sft and seal per sleep; "
+                                                                  "None = nrem.steps")
+    baseline_lr: Optional[float] = Field(None, gt=0, description="learning rate of sft and seal; None = nrem.lr")
+    full_model_lr: float = Field(1e-4, gt=0, description="learning rate of the whole-model methods "
+                                                         "(distill_no_expansion, no_expansion)")
+    seal_formats: Optional[list[Literal["implications", "qa", "rewrite"]]] = Field(
+        None, description="self-edit formats of seal; None = rem.formats")
+    seal_dreams_per_episode: Optional[int] = Field(None, ge=1, description="None = rem.dreams_per_episode")
+    in_context: bool = Field(True, description="also measure every model with each episode in its context")
+    answer_max_new_tokens: int = Field(12, ge=1)
+    drift_texts: int = Field(32, ge=1, description="paragraphs of held-out general text for perplexity drift")
+    drift_world_episodes: int = Field(4, ge=1, description="held-out world episodes for perplexity drift")
+    keep_runs: bool = Field(False, description="keep each run's storage (memory, adapters) under OUT/runs")
 
 
 class Config(_Section):

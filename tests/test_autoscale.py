@@ -6,7 +6,10 @@ real raylet on this machine); only the cloud behind them is simulated. Ray's
 ``AutoscalingCluster`` stops every Ray on the machine when it starts and stops, so this
 module is marked ``isolated`` and runs in its own pytest process (see the Makefile).
 """
+import os
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -43,7 +46,9 @@ def alive_nodes() -> int:
     return sum(1 for n in ray.nodes() if n["Alive"])
 
 
-def test_worker_nodes_come_up_for_a_sleep_and_go_away_after(tmp_path, seed_test_model):
+def test_worker_nodes_come_up_for_a_sleep_and_go_away_after(tmp_path, seed_test_model, monkeypatch):
+    # AutoscalingCluster runs `ray start`/`ray stop` from PATH: this venv's
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     cloud = FakeCloud(head_resources={"CPU": 0},
                       worker_node_types={"cpu_worker": {"resources": {"CPU": 2}, "node_config": {},
                                                         "min_workers": 0, "max_workers": 2}})
