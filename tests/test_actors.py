@@ -97,7 +97,9 @@ def test_sleep_with_vllm_rollouts_survives_a_killed_rollout_worker(ray_client, t
 
 def test_memory_pressure_starts_a_sleep_and_a_killed_learner_worker_resumes(ray_client, tmp_path,
                                                                             seed_test_model):
+    # two data-parallel learner workers (gloo): rank 0 is killed mid-update
     cfg = make_cfg(tmp_path, seed_test_model, "ray.rollout_engine=transformers", "nrem.steps=8",
+                   "ray.num_learner_workers=2",
                    "ray.checkpoint_every=2", "ray.publish_every=4", "rem.enabled=false",
                    "cycle.capacity_tokens=20", "cycle.poll_seconds=0.5")
     coord = coordinator.start(cfg, watch=True)
@@ -111,6 +113,7 @@ def test_memory_pressure_starts_a_sleep_and_a_killed_learner_worker_resumes(ray_
         assert st["last_sleep"]["trigger"] == "pressure"
         nrem = st["last_sleep"]["metrics"]["nrem"]
         assert nrem["step"] == 8 and nrem["resumed_from"] >= 2     # restored, not restarted
+        assert nrem["learner_workers"] == 2
         assert_consolidated_once(tmp_path, ids)
     finally:
         stop(coord)
