@@ -2,7 +2,7 @@
 
 A named, detached actor per storage folder (so that every Serve replica sees one phase)
 wrapping ``sleepray.sleep_control.BackgroundSleeper``; the sleep itself runs as a Ray
-task (``sleep_nrem`` over the storage folder, one CPU), so a failed sleep never takes
+task (a whole sleep over the storage folder, one CPU), so a failed sleep never takes
 the status down with it.
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ NAME = "serve-sleeper"
 @ray.remote(num_cpus=1, max_retries=0)
 def sleep_task(cfg_json: dict, storage: str) -> Optional[str]:
     from sleepray.config import from_dict
-    from sleepray.sleep import sleep_nrem
+    from sleepray.sleep import sleep_full
     logging.basicConfig(level=logging.INFO)
-    out = sleep_nrem(from_dict(cfg_json), storage, progress=False)
+    out = sleep_full(from_dict(cfg_json), storage, progress=False)   # NREM, REM (if enabled), publish
     return str(out) if out else None
 
 

@@ -2,7 +2,7 @@
 
 The awake endpoint asks a named ``coordinator`` actor for sleeps when one runs; when
 none does, it uses a :class:`BackgroundSleeper` (in a Ray actor, ``actors/sleeper.py``),
-which runs ``sleepray.sleep.sleep_nrem`` through ``run_sleep`` and reports the same
+which runs ``sleepray.sleep.sleep_full`` through ``run_sleep`` and reports the same
 status dict as the Coordinator: ``phase`` ("nrem" while a sleep runs, "wake" otherwise),
 ``pressure`` (short-term memory size against ``cycle.capacity_tokens``),
 ``adapter_version`` (the newest published version) and ``last_sleep``.

@@ -48,7 +48,8 @@ def served(ray_client, seed_test_model, tmp_path_factory):
         f"cycle.storage={storage}", f"model.path={seed_test_model}", f"ray.namespace={NS}",
         f"serve.api_key={KEY}", "serve.num_cpus=0.5", "serve.poll_seconds=0.5",
         "serve.max_tokens_limit=64", "engine.max_model_len=512",
-        "nrem.steps=40", "nrem.batch_size=8", "nrem.judge=exact", "nrem.use_lti=false"])
+        "nrem.steps=40", "nrem.batch_size=8", "nrem.judge=exact", "nrem.use_lti=false",
+        "rem.enabled=false"])
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(awake_app(cfg), name="sleepray-test", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
