@@ -80,6 +80,11 @@ class NREMConfig(_Section):
     prefix_min_frac: float = Field(0.2, ge=0, lt=1)
     prefix_max_frac: float = Field(0.8, gt=0, le=1)
     use_lti: bool = True
+    anchor_weight: float = Field(0.0, ge=0, description="drift control: weight of KL(frozen || student) "
+                                                        "on anchor text unrelated to the episode (0 = off)")
+    anchor_batch: int = Field(4, ge=1, description="anchor texts per step")
+    anchor_path: Optional[str] = Field(None, description="anchor text file, one paragraph per line "
+                                                         "(default: held-out world + general text)")
     use_expansion: bool = Field(True, description="False: train the whole model (ablation)")
 
     @model_validator(mode="after")

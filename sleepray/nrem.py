@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from sleepray.anchor import draw
 from sleepray.losses import generalized_jsd
 from sleepray.nrem_samplers import LocalSampler
 from sleepray.prompts import ConsolidationPrompt
@@ -154,8 +155,9 @@ def gkd_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Rand
 
 
 def nrem_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Random, sampler,
-              judge=None, student=None) -> tuple[torch.Tensor, dict]:
-    """The NREM objective on one batch: alpha * D - (1 - alpha) * PG surrogate (or D alone)."""
+              judge=None, student=None, anchor: list[str] | None = None) -> tuple[torch.Tensor, dict]:
+    """The NREM objective on one batch: alpha * D - (1 - alpha) * PG surrogate (or D alone),
+    plus ``anchor_weight`` * KL(frozen || student) on ``anchor`` texts (drift control)."""
     student = student if student is not None else bank.model
     use_lti = ncfg.use_lti and ncfg.alpha < 1.0
     div = gkd_loss(bank, tok, batch, ncfg, rng, sampler, student)
@@ -165,6 +167,11 @@ def nrem_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Ran
         pg, reward = _lti_loss(student, tok, batch, ncfg, rng, judge, sampler)
         loss = loss + (1 - ncfg.alpha) * pg
         rec["reward"] = reward
+    if anchor and ncfg.anchor_weight > 0:
+        from sleepray.anchor import anchor_kl
+        kl = anchor_kl(bank, tok, anchor, student)
+        loss = loss + ncfg.anchor_weight * kl
+        rec["anchor_kl"] = kl.item()
     rec["loss"] = loss.item()
     return loss, rec
 
@@ -174,7 +181,7 @@ def make_optimizer(params, ncfg):
 
 
 def run_nrem(bank, tok, prompts: list[ConsolidationPrompt], ncfg, seed: int = 0,
-             progress: bool = True, judge=None, sampler=None) -> NREMResult:
+             progress: bool = True, judge=None, sampler=None, anchor_texts: list[str] | None = None) -> NREMResult:
     """Train the bank's open expert on ``prompts``; returns the per-step history."""
     if not prompts:
         raise ValueError("NREM needs at least one consolidation prompt (is the short-term memory empty?)")
@@ -192,7 +199,8 @@ def run_nrem(bank, tok, prompts: list[ConsolidationPrompt], ncfg, seed: int = 0,
     bar = tqdm(range(ncfg.steps), desc="NREM", disable=not progress)
     for step in bar:
         batch = [rng.choice(prompts) for _ in range(ncfg.batch_size)]
-        loss, rec = nrem_loss(bank, tok, batch, ncfg, rng, sampler, judge)
+        anchor = draw(anchor_texts or [], ncfg.anchor_batch, rng) if ncfg.anchor_weight > 0 else None
+        loss, rec = nrem_loss(bank, tok, batch, ncfg, rng, sampler, judge, anchor=anchor)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

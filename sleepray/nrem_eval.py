@@ -62,7 +62,8 @@ def run_seed(cfg, seed: int, progress: bool = False) -> dict:
     bank.open_new_expert()
     t0 = time.time()
     prompts = consolidation_prompts(ep, cfg.nrem.prompts_per_episode, random.Random(seed))
-    res = run_nrem(bank, tok, prompts, cfg.nrem, seed=seed, progress=progress)
+    from sleepray.sleep_phases import nrem_anchor
+    res = run_nrem(bank, tok, prompts, cfg.nrem, seed=seed, progress=progress, anchor_texts=nrem_anchor(cfg))
     bank.freeze_current()
     out["nrem"] = _after(before, _scores(bank.model, tok, ep, heldout, heldout_world))
     out["nrem"].update(seconds=round(time.time() - t0, 1), train=res.final)

@@ -67,6 +67,11 @@ def nrem_prompts(cfg, bank, tok, rec: SleepRecord, episodes: list) -> list:
     return [p for ep in episodes for p in consolidation_prompts(ep, cfg.nrem.prompts_per_episode, rng, writer)]
 
 
+def nrem_anchor(cfg) -> list[str] | None:
+    from sleepray.anchor import anchor_texts
+    return anchor_texts(cfg) if cfg.nrem.anchor_weight > 0 else None
+
+
 def last_bank_dir(rec: SleepRecord) -> Path:
     rem = rec.dir / "rem" / "bank"
     return rem if rec.is_done("rem") and (rem / "bank.json").is_file() else rec.dir / "nrem" / "bank"
@@ -95,7 +100,8 @@ class LocalBackend:
         prompts = nrem_prompts(cfg, bank, tok, rec, episodes)
         slot = bank.open_new_expert()
         log.info("NREM %s: %d episodes, %d prompts, expert %s", rec.sleep_id, len(episodes), len(prompts), slot)
-        result = run_nrem(bank, tok, prompts, cfg.nrem, seed=phase_seed(cfg, rec, "nrem"), progress=self.progress)
+        result = run_nrem(bank, tok, prompts, cfg.nrem, seed=phase_seed(cfg, rec, "nrem"), progress=self.progress,
+                          anchor_texts=nrem_anchor(cfg))
         bank.save(out / "bank")
         return {**result.final, "prompts": len(prompts), "expert": slot, "steps": cfg.nrem.steps}
 

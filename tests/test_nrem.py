@@ -87,3 +87,26 @@ def test_nrem_refuses_empty_memory_and_closed_bank(seed_test_model):
     with pytest.raises(RuntimeError, match="open a new expert"):
         run_nrem(bank, tok, consolidation_prompts(World(1, 1, 0, 0, 1).episode(0), 4, random.Random(0)),
                  cfg.nrem)
+
+
+def test_the_drift_anchor_is_zero_for_an_unchanged_model_and_pulls_the_expert_back(seed_test_model):
+    """KL(frozen || student) on anchor text: 0 with a fresh expert (B = 0); positive once the
+    expert moved; and its gradient step lowers it."""
+    from sleepray.anchor import anchor_kl, anchor_texts
+    from sleepray.config import load_config
+    cfg = load_config(None, ["nrem.anchor_weight=1.0"])
+    texts = anchor_texts(cfg, 8)
+    assert len(texts) == 8 and all(isinstance(t, str) and t for t in texts)
+    model, tok = load_model(str(seed_test_model))
+    bank = ExpertBank(model, cfg.experts)
+    bank.open_new_expert()
+    assert anchor_kl(bank, tok, texts).item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for p in bank.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    kl = anchor_kl(bank, tok, texts)
+    assert kl.item() > 1e-4
+    opt = torch.optim.SGD(bank.trainable_parameters(), lr=0.01)
+    kl.backward()
+    opt.step()
+    assert anchor_kl(bank, tok, texts).item() < kl.item()

@@ -1,0 +1,58 @@
+"""Drift control for NREM: keep the model what it was on text that has nothing to do
+with the episode.
+
+The anchor term is the token-level KL(frozen || student) on a small batch of anchor
+texts each step, where "frozen" is the model before expansion (the teacher without any
+context) and "student" the model with the new expert on. It is zero while the expert
+changes nothing off the episode, and it grows as the expert bends the model's
+distribution elsewhere -- perplexity drift is exactly that bend. Weight: ``nrem.anchor_weight``
+(0 switches it off).
+
+Anchor texts: documents of the built-in world drawn from a seed range that neither the
+stream nor the evaluation uses, and general text of another held-out seed -- the two
+kinds of text the seed models are trained on. Users of other models pass their own
+(``nrem.anchor_path``: a text file, one paragraph per line).
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from sleepray.lm import _batch
+
+ANCHOR_WORLD_SEED = 20_000_000
+ANCHOR_TEXT_SEED = 8_000_000
+
+
+def anchor_texts(cfg, n: int = 64) -> list[str]:
+    if cfg.nrem.anchor_path:
+        lines = [x.strip() for x in Path(cfg.nrem.anchor_path).read_text().splitlines() if x.strip()]
+        if not lines:
+            raise ValueError(f"nrem.anchor_path {cfg.nrem.anchor_path} has no text")
+        return lines
+    from sleepray import general_text
+    from sleepray.world import World
+    wc = cfg.world
+    docs = [d for e in World(ANCHOR_WORLD_SEED, wc.people_per_episode, wc.orgs_per_episode,
+                             wc.places_per_episode, wc.phrasings_per_fact).episodes(max(1, n // 4))
+            for d in e.documents]
+    return docs[: n // 2] + general_text.corpus(ANCHOR_TEXT_SEED, n - min(len(docs), n // 2))
+
+
+def anchor_kl(bank, tok, texts: list[str], student=None) -> torch.Tensor:
+    """Mean per-token KL(frozen model || student) on ``texts`` (gradient into the student)."""
+    student = student if student is not None else bank.model
+    device = next(bank.model.parameters()).device
+    ids, attn, mask = _batch(tok, texts, device)
+    with torch.no_grad(), bank.teacher_mode():
+        ref = torch.log_softmax(bank.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+    cur = torch.log_softmax(student(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+    kl = (ref.exp() * (ref - cur)).sum(-1)
+    m = mask[:, 1:]
+    return (kl * m).sum() / m.sum().clamp_min(1.0)
+
+
+def draw(texts: list[str], k: int, rng: random.Random) -> list[str]:
+    return [rng.choice(texts) for _ in range(k)] if texts and k > 0 else []
