@@ -6,7 +6,7 @@ import pytest
 
 from sleepray.cli import build_parser, main
 
-SUBCOMMANDS = ["run", "seed", "config", "world", "memory", "sleep", "serve", "cycle", "bench"]
+SUBCOMMANDS = ["run", "seed", "config", "world", "memory", "sleep", "serve", "cycle", "bench", "eval"]
 
 
 def test_every_subcommand_has_help(capsys):
