@@ -209,6 +209,8 @@ class EvalConfig(_Section):
     drift_texts: int = Field(32, ge=1, description="paragraphs of held-out general text for perplexity drift")
     drift_world_episodes: int = Field(4, ge=1, description="held-out world episodes for perplexity drift")
     keep_runs: bool = Field(False, description="keep each run's storage (memory, adapters) under OUT/runs")
+    num_threads: Optional[int] = Field(None, ge=1, description="torch CPU threads while evaluating; None = torch's "
+                                                               "default (1 is steadier on a shared machine)")
 
 
 class Config(_Section):
