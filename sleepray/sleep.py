@@ -3,6 +3,9 @@
 Storage layout (``cycle.storage``):
 
     memory/                  MemoryStore: episodes (Parquet segments) + ledger
+    sleeps/sNNNN/            one sleep: record.json (phase record), nrem/, rem/ (banks, dreams)
+    replay/buffer.parquet    dreams kept for replay across sleeps
+    bases/vNNNN/             a deep sleep's merged base model
     adapters/v0001/          the long-term-memory artifact of sleep 1:
         adapter_model.safetensors, adapter_config.json   all L1 experts as ONE PEFT adapter
         bank/                                           the expert bank (each expert apart)
