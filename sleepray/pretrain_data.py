@@ -1,7 +1,8 @@
 """Pretraining examples for the seed model: read facts from context, answer questions.
 
 Each example is documents about a few fresh entities followed by questions and
-answers about them, or a paragraph of general text. Entities come from training
+answers about them, or by a dream about them in one of REM's formats
+(``sleepray.dream_formats``), or a paragraph of general text. Entities come from training
 worlds (seeds below ``EVAL_WORLD_SEED_MIN``), so evaluation worlds stay unseen.
 """
 from __future__ import annotations
@@ -12,8 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from sleepray import general_text
+from sleepray.dream_formats import FORMAT_CUES, dream_prompt, written_dream
 from sleepray.lexicon import pools
-from sleepray.world import QA_FORMAT, World, render_fact
+from sleepray.world import QA_FORMAT, Fact, Probe, World, render_fact
 
 TRAIN_WORLD_SEED_MAX = 10_000_000
 EVAL_WORLD_SEED_MIN = 10_000_000  # worlds used by evaluation and by default configs are >= this or small
@@ -30,25 +32,32 @@ class Shape:
     p_cloze: float = 0.0  # questions asked as the fact's own sentence, cut before the value
     p_repeat: float = 0.0  # copy drills: a list of world words, then the same list again
     p_partial: float = 0.0  # contexts of a random subset of the facts (as few as one)
+    p_dream: float = 0.0  # documents, a dream format's cue, then a dream in that format (REM's dreams)
 
 
-def qa_example(rng: random.Random, shape: Shape) -> tuple[str, list[tuple[str, str]]]:
-    """(context, [(question-prompt, answer)]) from a fresh random training world."""
+def _training_episode(rng: random.Random, shape: Shape) -> tuple[str, list[Fact], list[Probe]]:
+    """(context, facts, probes) of a fresh random training world's episode, or of a random
+    subset of its facts (``shape.p_partial``)."""
     world = World(seed=rng.randrange(1, TRAIN_WORLD_SEED_MAX),
                   people_per_episode=rng.randint(1, shape.max_people),
                   orgs_per_episode=rng.randint(0, shape.max_orgs),
                   places_per_episode=rng.randint(0, shape.max_places),
                   phrasings_per_fact=rng.randint(1, shape.max_phrasings))
     ep = world.episode(0)
-    context, probes = ep.context, ep.probes
     if rng.random() < shape.p_partial:
         # short contexts make the copy signal strong early: as few as one fact
         facts = rng.sample(ep.facts, rng.randint(1, len(ep.facts)))
         context = " ".join(render_fact(f, rng.randrange(3)) for f in facts)
         keep = {(f.entity, f.attribute) for f in facts}
-        probes = [p for p in probes if (p.entity, p.attribute) in keep]
+        return context, facts, [p for p in ep.probes if (p.entity, p.attribute) in keep]
+    return ep.context, ep.facts, ep.probes
+
+
+def qa_example(rng: random.Random, shape: Shape) -> tuple[str, list[tuple[str, str]]]:
+    """(context, [(question-prompt, answer)]) from a fresh random training world."""
+    context, facts, probes = _training_episode(rng, shape)
     probes = rng.sample(probes, min(shape.questions, len(probes)))
-    facts_by_key = {(f.entity, f.attribute): f for f in ep.facts}
+    facts_by_key = {(f.entity, f.attribute): f for f in facts}
     qas = []
     for p in probes:
         if rng.random() < shape.p_cloze:
@@ -72,6 +81,8 @@ def encode_example(tok, rng: random.Random, shape: Shape, seq_len: int, answer_w
         return ids, [1.0] * len(ids)
     if rng.random() < shape.p_repeat:
         return repeat_example(tok, rng, seq_len)
+    if shape.p_dream and rng.random() < shape.p_dream:
+        return dream_example(tok, rng, shape, seq_len, doc_weight)
     context, qas = qa_example(rng, shape)
     ids = [tok.bos_token_id] + tok.encode(context + "\n", add_special_tokens=False)
     w = [doc_weight] * len(ids)
@@ -83,6 +94,18 @@ def encode_example(tok, rng: random.Random, shape: Shape, seq_len: int, answer_w
         ids += q_ids + a_ids
         w += [0.0] * len(q_ids) + [answer_weight] * len(a_ids)
     return ids[:seq_len], w[:seq_len]
+
+
+def dream_example(tok, rng: random.Random, shape: Shape, seq_len: int, doc_weight: float = 1.0):
+    """Documents, a dream format's cue, then a faithful dream in that format; the loss is on
+    the dream (and its end), so the seed model can write REM's dreams."""
+    context, facts, _ = _training_episode(rng, shape)
+    fmt = rng.choice(sorted(FORMAT_CUES))
+    prompt = [tok.bos_token_id] + tok.encode(dream_prompt(context, fmt), add_special_tokens=False)
+    dream = tok.encode(written_dream(facts, fmt, rng), add_special_tokens=False) + [tok.eos_token_id]
+    ids = (prompt + dream)[:seq_len]
+    w = ([doc_weight] * len(prompt) + [1.0] * len(dream))[:seq_len]
+    return ids, w
 
 
 def repeat_example(tok, rng: random.Random, seq_len: int):

@@ -54,6 +54,7 @@ import pyarrow as pa
 import torch
 
 from sleepray import lm
+from sleepray.dream_formats import FORMAT_CUES, dream_prompt
 from sleepray.experts import replace_dir
 from sleepray.replay import Dream, ReplayBuffer, write_table_atomic
 from sleepray.sampling import sample_ids
@@ -68,7 +69,6 @@ __all__ = [
     "teacher_probe_targets", "train_dreams", "write_dreams",
 ]
 
-FORMAT_CUES = {"implications": "\nImplications:\n", "qa": "\nQ:", "rewrite": "\nIn other words:"}
 WRITER_ADAPTER = "dream_writer"
 WRITER_META = "writer.json"
 
@@ -83,12 +83,6 @@ DREAMS_SCHEMA = pa.schema([
 ])
 PROBES_SCHEMA = pa.schema([("episode_id", pa.string()), ("question", pa.string()),
                            ("teacher_answer", pa.string())])
-
-
-def dream_prompt(context: str, fmt: str) -> str:
-    if fmt not in FORMAT_CUES:
-        raise ValueError(f"unknown dream format {fmt!r} (choose from {sorted(FORMAT_CUES)})")
-    return context + FORMAT_CUES[fmt]
 
 
 # ------------------------------------------------------------------ adapters
