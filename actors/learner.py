@@ -51,8 +51,8 @@ def nrem_loop(config: dict) -> None:
     from sleepray.cycle import SleepRecord, live_episodes, phase_seed
     from sleepray.nrem import NREMResult, make_judge, make_optimizer, nrem_loss
     from sleepray.nrem_samplers import AdapterRef, EngineSampler
-    from sleepray.anchor import draw
-    from sleepray.sleep_phases import bank_from, nrem_anchor, nrem_prompts, starting_bank_dir
+    from sleepray.anchor import anchor_batch
+    from sleepray.sleep_phases import bank_from, nrem_anchor, nrem_prompts, nrem_replay, starting_bank_dir
     from sleepray.train_state import load_train_state, save_train_state
 
     cfg = Config.model_validate(config["cfg"])
@@ -97,12 +97,13 @@ def nrem_loop(config: dict) -> None:
     rng = random.Random(seed + 7919 * rank + start)
     per_rank = max(1, ncfg.batch_size // world)
     anchors = nrem_anchor(cfg) or []
+    replay = nrem_replay(cfg, storage, live_episodes(storage, rec))
     history = NREMResult(ncfg.steps)
     bank.model.eval()
     for step in range(start, ncfg.steps):
         batch = [rng.choice(prompts) for _ in range(per_rank)]
         loss, m = nrem_loss(bank, tok, batch, ncfg, rng, sampler, judge,
-                            anchor=draw(anchors, ncfg.anchor_batch, rng))
+                            anchor=anchor_batch(ncfg, anchors, replay, rng))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:

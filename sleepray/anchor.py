@@ -12,6 +12,11 @@ Anchor texts: documents of the built-in world drawn from a seed range that neith
 stream nor the evaluation uses, and general text of another held-out seed -- the two
 kinds of text the seed models are trained on. Users of other models pass their own
 (``nrem.anchor_path``: a text file, one paragraph per line).
+
+Rehearsal: with REM's replay on, dreams about older episodes from the rehearsal buffer
+join the anchor batch (``nrem.anchor_replay`` a step). The model before the sleep knows
+those episodes; keeping the student's distribution there is keeping that knowledge
+while the new expert learns the new episode (generative replay, in NREM).
 """
 from __future__ import annotations
 
@@ -56,3 +61,12 @@ def anchor_kl(bank, tok, texts: list[str], student=None) -> torch.Tensor:
 
 def draw(texts: list[str], k: int, rng: random.Random) -> list[str]:
     return [rng.choice(texts) for _ in range(k)] if texts and k > 0 else []
+
+
+def anchor_batch(ncfg, anchor_texts: list[str] | None, replay_texts: list[str] | None,
+                 rng: random.Random) -> list[str] | None:
+    """One step's anchor texts: ``anchor_batch`` unrelated texts plus ``anchor_replay`` dreams
+    about older episodes (rehearsal); None when the anchor is off."""
+    if ncfg.anchor_weight <= 0:
+        return None
+    return draw(anchor_texts or [], ncfg.anchor_batch, rng) + draw(replay_texts or [], ncfg.anchor_replay, rng)

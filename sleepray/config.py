@@ -83,6 +83,10 @@ class NREMConfig(_Section):
     anchor_weight: float = Field(0.0, ge=0, description="drift control: weight of KL(frozen || student) "
                                                         "on anchor text unrelated to the episode (0 = off)")
     anchor_batch: int = Field(4, ge=1, description="anchor texts per step")
+    anchor_replay: int = Field(4, ge=0, description="rehearsal in NREM: dreams about older episodes, from REM's "
+                                                    "replay buffer, added to the anchor texts each step, so the "
+                                                    "student keeps what the model before the sleep says about "
+                                                    "them (needs anchor_weight > 0 and rem.replay; 0 = off)")
     anchor_path: Optional[str] = Field(None, description="anchor text file, one paragraph per line "
                                                          "(default: held-out world + general text)")
     use_expansion: bool = Field(True, description="False: train the whole model (ablation)")

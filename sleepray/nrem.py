@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from sleepray.anchor import draw
+from sleepray.anchor import anchor_batch
 from sleepray.losses import generalized_jsd
 from sleepray.nrem_samplers import LocalSampler
 from sleepray.prompts import ConsolidationPrompt
@@ -181,8 +181,13 @@ def make_optimizer(params, ncfg):
 
 
 def run_nrem(bank, tok, prompts: list[ConsolidationPrompt], ncfg, seed: int = 0,
-             progress: bool = True, judge=None, sampler=None, anchor_texts: list[str] | None = None) -> NREMResult:
-    """Train the bank's open expert on ``prompts``; returns the per-step history."""
+             progress: bool = True, judge=None, sampler=None, anchor_texts: list[str] | None = None,
+             replay_texts: list[str] | None = None) -> NREMResult:
+    """Train the bank's open expert on ``prompts``; returns the per-step history.
+
+    ``anchor_texts`` (``nrem.anchor_batch`` a step) and ``replay_texts`` (older episodes'
+    dreams, ``nrem.anchor_replay`` a step) make the anchor batch when ``nrem.anchor_weight`` > 0.
+    """
     if not prompts:
         raise ValueError("NREM needs at least one consolidation prompt (is the short-term memory empty?)")
     if bank.training is None:
@@ -199,7 +204,7 @@ def run_nrem(bank, tok, prompts: list[ConsolidationPrompt], ncfg, seed: int = 0,
     bar = tqdm(range(ncfg.steps), desc="NREM", disable=not progress)
     for step in bar:
         batch = [rng.choice(prompts) for _ in range(ncfg.batch_size)]
-        anchor = draw(anchor_texts or [], ncfg.anchor_batch, rng) if ncfg.anchor_weight > 0 else None
+        anchor = anchor_batch(ncfg, anchor_texts, replay_texts, rng)
         loss, rec = nrem_loss(bank, tok, batch, ncfg, rng, sampler, judge, anchor=anchor)
         opt.zero_grad(set_to_none=True)
         loss.backward()

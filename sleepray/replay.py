@@ -125,13 +125,17 @@ class ReplayBuffer:
         return keep.count(False)
 
     # ----------------------------------------------------------------- sampling
+    def dreams(self, exclude_episodes: Iterable[str] = ()) -> list[Dream]:
+        """Every dream in the buffer, oldest first, none about ``exclude_episodes``."""
+        excluded = set(exclude_episodes)
+        return [Dream(r["episode_id"], r["format"], r["prompt"] or "", r["text"])
+                for r in self.rows() if r["episode_id"] not in excluded]
+
     def sample(self, n: int, exclude_episodes: Iterable[str] = (),
                rng: Optional[random.Random] = None) -> list[Dream]:
         """Up to ``n`` distinct dreams, none about ``exclude_episodes``, drawn uniformly."""
         if n <= 0:
             return []
         rng = rng or random.Random()
-        excluded = set(exclude_episodes)
-        pool = [r for r in self.rows() if r["episode_id"] not in excluded]
-        picked = rng.sample(pool, min(n, len(pool)))
-        return [Dream(r["episode_id"], r["format"], r["prompt"] or "", r["text"]) for r in picked]
+        pool = self.dreams(exclude_episodes)
+        return rng.sample(pool, min(n, len(pool)))

@@ -72,6 +72,16 @@ def nrem_anchor(cfg) -> list[str] | None:
     return anchor_texts(cfg) if cfg.nrem.anchor_weight > 0 else None
 
 
+def nrem_replay(cfg, storage: Path, episodes: list) -> list[str]:
+    """Texts of the rehearsal buffer's dreams about older episodes (not ``episodes``), for
+    NREM's anchor; empty unless the anchor, ``nrem.anchor_replay`` and ``rem.replay`` are on."""
+    from sleepray.replay import ReplayBuffer
+    if cfg.nrem.anchor_weight <= 0 or cfg.nrem.anchor_replay <= 0 or not cfg.rem.replay:
+        return []
+    buffer = ReplayBuffer(storage / REPLAY_FILE, cfg.rem.buffer_size)
+    return [d.sft_text for d in buffer.dreams([e.episode_id for e in episodes]) if d.sft_text.strip()]
+
+
 def last_bank_dir(rec: SleepRecord) -> Path:
     rem = rec.dir / "rem" / "bank"
     return rem if rec.is_done("rem") and (rem / "bank.json").is_file() else rec.dir / "nrem" / "bank"
@@ -101,7 +111,7 @@ class LocalBackend:
         slot = bank.open_new_expert()
         log.info("NREM %s: %d episodes, %d prompts, expert %s", rec.sleep_id, len(episodes), len(prompts), slot)
         result = run_nrem(bank, tok, prompts, cfg.nrem, seed=phase_seed(cfg, rec, "nrem"), progress=self.progress,
-                          anchor_texts=nrem_anchor(cfg))
+                          anchor_texts=nrem_anchor(cfg), replay_texts=nrem_replay(cfg, storage, episodes))
         bank.save(out / "bank")
         return {**result.final, "prompts": len(prompts), "expert": slot, "steps": cfg.nrem.steps}
 

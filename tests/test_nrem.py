@@ -110,3 +110,27 @@ def test_the_drift_anchor_is_zero_for_an_unchanged_model_and_pulls_the_expert_ba
     kl.backward()
     opt.step()
     assert anchor_kl(bank, tok, texts).item() < kl.item()
+
+
+def test_nrem_rehearses_older_episodes_from_the_replay_buffer(tmp_path):
+    """With the anchor and replay on, NREM's anchor batch carries dreams about OTHER episodes
+    from REM's buffer (rehearsal); never the episodes being consolidated; none when off."""
+    import random as _random
+
+    from sleepray.anchor import anchor_batch
+    from sleepray.replay import ReplayBuffer
+    from sleepray.sleep_phases import REPLAY_FILE, nrem_replay
+    old, new = World(10_000_777, 1, 0, 0, 1).episodes(2)
+    ReplayBuffer(tmp_path / REPLAY_FILE).append([
+        {"episode_id": old.episode_id, "format": "qa", "text": " Where was A born?\nA: Kledil"},
+        {"episode_id": new.episode_id, "format": "rewrite", "text": " about the new episode"},
+        {"episode_id": old.episode_id, "format": "rewrite", "text": "   "}])
+    cfg = load_config(None, ["nrem.anchor_weight=1.0", "nrem.anchor_replay=3", "nrem.anchor_batch=2"])
+    replay = nrem_replay(cfg, tmp_path, [new])
+    assert replay == ["Q: Where was A born?\nA: Kledil"]
+    batch = anchor_batch(cfg.nrem, ["unrelated text"], replay, _random.Random(0))
+    assert batch.count("unrelated text") == 2 and batch.count(replay[0]) == 3
+    for off in (["nrem.anchor_weight=0"], ["nrem.anchor_weight=1.0", "nrem.anchor_replay=0"],
+                ["nrem.anchor_weight=1.0", "rem.replay=false"]):
+        assert nrem_replay(load_config(None, off), tmp_path, [new]) == []
+    assert anchor_batch(load_config(None, []).nrem, ["x"], replay, _random.Random(0)) is None
