@@ -1,8 +1,9 @@
 """Measure one NREM against plain SFT on the raw episode, over several seeds.
 
 For each seed: a fresh episode of new entities; closed-book and in-context accuracy
-before; then (a) NREM into a fresh expert, (b) SFT of a fresh expert on the episode's
-documents with the same steps and learning rate; closed-book accuracy and perplexity
+before; then (a) NREM into a fresh expert, then REM on the same expert (when
+``rem.enabled``), (b) SFT of a fresh expert on the episode's documents with the same
+steps and learning rate; closed-book accuracy and perplexity
 drift on held-out general text and on held-out world documents (other unseen episodes)
 after each. Answers are used for scoring only.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import statistics
+import tempfile
 import time
 
 import torch
@@ -64,9 +66,18 @@ def run_seed(cfg, seed: int, progress: bool = False) -> dict:
     prompts = consolidation_prompts(ep, cfg.nrem.prompts_per_episode, random.Random(seed))
     from sleepray.sleep_phases import nrem_anchor
     res = run_nrem(bank, tok, prompts, cfg.nrem, seed=seed, progress=progress, anchor_texts=nrem_anchor(cfg))
-    bank.freeze_current()
+    # scored with the new expert still open (it is on, as the student): REM goes on training it
     out["nrem"] = _after(before, _scores(bank.model, tok, ep, heldout, heldout_world))
     out["nrem"].update(seconds=round(time.time() - t0, 1), train=res.final)
+    if cfg.rem.enabled:
+        from sleepray.rem import run_rem
+        t0 = time.time()
+        with tempfile.TemporaryDirectory() as tmp:
+            rem = run_rem(bank, tok, [ep], cfg.rem, tmp, rng=random.Random(seed))
+        out["nrem_rem"] = _after(before, _scores(bank.model, tok, ep, heldout, heldout_world))
+        out["nrem_rem"].update(seconds=round(out["nrem"]["seconds"] + time.time() - t0, 1),
+                               rem={k: v for k, v in rem.items() if isinstance(v, (int, float))})
+    bank.freeze_current()
 
     model, tok = load_model(path)
     torch.manual_seed(seed)
@@ -78,9 +89,10 @@ def run_seed(cfg, seed: int, progress: bool = False) -> dict:
     bank.freeze_current()
     out["sft_raw"] = _after(before, _scores(bank.model, tok, ep, heldout, heldout_world))
     out["sft_raw"]["seconds"] = round(time.time() - t0, 1)
-    log.info("seed %d: closed-book %.2f -> NREM %.2f / SFT %.2f (in-context %.2f)", seed,
-             before["closed_book"], out["nrem"]["closed_book"], out["sft_raw"]["closed_book"],
-             before["in_context"])
+    log.info("seed %d: closed-book %.2f -> NREM %.2f / NREM+REM %s / SFT %.2f (in-context %.2f)", seed,
+             before["closed_book"], out["nrem"]["closed_book"],
+             f"{out['nrem_rem']['closed_book']:.2f}" if "nrem_rem" in out else "-",
+             out["sft_raw"]["closed_book"], before["in_context"])
     return out
 
 
@@ -91,8 +103,7 @@ def summarize(runs: list[dict]) -> dict:
     keys = ["closed_book", "in_context", "drift", "drift_world", "closed_book_over_in_context"]
     return {"before": {k: stat("before", k) for k in ["closed_book", "in_context", "perplexity",
                                                       "perplexity_world"]},
-            "nrem": {k: stat("nrem", k) for k in keys},
-            "sft_raw": {k: stat("sft_raw", k) for k in keys}}
+            **{m: {k: stat(m, k) for k in keys} for m in ("nrem", "nrem_rem", "sft_raw") if m in runs[0]}}
 
 
 def evaluate_nrem(cfg, seeds: list[int], progress: bool = True) -> dict:
