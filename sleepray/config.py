@@ -129,6 +129,9 @@ class REMConfig(_Section):
         "loss", description="probe score of a trial, vs the teacher's answers: NLL (lower is better) "
                             "or greedy exact match")
     batch_size: int = Field(8, ge=1, description="batch size of dream SFT and of the ReST-EM update")
+    anchor_weight: float = Field(0.0, ge=0, description="drift control in the dream SFT: weight of "
+                                                        "KL(frozen || student) on the anchor texts (as nrem.anchor_*)")
+    anchor_batch: int = Field(4, ge=1, description="anchor texts per dream SFT step")
     writer_rank: Optional[int] = Field(None, ge=1, description="rank of the dream-writer adapter; "
                                                                "None = the experts' rank")
 

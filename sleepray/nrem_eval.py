@@ -64,7 +64,7 @@ def run_seed(cfg, seed: int, progress: bool = False) -> dict:
     bank.open_new_expert()
     t0 = time.time()
     prompts = consolidation_prompts(ep, cfg.nrem.prompts_per_episode, random.Random(seed))
-    from sleepray.sleep_phases import nrem_anchor
+    from sleepray.sleep_phases import nrem_anchor, rem_anchor
     res = run_nrem(bank, tok, prompts, cfg.nrem, seed=seed, progress=progress, anchor_texts=nrem_anchor(cfg))
     # scored with the new expert still open (it is on, as the student): REM goes on training it
     out["nrem"] = _after(before, _scores(bank.model, tok, ep, heldout, heldout_world))
@@ -73,7 +73,7 @@ def run_seed(cfg, seed: int, progress: bool = False) -> dict:
         from sleepray.rem import run_rem
         t0 = time.time()
         with tempfile.TemporaryDirectory() as tmp:
-            rem = run_rem(bank, tok, [ep], cfg.rem, tmp, rng=random.Random(seed))
+            rem = run_rem(bank, tok, [ep], cfg.rem, tmp, rng=random.Random(seed), anchor_texts=rem_anchor(cfg))
         out["nrem_rem"] = _after(before, _scores(bank.model, tok, ep, heldout, heldout_world))
         out["nrem_rem"].update(seconds=round(out["nrem"]["seconds"] + time.time() - t0, 1),
                                rem={k: v for k, v in rem.items() if isinstance(v, (int, float))})

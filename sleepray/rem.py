@@ -54,6 +54,7 @@ import pyarrow as pa
 import torch
 
 from sleepray import lm
+from sleepray.anchor import anchor_kl, draw
 from sleepray.dream_formats import FORMAT_CUES, dream_prompt
 from sleepray.experts import replace_dir
 from sleepray.replay import Dream, ReplayBuffer, write_table_atomic
@@ -487,13 +488,16 @@ def _n_replay(n_new: int, fraction: float, cap: int) -> int:
 
 def train_dreams(bank, tok, dreams: list[Dream], rcfg, buffer: Optional[ReplayBuffer] = None,
                  rng: Optional[random.Random] = None,
-                 exclude_episodes: Optional[Sequence[str]] = None) -> dict:
+                 exclude_episodes: Optional[Sequence[str]] = None,
+                 anchor_texts: Optional[list[str]] = None) -> dict:
     """SFT of the training expert on ``dreams`` plus replayed older dreams, in curriculum order.
 
     Replay: older dreams from ``buffer`` (none about ``exclude_episodes``, by default the
     episodes of ``dreams``) so that they make about ``rcfg.replay_fraction`` of the mix.
     Curriculum: each dream's difficulty is the student's loss on it before training;
     the ordered list is stretched over ``rcfg.sft_steps`` batches of ``rcfg.batch_size``.
+    Drift control: ``rcfg.anchor_weight`` * KL(frozen || student) on ``rcfg.anchor_batch``
+    of ``anchor_texts`` a step (``sleepray.anchor``).
     """
     rng = rng or random.Random(0)
     params = bank.trainable_parameters()
@@ -518,6 +522,8 @@ def train_dreams(bank, tok, dreams: list[Dream], rcfg, buffer: Optional[ReplayBu
         start = (s * n) // steps
         batch = [items[order[(start + j) % n]] for j in range(bs)]
         loss = _mean_nll(bank.model, tok, [d.sft_text for d in batch])
+        if anchor_texts and rcfg.anchor_weight > 0:
+            loss = loss + rcfg.anchor_weight * anchor_kl(bank, tok, draw(anchor_texts, rcfg.anchor_batch, rng))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -535,7 +541,8 @@ def train_dreams(bank, tok, dreams: list[Dream], rcfg, buffer: Optional[ReplayBu
 def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.PathLike],
             rng: Optional[random.Random] = None, buffer: Optional[ReplayBuffer] = None,
             writer: Optional[DreamWriter] = None, sleep_id: Optional[str] = None,
-            question_writer: Optional[QuestionWriter] = None) -> dict:
+            question_writer: Optional[QuestionWriter] = None,
+            anchor_texts: Optional[list[str]] = None) -> dict:
     """REM for one sleep on the bank's open expert; writes ``out_dir/dreams.parquet`` and
     ``out_dir/probes.parquet`` (and ``out_dir/dream_writer/`` when a writer is given).
 
@@ -580,7 +587,7 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
 
     before = probe_loss(bank, tok, targets)
     train_info = train_dreams(bank, tok, rewarded, rcfg, buffer, rng,
-                              exclude_episodes=[e.episode_id for e in episodes])
+                              exclude_episodes=[e.episode_id for e in episodes], anchor_texts=anchor_texts)
     after = probe_loss(bank, tok, targets)
     trained = set(rewarded_idx) if train_info["sft_steps"] else set()
 

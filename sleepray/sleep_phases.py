@@ -72,6 +72,11 @@ def nrem_anchor(cfg) -> list[str] | None:
     return anchor_texts(cfg) if cfg.nrem.anchor_weight > 0 else None
 
 
+def rem_anchor(cfg) -> list[str] | None:
+    from sleepray.anchor import anchor_texts
+    return anchor_texts(cfg) if cfg.rem.anchor_weight > 0 else None
+
+
 def nrem_replay(cfg, storage: Path, episodes: list) -> list[str]:
     """Texts of the rehearsal buffer's dreams about older episodes (not ``episodes``), for
     NREM's anchor; empty unless the anchor, ``nrem.anchor_replay`` and ``rem.replay`` are on."""
@@ -137,7 +142,8 @@ def rem_in_process(cfg, storage: Path, rec: SleepRecord, bank, tok, episodes: li
         writer = DreamWriter.load(bank, tok, prev) if prev else DreamWriter.from_config(bank, tok, cfg.rem)
     metrics = run_rem(bank, tok, episodes, cfg.rem, out, rng=rng_for(cfg, rec, "rem"), buffer=buffer,
                       writer=writer, sleep_id=rec.sleep_id,
-                      question_writer=model_question_writer(bank, tok, cfg.nrem.temperature))
+                      question_writer=model_question_writer(bank, tok, cfg.nrem.temperature),
+                      anchor_texts=rem_anchor(cfg))
     bank.save(out / "bank")
     return metrics
 
