@@ -19,7 +19,10 @@ NREM opened (``bank.training``):
 4. :func:`restem_update` -- ReST-EM: SFT of the :class:`DreamWriter` on the rewarded
    (prompt -> dream) pairs, so that dreams get better across sleeps.
 5. :func:`train_dreams` -- SFT of the expert on the rewarded dreams plus replayed older
-   dreams (:class:`~sleepray.replay.ReplayBuffer`), ordered by a curriculum.
+   dreams (:class:`~sleepray.replay.ReplayBuffer`), ordered by a curriculum. Like a
+   trial, the whole SFT is kept only if the probe loss did not get worse
+   (``rem.revert_if_worse``); otherwise the expert stays as NREM left it and none of
+   the sleep's dreams enter the buffer.
 
 :func:`run_rem` runs them all for one sleep and writes ``dreams.parquet`` (every dream,
 why it was kept, its reward) and ``probes.parquet`` (the teacher's probe targets).
@@ -586,10 +589,19 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
         restem_losses = restem_update(writer, rewarded, rcfg, seed)
 
     before = probe_loss(bank, tok, targets)
+    snapshot = [p.detach().clone() for p in bank.trainable_parameters()]
     train_info = train_dreams(bank, tok, rewarded, rcfg, buffer, rng,
                               exclude_episodes=[e.episode_id for e in episodes], anchor_texts=anchor_texts)
     after = probe_loss(bank, tok, targets)
-    trained = set(rewarded_idx) if train_info["sft_steps"] else set()
+    # the whole dream SFT is a trial too: it must not leave the expert worse on the probes
+    reverted = bool(rcfg.revert_if_worse and train_info["sft_steps"] and _improved(after, before, "loss"))
+    if reverted:
+        log.info("REM: the dream SFT raised the probe loss %.3f -> %.3f; the expert stays as NREM left it",
+                 before, after)
+        with torch.no_grad():
+            for p, v in zip(bank.trainable_parameters(), snapshot):
+                p.copy_(v)
+    trained = set(rewarded_idx) if train_info["sft_steps"] and not reverted else set()
 
     rows = []
     for i, d in enumerate(dreams):
@@ -618,6 +630,7 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
         "reward_rate": len(rewarded) / n_kept if n_kept else 0.0,
         "mean_score": sum(scores) / len(scores) if scores else float("nan"),
         "probe_targets": len(targets), "probe_loss_before": before, "probe_loss_after": after,
+        "sft_reverted": reverted,
         "restem_steps": len(restem_losses),
         "restem_loss_last": restem_losses[-1] if restem_losses else float("nan"),
         **{k: v for k, v in train_info.items() if k != "difficulty_order"},

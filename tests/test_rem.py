@@ -184,6 +184,34 @@ def test_dream_sft_anchor_keeps_the_model_closer_on_unrelated_text(seed_test_mod
     assert kls[0] > 0 and kls[1] < 0.7 * kls[0]
 
 
+@pytest.mark.parametrize("revert", [True, False])
+def test_a_dream_sft_that_hurts_the_probes_is_reverted(seed_test_model, episode, rcfg, tmp_path, monkeypatch,
+                                                        revert):
+    """rem.revert_if_worse: when the dream SFT leaves the probe loss higher than NREM left it,
+    the expert goes back to exactly its pre-SFT tensors and no dream enters the buffer."""
+    model, tok = load_model(str(seed_test_model))
+    torch.manual_seed(0)
+    bank = ExpertBank(model, load_config(None, ["experts.rank=4"]).experts)
+    bank.open_new_expert()
+
+    def harmful_sft(bank, tok, dreams, rcfg, *args, **kwargs):  # stands in for an SFT gone wrong
+        with torch.no_grad():
+            for p in bank.trainable_parameters():
+                p.add_(0.5 * torch.randn_like(p))
+        return {"trained_dreams": len(dreams), "replayed": 0, "sft_steps": 1,
+                "sft_loss_first": 1.0, "sft_loss_last": 1.0}
+
+    monkeypatch.setattr(rem, "train_dreams", harmful_sft)
+    cfg = rcfg.model_copy(update={"revert_if_worse": revert, "restem": False})
+    before = [p.detach().clone() for p in bank.trainable_parameters()]
+    buf = ReplayBuffer(tmp_path / "buffer.parquet")
+    out = rem.run_rem(bank, tok, [episode], cfg, tmp_path / "rem", rng=random.Random(0), buffer=buf)
+    assert out["probe_loss_after"] > out["probe_loss_before"]
+    same = all(torch.equal(a, b) for a, b in zip(before, bank.trainable_parameters()))
+    assert out["sft_reverted"] is revert and same is revert
+    assert (len(buf) == 0) is (revert or out["rewarded"] == 0)
+
+
 def test_replay_buffer_round_trip_cap_and_exclusion(tmp_path):
     path = tmp_path / "buf" / "replay.parquet"
     buf = ReplayBuffer(path, capacity=5)
