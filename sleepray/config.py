@@ -72,7 +72,7 @@ class NREMConfig(_Section):
     max_new_tokens: int = Field(24, ge=1)
     temperature: float = Field(1.0, gt=0)
     logprobs_topk: int = Field(20, ge=1, description="top-k of the teacher distribution kept")
-    prompts_per_episode: int = Field(32, ge=1)
+    prompts_per_episode: int = Field(48, ge=1)
     judge: Literal["embedding", "model", "exact"] = "embedding"
     judge_threshold: float = Field(0.8, ge=-1, le=1)
     lti_group_size: int = Field(4, ge=1, description="completions per prefix (group baseline)")

@@ -59,12 +59,22 @@ def consolidation_prompts(episode: Episode, n: int, rng: random.Random,
         questions = write_questions(context, n_q)
     kind_q = "probe" if episode.probes else "query"
     prefixes = continuation_prefixes(episode.documents, rng)
-    chosen: list[ConsolidationPrompt] = []
-    for i in range(n):
-        use_q = questions and (i < n_q or not prefixes)
-        if use_q:
-            chosen.append(ConsolidationPrompt(episode.episode_id, context,
-                                              qa_prompt(rng.choice(questions)), kind_q))
-        elif prefixes:
-            chosen.append(ConsolidationPrompt(episode.episode_id, context, rng.choice(prefixes), "prefix"))
+    if not prefixes:
+        n_q = n
+    if not questions:
+        n_q = 0
+    chosen = [ConsolidationPrompt(episode.episode_id, context, qa_prompt(q), kind_q)
+              for q in _covering(questions, n_q, rng)]
+    chosen += [ConsolidationPrompt(episode.episode_id, context, p, "prefix")
+               for p in _covering(prefixes, n - n_q, rng)]
     return chosen
+
+
+def _covering(items: list[str], k: int, rng: random.Random) -> list[str]:
+    """``k`` draws that take every item once (in random order) before any item twice."""
+    out: list[str] = []
+    while items and len(out) < k:
+        rnd = list(items)
+        rng.shuffle(rnd)
+        out += rnd
+    return out[:k]

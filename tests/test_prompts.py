@@ -38,3 +38,15 @@ def test_free_text_uses_the_question_writer():
     prompts = consolidation_prompts(ep, 4, random.Random(0), write_questions=writer)
     assert asked == [ep.context]
     assert {p.kind for p in prompts} == {"query", "prefix"}
+
+
+def test_every_probe_question_is_asked_before_any_is_asked_twice():
+    ep = World(12, people_per_episode=1, orgs_per_episode=0, places_per_episode=1).episode(0)
+    n_questions = len({p.question for p in ep.probes})
+    prompts = consolidation_prompts(ep, 2 * n_questions + 6, random.Random(3))
+    asked = [p.prompt for p in prompts if p.kind == "probe"]
+    assert len(asked) == n_questions + 3
+    assert len(set(asked[:n_questions])) == n_questions  # all of them, once each, first
+    prefixes = continuation_prefixes(ep.documents, random.Random(0))
+    only_questions = consolidation_prompts(Episode("q", [], facts=[], probes=ep.probes), 5, random.Random(0))
+    assert [p.kind for p in only_questions] == ["probe"] * 5 and prefixes
