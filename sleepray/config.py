@@ -130,7 +130,8 @@ class REMConfig(_Section):
                             "or greedy exact match")
     batch_size: int = Field(8, ge=1, description="batch size of dream SFT and of the ReST-EM update")
     revert_if_worse: bool = Field(True, description="after the dream SFT, put the expert back as NREM left it "
-                                                    "when its closed-book loss on the probe targets got worse")
+                                                    "when its closed-book loss on the probe targets rose or "
+                                                    "fewer of the teacher's answers came out")
     anchor_weight: float = Field(0.0, ge=0, description="drift control in the dream SFT: weight of "
                                                         "KL(frozen || student) on the anchor texts (as nrem.anchor_*)")
     anchor_batch: int = Field(4, ge=1, description="anchor texts per dream SFT step")

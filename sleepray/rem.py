@@ -20,8 +20,8 @@ NREM opened (``bank.training``):
    (prompt -> dream) pairs, so that dreams get better across sleeps.
 5. :func:`train_dreams` -- SFT of the expert on the rewarded dreams plus replayed older
    dreams (:class:`~sleepray.replay.ReplayBuffer`), ordered by a curriculum. Like a
-   trial, the whole SFT is kept only if the probe loss did not get worse
-   (``rem.revert_if_worse``); otherwise the expert stays as NREM left it and none of
+   trial, the whole SFT is kept only if neither the probe loss nor the closed-book
+   accuracy on the teacher's answers got worse (``rem.revert_if_worse``); otherwise the expert stays as NREM left it and none of
    the sleep's dreams enter the buffer.
 
 :func:`run_rem` runs them all for one sleep and writes ``dreams.parquet`` (every dream,
@@ -589,15 +589,19 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
         restem_losses = restem_update(writer, rewarded, rcfg, seed)
 
     before = probe_loss(bank, tok, targets)
+    acc_before = probe_accuracy(bank, tok, targets, rcfg.probe_max_new_tokens) if rcfg.revert_if_worse else None
     snapshot = [p.detach().clone() for p in bank.trainable_parameters()]
     train_info = train_dreams(bank, tok, rewarded, rcfg, buffer, rng,
                               exclude_episodes=[e.episode_id for e in episodes], anchor_texts=anchor_texts)
     after = probe_loss(bank, tok, targets)
-    # the whole dream SFT is a trial too: it must not leave the expert worse on the probes
-    reverted = bool(rcfg.revert_if_worse and train_info["sft_steps"] and _improved(after, before, "loss"))
+    acc_after = probe_accuracy(bank, tok, targets, rcfg.probe_max_new_tokens) if rcfg.revert_if_worse else None
+    # the whole dream SFT is a trial too: it must not leave the expert worse on the probes, by
+    # their loss or by how many of the teacher's answers it gives closed-book
+    reverted = bool(rcfg.revert_if_worse and train_info["sft_steps"]
+                    and (_improved(after, before, "loss") or _improved(acc_after, acc_before, "accuracy")))
     if reverted:
-        log.info("REM: the dream SFT raised the probe loss %.3f -> %.3f; the expert stays as NREM left it",
-                 before, after)
+        log.info("REM: the dream SFT left the probes worse (loss %.3f -> %.3f, accuracy %.2f -> %.2f); "
+                 "the expert stays as NREM left it", before, after, acc_before, acc_after)
         with torch.no_grad():
             for p, v in zip(bank.trainable_parameters(), snapshot):
                 p.copy_(v)
@@ -630,7 +634,7 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
         "reward_rate": len(rewarded) / n_kept if n_kept else 0.0,
         "mean_score": sum(scores) / len(scores) if scores else float("nan"),
         "probe_targets": len(targets), "probe_loss_before": before, "probe_loss_after": after,
-        "sft_reverted": reverted,
+        "probe_accuracy_before": acc_before, "probe_accuracy_after": acc_after, "sft_reverted": reverted,
         "restem_steps": len(restem_losses),
         "restem_loss_last": restem_losses[-1] if restem_losses else float("nan"),
         **{k: v for k, v in train_info.items() if k != "difficulty_order"},
