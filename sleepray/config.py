@@ -129,6 +129,9 @@ class REMConfig(_Section):
         "loss", description="probe score of a trial, vs the teacher's answers: NLL (lower is better) "
                             "or greedy exact match")
     batch_size: int = Field(8, ge=1, description="batch size of dream SFT and of the ReST-EM update")
+    replay_probes: bool = Field(True, description="the probe questions with the teacher's answers (the model's own, "
+                                                  "with the memory in context) join the rehearsal buffer as qa "
+                                                  "dreams, so later sleeps rehearse every probed fact")
     revert_if_worse: bool = Field(True, description="after the dream SFT, put the expert back as NREM left it "
                                                     "when its closed-book loss on the probe targets rose or "
                                                     "fewer of the teacher's answers came out")

@@ -621,10 +621,15 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
     write_table_atomic(pa.Table.from_pylist(
         [{"episode_id": t.episode_id, "question": t.question, "teacher_answer": t.target} for t in targets],
         schema=PROBES_SCHEMA), out_dir / "probes.parquet")
-    if buffer is not None and trained:
-        buffer.append([{c: rows[i][c] for c in ("episode_id", "format", "prompt", "text", "score",
-                                                "trial_reward", "kept", "sleep_id")}
-                       for i in sorted(trained)])
+    if buffer is not None:
+        keep = [{c: rows[i][c] for c in ("episode_id", "format", "prompt", "text", "score",
+                                         "trial_reward", "kept", "sleep_id")} for i in sorted(trained)]
+        if rcfg.replay_probes:  # what the model answered with the memory in context, for rehearsal later
+            keep += [{"episode_id": t.episode_id, "format": "qa", "prompt": t.prompt,
+                      "text": f" {t.question}\nA: {t.target}", "kept": False, "sleep_id": sleep_id}
+                     for t in targets]
+        if keep:
+            buffer.append(keep)
     if writer is not None:
         writer.save(out_dir / WRITER_ADAPTER)
 

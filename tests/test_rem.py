@@ -202,7 +202,7 @@ def test_a_dream_sft_that_hurts_the_probes_is_reverted(seed_test_model, episode,
                 "sft_loss_first": 1.0, "sft_loss_last": 1.0}
 
     monkeypatch.setattr(rem, "train_dreams", harmful_sft)
-    cfg = rcfg.model_copy(update={"revert_if_worse": revert, "restem": False})
+    cfg = rcfg.model_copy(update={"revert_if_worse": revert, "restem": False, "replay_probes": False})
     before = [p.detach().clone() for p in bank.trainable_parameters()]
     buf = ReplayBuffer(tmp_path / "buffer.parquet")
     out = rem.run_rem(bank, tok, [episode], cfg, tmp_path / "rem", rng=random.Random(0), buffer=buf)
@@ -286,8 +286,14 @@ def test_run_rem_writes_dreams_parquet(sentinel_run, rcfg):
     changed = _changed(sentinel_run["bank"], sentinel_run["params"])
     slot = sentinel_run["bank"].training
     assert all(f".{slot}." in n or ".dream_writer." in n for n in changed)
-    if m["rewarded"]:
-        assert m["sft_steps"] == 3 and m["replayed"] == 1 and m["buffer_size"] == 1 + m["rewarded"]
+    probes = pq.read_table(out / "probes.parquet").to_pylist()
+    replayed_probes = [r for r in sentinel_run["buffer"].rows() if r["sleep_id"] == "v0001" and not r["kept"]]
+    # rem.replay_probes: the teacher's probe answers are kept as qa dreams for later sleeps
+    assert [r["text"] for r in replayed_probes] == [f" {p['question']}\nA: {p['teacher_answer']}" for p in probes]
+    assert all(r["format"] == "qa" and r["episode_id"] == p["episode_id"] for r, p in zip(replayed_probes, probes))
+    if m["rewarded"] and not m["sft_reverted"]:
+        assert m["sft_steps"] == 3 and m["replayed"] == 1
+        assert m["buffer_size"] == 1 + m["rewarded"] + m["probe_targets"]
         assert sentinel_run["writer"].updates == 1
 
 
