@@ -119,6 +119,12 @@ def cmd_serve(args) -> int:
 def cmd_eval(args) -> int:
     from sleepray.eval_report import methods_table
     from sleepray.eval_run import run_and_report
+    if args.merge:
+        from sleepray.eval_merge import merge_dirs
+        results = merge_dirs(args.merge, args.out)
+        print(methods_table(results))
+        print(f"{args.out}: merged {len(args.merge)} evaluations: results.json, answers.parquet, report.md, plots/")
+        return 0
     cfg = _cfg(args)
     results = run_and_report(cfg, args.out, progress=not args.no_progress)
     print(methods_table(results))
@@ -225,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--merge", nargs="+", metavar="DIR",
+                   help="instead of running: merge these eval output folders (the same stream and settings, "
+                        "other methods or seeds) into --out, with one report")
     p.set_defaults(func=cmd_eval)
     return parser
 
