@@ -35,8 +35,10 @@ def test_two_sleeps_run_every_phase_and_deep_sleep_merges(tmp_path, cfg):
     assert first.phases == ["nrem", "rem", "publish"] and first.complete
     dreams = pq.read_table(first.dir / "rem" / "dreams.parquet").to_pylist()
     assert len(dreams) == 2  # m per episode, over the formats
-    # every dream trained into the expert is kept for replay, and only those
-    assert len(ReplayBuffer(tmp_path / REPLAY_FILE)) == sum(d["trained"] for d in dreams)
+    # every dream trained into the expert is kept for replay, and only those, with the
+    # teacher's probe answers (rem.replay_probes)
+    probes = pq.read_table(first.dir / "rem" / "probes.parquet").num_rows
+    assert len(ReplayBuffer(tmp_path / REPLAY_FILE)) == sum(d["trained"] for d in dreams) + probes
     lin = json.loads((tmp_path / "adapters" / "v0001" / "lineage.json").read_text())
     assert lin["phase"] == "nrem+rem" and lin["metrics"]["rem"]["dreams"] == 2
     _add(tmp_path, 5002)
