@@ -77,7 +77,23 @@ def test_random_expert_changes_dreams_and_restores_state(bank_tok, episode, rcfg
     assert [d.text for d in on] != [d.text for d in off]  # only the random expert differs
     assert len(on) == 4 and [d.format for d in on] == ["implications", "qa", "rewrite", "implications"]
     assert on[1].prompt == episode.context + "\nQ:" and on[0].prompt.endswith("\nImplications:\n")
-    assert any("\n" in d.text for d in on + off)  # several lines are kept
+
+
+
+def test_dreams_are_not_cut_at_the_first_newline(bank_tok, episode, rcfg, monkeypatch):
+    """Dreams span several lines: sampling stops at EOS or the length only. (Whether a given
+    test-model build happens to write a newline depends on the build, so the call is checked.)"""
+    bank, tok = bank_tok
+    calls = []
+    real = rem.sample_ids
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rem, "sample_ids", spy)
+    dreams = rem.write_dreams(bank, tok, episode, rcfg, random.Random(0))
+    assert calls and all(c["stop_at_newline"] is False for c in calls) and len(dreams) == 4
 
 
 def test_scores_and_selection(bank_tok, episode):
