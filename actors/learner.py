@@ -64,7 +64,8 @@ def nrem_loop(config: dict) -> None:
     seed = phase_seed(cfg, rec, "nrem")
     torch.manual_seed(seed)                      # the same fresh expert on every rank
     bank, tok, _ = bank_from(cfg, storage, starting_bank_dir(cfg, storage))
-    prompts = nrem_prompts(cfg, bank, tok, rec, live_episodes(storage, rec)) if rank == 0 else None
+    episodes = live_episodes(storage, rec)
+    prompts = nrem_prompts(cfg, bank, tok, rec, episodes) if rank == 0 else None
     if world > 1:
         box = [prompts]
         dist.broadcast_object_list(box, src=0)
@@ -97,7 +98,7 @@ def nrem_loop(config: dict) -> None:
     rng = random.Random(seed + 7919 * rank + start)
     per_rank = max(1, ncfg.batch_size // world)
     anchors = nrem_anchor(cfg) or []
-    replay = nrem_replay(cfg, storage, live_episodes(storage, rec))
+    replay = nrem_replay(cfg, storage, episodes)
     history = NREMResult(ncfg.steps)
     bank.model.eval()
     for step in range(start, ncfg.steps):

@@ -20,16 +20,19 @@ from sleepray.world import SCHEMA, Fact, render_fact
 FORMAT_CUES = {"implications": "\nImplications:\n", "qa": "\nQ:", "rewrite": "\nIn other words:"}
 
 
-def dream_prompt(context: str, fmt: str) -> str:
+def _check_format(fmt: str) -> None:
     if fmt not in FORMAT_CUES:
         raise ValueError(f"unknown dream format {fmt!r} (choose from {sorted(FORMAT_CUES)})")
+
+
+def dream_prompt(context: str, fmt: str) -> str:
+    _check_format(fmt)
     return context + FORMAT_CUES[fmt]
 
 
 def written_dream(facts: Sequence[Fact], fmt: str, rng: random.Random) -> str:
     """A dream about ``facts`` in format ``fmt``: the text that follows the format's cue."""
-    if fmt not in FORMAT_CUES:
-        raise ValueError(f"unknown dream format {fmt!r} (choose from {sorted(FORMAT_CUES)})")
+    _check_format(fmt)
     order = list(facts)
     rng.shuffle(order)
     if fmt == "qa":

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from sleepray import eval_metrics as M
-from sleepray.eval_run import RUN_METRICS, SCHEMA_VERSION
+from sleepray.eval_run import RUN_METRICS
 
 _MAY_DIFFER = {"methods", "seeds", "first_seed"}
 _SAME = ("schema_version", "profile", "episodes", "parts", "part_of", "n_probes")
@@ -49,7 +49,7 @@ def merge_results(parts: list[dict]) -> dict:
     config = json.loads(json.dumps(first["config"]))
     config["eval"].update(methods=methods, seeds=len(seeds), first_seed=seeds[0])
     return {
-        **{k: first[k] for k in _SAME}, "schema_version": SCHEMA_VERSION,
+        **{k: first[k] for k in _SAME},
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": round(sum(p["wall_seconds"] for p in parts), 2),
         "config": config, "methods": methods, "seeds": seeds, "baseline": first["baseline"], "runs": runs,

@@ -324,6 +324,18 @@ class TrialResult:
     metric: str
 
 
+def _snapshot(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+def _restore(params: list[torch.nn.Parameter], snapshot: list[torch.Tensor]) -> None:
+    """Copy ``snapshot`` back into ``params`` exactly, and drop their gradients."""
+    with torch.no_grad():
+        for p, v in zip(params, snapshot):
+            p.copy_(v)
+            p.grad = None
+
+
 def run_trials(bank, tok, kept: list[Dream], probe_targets: list[ProbeTarget], rcfg,
                seed: int = 0) -> list[TrialResult]:
     """Fine-tune an isolated copy of the training expert on each kept dream; reward 1 if the probes improve.
@@ -344,16 +356,13 @@ def run_trials(bank, tok, kept: list[Dream], probe_targets: list[ProbeTarget], r
         if not ts or not d.sft_text.strip():
             results.append(TrialResult(0, pre, float("nan"), rcfg.trial_metric))
             continue
-        snapshot = [p.detach().clone() for p in params]
+        snapshot = _snapshot(params)
         try:
             lm.sft(params, bank.model, tok, [d.sft_text], rcfg.trial_steps, rcfg.trial_lr,
                    batch_size=1, seed=seed + i)
             post = _probe_metric(bank, tok, ts, rcfg)
         finally:
-            with torch.no_grad():
-                for p, v in zip(params, snapshot):
-                    p.copy_(v)
-                    p.grad = None
+            _restore(params, snapshot)
         results.append(TrialResult(int(_improved(pre, post, rcfg.trial_metric)), pre, post,
                                    rcfg.trial_metric))
     return results
@@ -590,7 +599,7 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
 
     before = probe_loss(bank, tok, targets)
     acc_before = probe_accuracy(bank, tok, targets, rcfg.probe_max_new_tokens) if rcfg.revert_if_worse else None
-    snapshot = [p.detach().clone() for p in bank.trainable_parameters()]
+    snapshot = _snapshot(bank.trainable_parameters())
     train_info = train_dreams(bank, tok, rewarded, rcfg, buffer, rng,
                               exclude_episodes=[e.episode_id for e in episodes], anchor_texts=anchor_texts)
     after = probe_loss(bank, tok, targets)
@@ -602,9 +611,7 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
     if reverted:
         log.info("REM: the dream SFT left the probes worse (loss %.3f -> %.3f, accuracy %.2f -> %.2f); "
                  "the expert stays as NREM left it", before, after, acc_before, acc_after)
-        with torch.no_grad():
-            for p, v in zip(bank.trainable_parameters(), snapshot):
-                p.copy_(v)
+        _restore(bank.trainable_parameters(), snapshot)
     trained = set(rewarded_idx) if train_info["sft_steps"] and not reverted else set()
 
     rows = []
