@@ -14,9 +14,10 @@ kinds of text the seed models are trained on. Users of other models pass their o
 (``nrem.anchor_path``: a text file, one paragraph per line).
 
 Rehearsal: with REM's replay on, dreams about older episodes from the rehearsal buffer
-join the anchor batch (``nrem.anchor_replay`` a step). The model before the sleep knows
-those episodes; keeping the student's distribution there is keeping that knowledge
-while the new expert learns the new episode (generative replay, in NREM).
+join the anchor batch (``nrem.anchor_replay`` a step in NREM, ``rem.anchor_replay`` in
+REM's dream SFT). The model before the sleep knows those episodes; keeping the
+student's distribution there is keeping that knowledge while the new expert learns the
+new episode (generative replay).
 """
 from __future__ import annotations
 
@@ -63,10 +64,11 @@ def draw(texts: list[str], k: int, rng: random.Random) -> list[str]:
     return [rng.choice(texts) for _ in range(k)] if texts and k > 0 else []
 
 
-def anchor_batch(ncfg, anchor_texts: list[str] | None, replay_texts: list[str] | None,
+def anchor_batch(pcfg, anchor_texts: list[str] | None, replay_texts: list[str] | None,
                  rng: random.Random) -> list[str] | None:
     """One step's anchor texts: ``anchor_batch`` unrelated texts plus ``anchor_replay`` dreams
-    about older episodes (rehearsal); None when the anchor is off."""
-    if ncfg.anchor_weight <= 0:
+    about older episodes (rehearsal); None when the anchor is off. ``pcfg``: the phase's
+    config section (``nrem`` or ``rem``), both have the three fields."""
+    if pcfg.anchor_weight <= 0:
         return None
-    return draw(anchor_texts or [], ncfg.anchor_batch, rng) + draw(replay_texts or [], ncfg.anchor_replay, rng)
+    return draw(anchor_texts or [], pcfg.anchor_batch, rng) + draw(replay_texts or [], pcfg.anchor_replay, rng)

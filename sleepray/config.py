@@ -138,6 +138,10 @@ class REMConfig(_Section):
     anchor_weight: float = Field(0.0, ge=0, description="drift control in the dream SFT: weight of "
                                                         "KL(frozen || student) on the anchor texts (as nrem.anchor_*)")
     anchor_batch: int = Field(4, ge=1, description="anchor texts per dream SFT step")
+    anchor_replay: int = Field(4, ge=0, description="rehearsal in the dream SFT: dreams about older episodes, "
+                                                    "from the replay buffer, added to the anchor texts each step "
+                                                    "(KL to the model before the sleep, which knows them; needs "
+                                                    "anchor_weight > 0 and replay; 0 = off)")
     writer_rank: Optional[int] = Field(None, ge=1, description="rank of the dream-writer adapter; "
                                                                "None = the experts' rank")
 

@@ -19,10 +19,11 @@ NREM opened (``bank.training``):
 4. :func:`restem_update` -- ReST-EM: SFT of the :class:`DreamWriter` on the rewarded
    (prompt -> dream) pairs, so that dreams get better across sleeps.
 5. :func:`train_dreams` -- SFT of the expert on the rewarded dreams plus replayed older
-   dreams (:class:`~sleepray.replay.ReplayBuffer`), ordered by a curriculum. Like a
+   dreams (:class:`~sleepray.replay.ReplayBuffer`), ordered by a curriculum, with the
+   KL anchor on unrelated text and on older episodes' dreams (rehearsal). Like a
    trial, the whole SFT is kept only if neither the probe loss nor the closed-book
-   accuracy on the teacher's answers got worse (``rem.revert_if_worse``); otherwise the expert stays as NREM left it and none of
-   the sleep's dreams enter the buffer.
+   accuracy on the teacher's answers got worse (``rem.revert_if_worse``); otherwise
+   the expert stays as NREM left it and none of the sleep's dreams enter the buffer.
 
 :func:`run_rem` runs them all for one sleep and writes ``dreams.parquet`` (every dream,
 why it was kept, its reward) and ``probes.parquet`` (the teacher's probe targets).
@@ -57,7 +58,7 @@ import pyarrow as pa
 import torch
 
 from sleepray import lm
-from sleepray.anchor import anchor_kl, draw
+from sleepray.anchor import anchor_batch, anchor_kl
 from sleepray.dream_formats import FORMAT_CUES, dream_prompt
 from sleepray.experts import replace_dir
 from sleepray.replay import Dream, ReplayBuffer, write_table_atomic
@@ -509,18 +510,23 @@ def train_dreams(bank, tok, dreams: list[Dream], rcfg, buffer: Optional[ReplayBu
     Curriculum: each dream's difficulty is the student's loss on it before training;
     the ordered list is stretched over ``rcfg.sft_steps`` batches of ``rcfg.batch_size``.
     Drift control: ``rcfg.anchor_weight`` * KL(frozen || student) on ``rcfg.anchor_batch``
-    of ``anchor_texts`` a step (``sleepray.anchor``).
+    of ``anchor_texts`` a step (``sleepray.anchor``), plus ``rcfg.anchor_replay`` of the
+    buffer's dreams about older episodes: the SFT on older dreams alone did not keep
+    them; the KL to the model before the sleep, which knows them, does.
     """
     rng = rng or random.Random(0)
     params = bank.trainable_parameters()
     new = [d for d in dreams if d.sft_text.strip()]
     replayed: list[Dream] = []
+    rehearse: list[str] = []
     if rcfg.replay and buffer is not None:
         exclude = set(exclude_episodes) if exclude_episodes is not None else {d.episode_id for d in dreams}
         replayed = [d for d in buffer.sample(_n_replay(len(new), rcfg.replay_fraction, rcfg.buffer_size),
                                              exclude, rng) if d.sft_text.strip()]
+        if rcfg.anchor_weight > 0 and rcfg.anchor_replay > 0:
+            rehearse = [d.sft_text for d in buffer.dreams(exclude) if d.sft_text.strip()]
     items = new + replayed
-    info = {"trained_dreams": len(new), "replayed": len(replayed), "sft_steps": 0,
+    info = {"trained_dreams": len(new), "replayed": len(replayed), "rehearsal_texts": len(rehearse), "sft_steps": 0,
             "sft_loss_first": float("nan"), "sft_loss_last": float("nan")}
     if not items or rcfg.sft_steps <= 0:
         return info
@@ -534,8 +540,9 @@ def train_dreams(bank, tok, dreams: list[Dream], rcfg, buffer: Optional[ReplayBu
         start = (s * n) // steps
         batch = [items[order[(start + j) % n]] for j in range(bs)]
         loss = _mean_nll(bank.model, tok, [d.sft_text for d in batch])
-        if anchor_texts and rcfg.anchor_weight > 0:
-            loss = loss + rcfg.anchor_weight * anchor_kl(bank, tok, draw(anchor_texts, rcfg.anchor_batch, rng))
+        anchor = anchor_batch(rcfg, anchor_texts, rehearse, rng)
+        if anchor:
+            loss = loss + rcfg.anchor_weight * anchor_kl(bank, tok, anchor)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

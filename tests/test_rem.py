@@ -200,6 +200,40 @@ def test_dream_sft_anchor_keeps_the_model_closer_on_unrelated_text(seed_test_mod
     assert kls[0] > 0 and kls[1] < 0.7 * kls[0]
 
 
+def test_dream_sft_rehearses_older_episodes_from_the_buffer(seed_test_model, episode, rcfg, tmp_path,
+                                                            monkeypatch):
+    """rem.anchor_replay: the dream SFT's anchor batch carries the buffer's texts about OTHER
+    episodes (never the one being dreamt about), and they stay closer to the model before the
+    sleep than when the rehearsal is off."""
+    from sleepray.anchor import anchor_kl
+    old = World(10_000_777, 1, 0, 0, 1).episode(1)
+    old_text = f" {old.probes[0].question}\nA: {old.probes[0].answer}"
+    buf = ReplayBuffer(tmp_path / "buffer.parquet")
+    buf.append([{"episode_id": old.episode_id, "format": "qa", "text": old_text},
+                {"episode_id": episode.episode_id, "format": "rewrite", "text": "about the episode itself"}])
+    rehearsed = "Q: " + old_text.strip()
+    kls, seen = [], []
+    real = anchor_kl
+    monkeypatch.setattr(rem, "anchor_kl", lambda bank, tok, texts, *a: seen.append(list(texts)) or
+                        real(bank, tok, texts, *a))
+    for n in (0, 4):
+        model, tok = load_model(str(seed_test_model))
+        torch.manual_seed(0)
+        bank = ExpertBank(model, load_config(None, ["experts.rank=4"]).experts)
+        bank.open_new_expert()
+        cfg = rcfg.model_copy(update={"anchor_weight": 20.0, "anchor_replay": n, "anchor_batch": 1,
+                                      "replay_fraction": 0.0, "sft_steps": 8, "sft_lr": 1e-2})
+        seen.clear()
+        info = rem.train_dreams(bank, tok, _hand_dreams(episode), cfg, buf, random.Random(0),
+                                anchor_texts=["unrelated text"])
+        assert info["rehearsal_texts"] == (1 if n else 0)
+        assert all(t in ("unrelated text", rehearsed) for batch in seen for t in batch)
+        assert sum(batch.count(rehearsed) for batch in seen) == 8 * n
+        with torch.no_grad():
+            kls.append(real(bank, tok, [rehearsed]).item())
+    assert kls[0] > 0 and kls[1] < 0.7 * kls[0]
+
+
 @pytest.mark.parametrize("revert", [True, False])
 def test_a_dream_sft_that_hurts_the_probes_is_reverted(seed_test_model, episode, rcfg, tmp_path, monkeypatch,
                                                         revert):
