@@ -22,6 +22,7 @@ new episode (generative replay).
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -64,11 +65,38 @@ def draw(texts: list[str], k: int, rng: random.Random) -> list[str]:
     return [rng.choice(texts) for _ in range(k)] if texts and k > 0 else []
 
 
+def rehearsal_weight(pcfg) -> float:
+    """The weight of the KL on older episodes' dreams: ``rehearsal_weight``, else ``anchor_weight``."""
+    return pcfg.anchor_weight if pcfg.rehearsal_weight is None else pcfg.rehearsal_weight
+
+
+@dataclass
+class AnchorBatch:
+    """One step's anchor: unrelated texts (drift control) and older episodes' dreams (rehearsal)."""
+    texts: list[str]
+    rehearse: list[str]
+
+
 def anchor_batch(pcfg, anchor_texts: list[str] | None, replay_texts: list[str] | None,
-                 rng: random.Random) -> list[str] | None:
-    """One step's anchor texts: ``anchor_batch`` unrelated texts plus ``anchor_replay`` dreams
-    about older episodes (rehearsal); None when the anchor is off. ``pcfg``: the phase's
-    config section (``nrem`` or ``rem``), both have the three fields."""
-    if pcfg.anchor_weight <= 0:
-        return None
-    return draw(anchor_texts or [], pcfg.anchor_batch, rng) + draw(replay_texts or [], pcfg.anchor_replay, rng)
+                 rng: random.Random) -> AnchorBatch | None:
+    """``anchor_batch`` unrelated texts (when ``anchor_weight`` > 0) and ``anchor_replay``
+    dreams about older episodes (when the rehearsal weight > 0); None when both are off.
+    ``pcfg``: the phase's config section (``nrem`` or ``rem``); both have these fields."""
+    texts = draw(anchor_texts or [], pcfg.anchor_batch, rng) if pcfg.anchor_weight > 0 else []
+    rehearse = draw(replay_texts or [], pcfg.anchor_replay, rng) if rehearsal_weight(pcfg) > 0 else []
+    return AnchorBatch(texts, rehearse) if texts or rehearse else None
+
+
+def anchor_loss(bank, tok, pcfg, batch: AnchorBatch | None, student=None) -> tuple[torch.Tensor | float, dict]:
+    """``anchor_weight`` * KL on the unrelated texts + rehearsal weight * KL on the older
+    dreams, and the two KLs for the step's record (0 and {} without a batch)."""
+    loss, rec = 0.0, {}
+    if batch is None:
+        return loss, rec
+    for key, texts, weight in (("anchor_kl", batch.texts, pcfg.anchor_weight),
+                               ("rehearsal_kl", batch.rehearse, rehearsal_weight(pcfg))):
+        if texts and weight > 0:
+            kl = anchor_kl(bank, tok, texts, student)
+            loss = loss + weight * kl
+            rec[key] = kl.item()
+    return loss, rec

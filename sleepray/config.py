@@ -86,7 +86,9 @@ class NREMConfig(_Section):
     anchor_replay: int = Field(4, ge=0, description="rehearsal in NREM: dreams about older episodes, from REM's "
                                                     "replay buffer, added to the anchor texts each step, so the "
                                                     "student keeps what the model before the sleep says about "
-                                                    "them (needs anchor_weight > 0 and rem.replay; 0 = off)")
+                                                    "them (needs rem.replay; 0 = off)")
+    rehearsal_weight: Optional[float] = Field(None, ge=0, description="weight of the KL on those older dreams; "
+                                                                      "None = anchor_weight")
     anchor_path: Optional[str] = Field(None, description="anchor text file, one paragraph per line "
                                                          "(default: held-out world + general text)")
     use_expansion: bool = Field(True, description="False: train the whole model (ablation)")
@@ -141,7 +143,9 @@ class REMConfig(_Section):
     anchor_replay: int = Field(4, ge=0, description="rehearsal in the dream SFT: dreams about older episodes, "
                                                     "from the replay buffer, added to the anchor texts each step "
                                                     "(KL to the model before the sleep, which knows them; needs "
-                                                    "anchor_weight > 0 and replay; 0 = off)")
+                                                    "replay; 0 = off)")
+    rehearsal_weight: Optional[float] = Field(None, ge=0, description="weight of the KL on those older dreams; "
+                                                                      "None = anchor_weight")
     writer_rank: Optional[int] = Field(None, ge=1, description="rank of the dream-writer adapter; "
                                                                "None = the experts' rank")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from sleepray.anchor import anchor_batch
+from sleepray.anchor import AnchorBatch, anchor_batch, anchor_loss
 from sleepray.losses import generalized_jsd
 from sleepray.nrem_samplers import LocalSampler
 from sleepray.prompts import ConsolidationPrompt
@@ -155,9 +155,10 @@ def gkd_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Rand
 
 
 def nrem_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Random, sampler,
-              judge=None, student=None, anchor: list[str] | None = None) -> tuple[torch.Tensor, dict]:
+              judge=None, student=None, anchor: AnchorBatch | None = None) -> tuple[torch.Tensor, dict]:
     """The NREM objective on one batch: alpha * D - (1 - alpha) * PG surrogate (or D alone),
-    plus ``anchor_weight`` * KL(frozen || student) on ``anchor`` texts (drift control)."""
+    plus the KL(frozen || student) anchor (``sleepray.anchor.anchor_loss``): drift control on
+    unrelated text and rehearsal of older episodes' dreams."""
     student = student if student is not None else bank.model
     use_lti = ncfg.use_lti and ncfg.alpha < 1.0
     div = gkd_loss(bank, tok, batch, ncfg, rng, sampler, student)
@@ -167,11 +168,9 @@ def nrem_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Ran
         pg, reward = _lti_loss(student, tok, batch, ncfg, rng, judge, sampler)
         loss = loss + (1 - ncfg.alpha) * pg
         rec["reward"] = reward
-    if anchor and ncfg.anchor_weight > 0:
-        from sleepray.anchor import anchor_kl
-        kl = anchor_kl(bank, tok, anchor, student)
-        loss = loss + ncfg.anchor_weight * kl
-        rec["anchor_kl"] = kl.item()
+    extra, anchor_rec = anchor_loss(bank, tok, ncfg, anchor, student)
+    loss = loss + extra
+    rec.update(anchor_rec)
     rec["loss"] = loss.item()
     return loss, rec
 

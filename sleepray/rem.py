@@ -58,7 +58,7 @@ import pyarrow as pa
 import torch
 
 from sleepray import lm
-from sleepray.anchor import anchor_batch, anchor_kl
+from sleepray.anchor import anchor_batch, anchor_loss, rehearsal_weight
 from sleepray.dream_formats import FORMAT_CUES, dream_prompt
 from sleepray.experts import replace_dir
 from sleepray.replay import Dream, ReplayBuffer, write_table_atomic
@@ -523,7 +523,7 @@ def train_dreams(bank, tok, dreams: list[Dream], rcfg, buffer: Optional[ReplayBu
         exclude = set(exclude_episodes) if exclude_episodes is not None else {d.episode_id for d in dreams}
         replayed = [d for d in buffer.sample(_n_replay(len(new), rcfg.replay_fraction, rcfg.buffer_size),
                                              exclude, rng) if d.sft_text.strip()]
-        if rcfg.anchor_weight > 0 and rcfg.anchor_replay > 0:
+        if rehearsal_weight(rcfg) > 0 and rcfg.anchor_replay > 0:
             rehearse = [d.sft_text for d in buffer.dreams(exclude) if d.sft_text.strip()]
     items = new + replayed
     info = {"trained_dreams": len(new), "replayed": len(replayed), "rehearsal_texts": len(rehearse), "sft_steps": 0,
@@ -540,9 +540,7 @@ def train_dreams(bank, tok, dreams: list[Dream], rcfg, buffer: Optional[ReplayBu
         start = (s * n) // steps
         batch = [items[order[(start + j) % n]] for j in range(bs)]
         loss = _mean_nll(bank.model, tok, [d.sft_text for d in batch])
-        anchor = anchor_batch(rcfg, anchor_texts, rehearse, rng)
-        if anchor:
-            loss = loss + rcfg.anchor_weight * anchor_kl(bank, tok, anchor)
+        loss = loss + anchor_loss(bank, tok, rcfg, anchor_batch(rcfg, anchor_texts, rehearse, rng))[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -129,8 +129,13 @@ def test_nrem_rehearses_older_episodes_from_the_replay_buffer(tmp_path):
     replay = nrem_replay(cfg, tmp_path, [new])
     assert replay == ["Q: Where was A born?\nA: Kledil"]
     batch = anchor_batch(cfg.nrem, ["unrelated text"], replay, _random.Random(0))
-    assert batch.count("unrelated text") == 2 and batch.count(replay[0]) == 3
-    for off in (["nrem.anchor_weight=0"], ["nrem.anchor_weight=1.0", "nrem.anchor_replay=0"],
+    assert batch.texts == ["unrelated text"] * 2 and batch.rehearse == replay * 3
+    alone = load_config(None, ["nrem.anchor_weight=0", "nrem.rehearsal_weight=2.0", "nrem.anchor_replay=3"])
+    assert nrem_replay(alone, tmp_path, [new]) == replay  # rehearsal without the drift anchor
+    batch = anchor_batch(alone.nrem, ["unrelated text"], replay, _random.Random(0))
+    assert batch.texts == [] and batch.rehearse == replay * 3
+    for off in (["nrem.anchor_weight=0"], ["nrem.anchor_weight=1.0", "nrem.rehearsal_weight=0"],
+                ["nrem.anchor_weight=1.0", "nrem.anchor_replay=0"],
                 ["nrem.anchor_weight=1.0", "rem.replay=false"]):
         assert nrem_replay(load_config(None, off), tmp_path, [new]) == []
     assert anchor_batch(load_config(None, []).nrem, ["x"], replay, _random.Random(0)) is None

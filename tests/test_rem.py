@@ -205,7 +205,7 @@ def test_dream_sft_rehearses_older_episodes_from_the_buffer(seed_test_model, epi
     """rem.anchor_replay: the dream SFT's anchor batch carries the buffer's texts about OTHER
     episodes (never the one being dreamt about), and they stay closer to the model before the
     sleep than when the rehearsal is off."""
-    from sleepray.anchor import anchor_kl
+    import sleepray.anchor as anchor
     old = World(10_000_777, 1, 0, 0, 1).episode(1)
     old_text = f" {old.probes[0].question}\nA: {old.probes[0].answer}"
     buf = ReplayBuffer(tmp_path / "buffer.parquet")
@@ -213,8 +213,8 @@ def test_dream_sft_rehearses_older_episodes_from_the_buffer(seed_test_model, epi
                 {"episode_id": episode.episode_id, "format": "rewrite", "text": "about the episode itself"}])
     rehearsed = "Q: " + old_text.strip()
     kls, seen = [], []
-    real = anchor_kl
-    monkeypatch.setattr(rem, "anchor_kl", lambda bank, tok, texts, *a: seen.append(list(texts)) or
+    real = anchor.anchor_kl
+    monkeypatch.setattr(anchor, "anchor_kl", lambda bank, tok, texts, *a: seen.append(list(texts)) or
                         real(bank, tok, texts, *a))
     for n in (0, 4):
         model, tok = load_model(str(seed_test_model))
