@@ -137,6 +137,11 @@ class REMConfig(_Section):
     revert_if_worse: bool = Field(True, description="after the dream SFT, put the expert back as NREM left it "
                                                     "when its closed-book loss on the probe targets rose or "
                                                     "fewer of the teacher's answers came out")
+    retention_probes: int = Field(36, ge=0, description="older episodes' probe answers (from the buffer) checked "
+                                                        "before and after the dream SFT; with revert_if_worse, "
+                                                        "fewer right there also reverts it (0 = no check)")
+    retention_tolerance: float = Field(0.0, ge=0, le=1, description="accuracy on those that the dream SFT may "
+                                                                    "lose before it is reverted")
     anchor_weight: float = Field(0.0, ge=0, description="drift control in the dream SFT: weight of "
                                                         "KL(frozen || student) on the anchor texts (as nrem.anchor_*)")
     anchor_batch: int = Field(4, ge=1, description="anchor texts per dream SFT step")

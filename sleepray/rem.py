@@ -22,8 +22,10 @@ NREM opened (``bank.training``):
    dreams (:class:`~sleepray.replay.ReplayBuffer`), ordered by a curriculum, with the
    KL anchor on unrelated text and on older episodes' dreams (rehearsal). Like a
    trial, the whole SFT is kept only if neither the probe loss nor the closed-book
-   accuracy on the teacher's answers got worse (``rem.revert_if_worse``); otherwise
-   the expert stays as NREM left it and none of the sleep's dreams enter the buffer.
+   accuracy on the teacher's answers got worse, nor the accuracy on older episodes'
+   probe answers from the buffer (``rem.revert_if_worse``, ``rem.retention_probes``);
+   otherwise the expert stays as NREM left it and none of the sleep's dreams enter the
+   buffer.
 
 :func:`run_rem` runs them all for one sleep and writes ``dreams.parquet`` (every dream,
 why it was kept, its reward) and ``probes.parquet`` (the teacher's probe targets).
@@ -61,7 +63,7 @@ from sleepray import lm
 from sleepray.anchor import anchor_batch, anchor_loss, rehearsal_weight
 from sleepray.dream_formats import FORMAT_CUES, dream_prompt
 from sleepray.experts import replace_dir
-from sleepray.replay import Dream, ReplayBuffer, write_table_atomic
+from sleepray.replay import Dream, ReplayBuffer, probe_row, write_table_atomic
 from sleepray.sampling import sample_ids
 from sleepray.world import Episode, qa_prompt
 
@@ -234,6 +236,26 @@ def probe_accuracy(bank, tok, targets: list[ProbeTarget], max_new_tokens: int = 
         return float("nan")
     answers = generate_answers(bank.model, tok, [t.prompt for t in targets], max_new_tokens)
     return sum(exact_match(a, t.target) for a, t in zip(answers, targets)) / len(targets)
+
+
+def older_probe_targets(buffer: Optional[ReplayBuffer], episodes: Sequence[Episode], rcfg,
+                        seed: int = 0) -> list[ProbeTarget]:
+    """Up to ``rcfg.retention_probes`` probe answers about older episodes from the buffer (the
+    teacher's, written by earlier sleeps), drawn evenly at random: the retention check."""
+    if buffer is None or rcfg.retention_probes <= 0:
+        return []
+    pool = [ProbeTarget(e, q, a) for e, q, a in buffer.probe_answers([ep.episode_id for ep in episodes])]
+    return random.Random(seed).sample(pool, min(rcfg.retention_probes, len(pool)))
+
+
+def sft_made_worse(loss: tuple, accuracy: tuple, retention: tuple, tolerance: float = 0.0) -> bool:
+    """The dream SFT's verdict from (before, after) pairs: probe loss rose, fewer of the
+    teacher's answers came out, or the older episodes' accuracy fell by more than
+    ``tolerance`` (None or NaN: not measured)."""
+    def measured(pair):
+        return all(v is not None and not math.isnan(v) for v in pair)
+    return ((measured(loss) and loss[1] > loss[0]) or (measured(accuracy) and accuracy[1] < accuracy[0])
+            or (measured(retention) and retention[1] < retention[0] - tolerance))
 
 
 def _probe_metric(bank, tok, targets, rcfg) -> float:
@@ -602,20 +624,26 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
     if rcfg.restem and writer is not None:
         restem_losses = restem_update(writer, rewarded, rcfg, seed)
 
+    older = older_probe_targets(buffer, episodes, rcfg, seed) if rcfg.revert_if_worse else []
     before = probe_loss(bank, tok, targets)
     acc_before = probe_accuracy(bank, tok, targets, rcfg.probe_max_new_tokens) if rcfg.revert_if_worse else None
+    kept_before = probe_accuracy(bank, tok, older, rcfg.probe_max_new_tokens) if older else None
     snapshot = _snapshot(bank.trainable_parameters())
     train_info = train_dreams(bank, tok, rewarded, rcfg, buffer, rng,
                               exclude_episodes=[e.episode_id for e in episodes], anchor_texts=anchor_texts)
     after = probe_loss(bank, tok, targets)
     acc_after = probe_accuracy(bank, tok, targets, rcfg.probe_max_new_tokens) if rcfg.revert_if_worse else None
+    kept_after = probe_accuracy(bank, tok, older, rcfg.probe_max_new_tokens) if older else None
     # the whole dream SFT is a trial too: it must not leave the expert worse on the probes, by
-    # their loss or by how many of the teacher's answers it gives closed-book
+    # their loss or by how many of the teacher's answers it gives closed-book, nor make it
+    # forget what it answered about older episodes
     reverted = bool(rcfg.revert_if_worse and train_info["sft_steps"]
-                    and (_improved(after, before, "loss") or _improved(acc_after, acc_before, "accuracy")))
+                    and sft_made_worse((before, after), (acc_before, acc_after), (kept_before, kept_after),
+                                       rcfg.retention_tolerance))
     if reverted:
-        log.info("REM: the dream SFT left the probes worse (loss %.3f -> %.3f, accuracy %.2f -> %.2f); "
-                 "the expert stays as NREM left it", before, after, acc_before, acc_after)
+        log.info("REM: the dream SFT left the probes worse (loss %.3f -> %.3f, accuracy %.2f -> %.2f, older "
+                 "episodes %s -> %s); the expert stays as NREM left it", before, after, acc_before, acc_after,
+                 kept_before, kept_after)
         _restore(bank.trainable_parameters(), snapshot)
     trained = set(rewarded_idx) if train_info["sft_steps"] and not reverted else set()
 
@@ -637,9 +665,7 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
         keep = [{c: rows[i][c] for c in ("episode_id", "format", "prompt", "text", "score",
                                          "trial_reward", "kept", "sleep_id")} for i in sorted(trained)]
         if rcfg.replay_probes:  # what the model answered with the memory in context, for rehearsal later
-            keep += [{"episode_id": t.episode_id, "format": "qa", "prompt": t.prompt,
-                      "text": f" {t.question}\nA: {t.target}", "kept": False, "sleep_id": sleep_id}
-                     for t in targets]
+            keep += [probe_row(t.episode_id, t.question, t.target, sleep_id) for t in targets]
         if keep:
             buffer.append(keep)
     if writer is not None:
@@ -652,6 +678,8 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
         "mean_score": sum(scores) / len(scores) if scores else float("nan"),
         "probe_targets": len(targets), "probe_loss_before": before, "probe_loss_after": after,
         "probe_accuracy_before": acc_before, "probe_accuracy_after": acc_after, "sft_reverted": reverted,
+        "retention_probes": len(older), "retention_accuracy_before": kept_before,
+        "retention_accuracy_after": kept_after,
         "restem_steps": len(restem_losses),
         "restem_loss_last": restem_losses[-1] if restem_losses else float("nan"),
         **{k: v for k, v in train_info.items() if k != "difficulty_order"},

@@ -22,7 +22,9 @@ from typing import Iterable, Optional, Union
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["BUFFER_COLUMNS", "BUFFER_SCHEMA", "Dream", "ReplayBuffer", "write_table_atomic"]
+from sleepray.world import qa_prompt
+
+__all__ = ["BUFFER_COLUMNS", "BUFFER_SCHEMA", "Dream", "ReplayBuffer", "probe_row", "write_table_atomic"]
 
 
 @dataclass
@@ -57,6 +59,13 @@ BUFFER_SCHEMA = pa.schema([
     ("sleep_id", pa.string()),
 ])
 BUFFER_COLUMNS = list(BUFFER_SCHEMA.names)
+
+
+def probe_row(episode_id: str, question: str, answer: str, sleep_id: str) -> dict:
+    """A probe question with the teacher's answer as a buffer row: a one-pair qa dream that
+    was never a trial (``kept`` false); :meth:`ReplayBuffer.probe_answers` reads it back."""
+    return {"episode_id": episode_id, "format": "qa", "prompt": qa_prompt(question),
+            "text": f" {question}\nA: {answer}", "kept": False, "sleep_id": sleep_id}
 
 
 def write_table_atomic(table: pa.Table, path: Union[str, os.PathLike]) -> Path:
@@ -130,6 +139,19 @@ class ReplayBuffer:
         excluded = set(exclude_episodes)
         return [Dream(r["episode_id"], r["format"], r["prompt"] or "", r["text"])
                 for r in self.rows() if r["episode_id"] not in excluded]
+
+    def probe_answers(self, exclude_episodes: Iterable[str] = ()) -> list[tuple[str, str, str]]:
+        """(episode_id, question, answer) of every probe row (:func:`probe_row`), none about
+        ``exclude_episodes``: what the model answered back then with the episode in context."""
+        excluded = set(exclude_episodes)
+        out = []
+        for r in self.rows():
+            if r["episode_id"] in excluded or r["format"] != "qa" or r["kept"]:
+                continue
+            question, sep, answer = r["text"].strip().partition("\nA: ")
+            if sep and r["prompt"] == qa_prompt(question) and answer.strip():
+                out.append((r["episode_id"], question, answer.strip()))
+        return out
 
     def sample(self, n: int, exclude_episodes: Iterable[str] = (),
                rng: Optional[random.Random] = None) -> list[Dream]:

@@ -14,7 +14,7 @@ from sleepray import lm
 from sleepray.config import load_config
 from sleepray.experts import ExpertBank
 from sleepray.models import load_model
-from sleepray.replay import BUFFER_COLUMNS, Dream, ReplayBuffer
+from sleepray.replay import BUFFER_COLUMNS, Dream, ReplayBuffer, probe_row
 from sleepray.world import Episode, Probe, World
 
 TINY = ["rem.dreams_per_episode=4", "rem.keep_top_k=2", "rem.keep_random=1", "rem.trial_steps=2",
@@ -251,15 +251,54 @@ def test_a_dream_sft_that_hurts_the_probes_is_reverted(seed_test_model, episode,
         return {"trained_dreams": len(dreams), "replayed": 0, "sft_steps": 1,
                 "sft_loss_first": 1.0, "sft_loss_last": 1.0}
 
+    from sleepray.qa import generate_answers
+    from sleepray.world import qa_prompt
+    old = World(10_000_777, 1, 0, 0, 1).episode(1)  # an older episode: the model's own answers in the buffer
+    questions = [p.question for p in old.probes[:4]]
+    own = generate_answers(bank.model, tok, [qa_prompt(q) for q in questions], 12)
+    rows = [probe_row(old.episode_id, q, a, "s0000") for q, a in zip(questions, own) if a.strip()]
+    assert rows
+    buf = ReplayBuffer(tmp_path / "buffer.parquet")
+    buf.append(rows)
+
     monkeypatch.setattr(rem, "train_dreams", harmful_sft)
     cfg = rcfg.model_copy(update={"revert_if_worse": revert, "restem": False, "replay_probes": False})
     before = [p.detach().clone() for p in bank.trainable_parameters()]
-    buf = ReplayBuffer(tmp_path / "buffer.parquet")
     out = rem.run_rem(bank, tok, [episode], cfg, tmp_path / "rem", rng=random.Random(0), buffer=buf)
     assert out["probe_loss_after"] > out["probe_loss_before"]
     same = all(torch.equal(a, b) for a, b in zip(before, bank.trainable_parameters()))
     assert out["sft_reverted"] is revert and same is revert
-    assert (len(buf) == 0) is (revert or out["rewarded"] == 0)
+    assert out["retention_probes"] == (len(rows) if revert else 0)  # the older episode is checked too
+    assert out["retention_accuracy_before"] == (1.0 if revert else None)
+    assert (len(buf) == len(rows)) is (revert or out["rewarded"] == 0)
+
+
+def test_sft_verdict_counts_forgetting_of_older_episodes():
+    assert not rem.sft_made_worse((1.0, 0.8), (0.5, 0.6), (0.9, 0.9))
+    assert rem.sft_made_worse((1.0, 1.1), (0.5, 0.6), (0.9, 0.9))  # probe loss rose
+    assert rem.sft_made_worse((1.0, 0.8), (0.5, 0.4), (0.9, 0.9))  # fewer teacher answers
+    assert rem.sft_made_worse((1.0, 0.8), (0.5, 0.6), (0.9, 0.8))  # forgot older episodes
+    assert not rem.sft_made_worse((1.0, 0.8), (0.5, 0.6), (0.9, 0.8), tolerance=0.15)
+    assert not rem.sft_made_worse((1.0, 0.8), (None, None), (None, None))  # not measured
+    assert not rem.sft_made_worse((float("nan"), 2.0), (0.5, 0.6), (None, None))
+
+
+def test_probe_rows_round_trip_and_older_targets(tmp_path, rcfg):
+    """Probe answers written as buffer rows come back as (episode, question, answer); kept
+    dreams, several-pair qa dreams and the episodes being slept on never count."""
+    buf = ReplayBuffer(tmp_path / "buffer.parquet")
+    buf.append([probe_row("e0", f"Where is q{i}?", f"a{i}", "s1") for i in range(5)])
+    buf.append([{"episode_id": "e0", "format": "qa", "prompt": "ctx\nQ:", "text": " x?\nA: y\nQ: z?\nA: w",
+                 "kept": True, "sleep_id": "s1"},
+                {"episode_id": "e1", "format": "rewrite", "text": "Where is it?\nA: no", "kept": False}])
+    buf.append([probe_row("e2", "Who?", "b", "s2")])
+    assert buf.probe_answers(["e2"]) == [("e0", f"Where is q{i}?", f"a{i}") for i in range(5)]
+    assert buf.probe_answers()[-1] == ("e2", "Who?", "b")
+    new = Episode("e2", [], [], [])
+    got = rem.older_probe_targets(buf, [new], rcfg.model_copy(update={"retention_probes": 3}), seed=0)
+    assert len(got) == 3 and {t.episode_id for t in got} == {"e0"} and all(t.target.startswith("a") for t in got)
+    assert rem.older_probe_targets(buf, [new], rcfg.model_copy(update={"retention_probes": 0})) == []
+    assert rem.older_probe_targets(None, [new], rcfg) == []
 
 
 def test_replay_buffer_round_trip_cap_and_exclusion(tmp_path):
