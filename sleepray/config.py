@@ -59,7 +59,21 @@ class ExpertConfig(_Section):
     deep_sleep_every: int = Field(4, ge=1, description="K: merge L1 experts into L2 every K sleeps")
 
 
-class NREMConfig(_Section):
+class _Anchored(_Section):
+    """The KL anchor of a training phase (NREM, REM's dream SFT): KL(model before the sleep ||
+    student) on unrelated text (drift control) and on older episodes' dreams (rehearsal)."""
+    anchor_weight: float = Field(0.0, ge=0, description="drift control: weight of KL(frozen || student) "
+                                                        "on anchor text unrelated to the episode (0 = off)")
+    anchor_batch: int = Field(4, ge=1, description="anchor texts per step")
+    anchor_replay: int = Field(4, ge=0, description="rehearsal: dreams about older episodes, from REM's replay "
+                                                    "buffer, added to the anchor each step, so the student keeps "
+                                                    "what the model before the sleep says about them (needs "
+                                                    "rem.replay; 0 = off)")
+    rehearsal_weight: Optional[float] = Field(None, ge=0, description="weight of the KL on those older dreams; "
+                                                                      "None = anchor_weight")
+
+
+class NREMConfig(_Anchored):
     """Knowledge Seeding: GKD + Learning to Imitate."""
     lam: float = Field(1.0, ge=0, le=1, description="lambda: fraction of student-sampled sequences")
     beta: float = Field(0.5, ge=0, le=1, description="generalized JSD beta (0 forward KL, 1 reverse KL)")
@@ -80,15 +94,6 @@ class NREMConfig(_Section):
     prefix_min_frac: float = Field(0.2, ge=0, lt=1)
     prefix_max_frac: float = Field(0.8, gt=0, le=1)
     use_lti: bool = True
-    anchor_weight: float = Field(0.0, ge=0, description="drift control: weight of KL(frozen || student) "
-                                                        "on anchor text unrelated to the episode (0 = off)")
-    anchor_batch: int = Field(4, ge=1, description="anchor texts per step")
-    anchor_replay: int = Field(4, ge=0, description="rehearsal in NREM: dreams about older episodes, from REM's "
-                                                    "replay buffer, added to the anchor texts each step, so the "
-                                                    "student keeps what the model before the sleep says about "
-                                                    "them (needs rem.replay; 0 = off)")
-    rehearsal_weight: Optional[float] = Field(None, ge=0, description="weight of the KL on those older dreams; "
-                                                                      "None = anchor_weight")
     anchor_path: Optional[str] = Field(None, description="anchor text file, one paragraph per line "
                                                          "(default: held-out world + general text)")
     use_expansion: bool = Field(True, description="False: train the whole model (ablation)")
@@ -100,7 +105,7 @@ class NREMConfig(_Section):
         return self
 
 
-class REMConfig(_Section):
+class REMConfig(_Anchored):
     """Dreaming: SEAL-style self-written curriculum."""
     enabled: bool = True
     dreams_per_episode: int = Field(8, ge=1, description="m")
@@ -142,15 +147,6 @@ class REMConfig(_Section):
                                                         "fewer right there also reverts it (0 = no check)")
     retention_tolerance: float = Field(0.0, ge=0, le=1, description="accuracy on those that the dream SFT may "
                                                                     "lose before it is reverted")
-    anchor_weight: float = Field(0.0, ge=0, description="drift control in the dream SFT: weight of "
-                                                        "KL(frozen || student) on the anchor texts (as nrem.anchor_*)")
-    anchor_batch: int = Field(4, ge=1, description="anchor texts per dream SFT step")
-    anchor_replay: int = Field(4, ge=0, description="rehearsal in the dream SFT: dreams about older episodes, "
-                                                    "from the replay buffer, added to the anchor texts each step "
-                                                    "(KL to the model before the sleep, which knows them; needs "
-                                                    "replay; 0 = off)")
-    rehearsal_weight: Optional[float] = Field(None, ge=0, description="weight of the KL on those older dreams; "
-                                                                      "None = anchor_weight")
     writer_rank: Optional[int] = Field(None, ge=1, description="rank of the dream-writer adapter; "
                                                                "None = the experts' rank")
 
