@@ -70,6 +70,11 @@ def rehearsal_weight(pcfg) -> float:
     return pcfg.anchor_weight if pcfg.rehearsal_weight is None else pcfg.rehearsal_weight
 
 
+def rehearses(pcfg) -> bool:
+    """Whether the phase rehearses older episodes' dreams in its anchor (weight and count > 0)."""
+    return rehearsal_weight(pcfg) > 0 and pcfg.anchor_replay > 0
+
+
 @dataclass
 class AnchorBatch:
     """One step's anchor: unrelated texts (drift control) and older episodes' dreams (rehearsal)."""

@@ -60,7 +60,7 @@ import pyarrow as pa
 import torch
 
 from sleepray import lm
-from sleepray.anchor import anchor_batch, anchor_loss, rehearsal_weight
+from sleepray.anchor import anchor_batch, anchor_loss, rehearses
 from sleepray.dream_formats import FORMAT_CUES, dream_prompt
 from sleepray.experts import replace_dir
 from sleepray.replay import Dream, ReplayBuffer, probe_row, write_table_atomic
@@ -545,8 +545,7 @@ def train_dreams(bank, tok, dreams: list[Dream], rcfg, buffer: Optional[ReplayBu
         exclude = set(exclude_episodes) if exclude_episodes is not None else {d.episode_id for d in dreams}
         replayed = [d for d in buffer.sample(_n_replay(len(new), rcfg.replay_fraction, rcfg.buffer_size),
                                              exclude, rng) if d.sft_text.strip()]
-        if rehearsal_weight(rcfg) > 0 and rcfg.anchor_replay > 0:
-            rehearse = [d.sft_text for d in buffer.dreams(exclude) if d.sft_text.strip()]
+        rehearse = buffer.texts(exclude) if rehearses(rcfg) else []
     items = new + replayed
     info = {"trained_dreams": len(new), "replayed": len(replayed), "rehearsal_texts": len(rehearse), "sft_steps": 0,
             "sft_loss_first": float("nan"), "sft_loss_last": float("nan")}

@@ -140,6 +140,11 @@ class ReplayBuffer:
         return [Dream(r["episode_id"], r["format"], r["prompt"] or "", r["text"])
                 for r in self.rows() if r["episode_id"] not in excluded]
 
+    def texts(self, exclude_episodes: Iterable[str] = ()) -> list[str]:
+        """The training texts (:attr:`Dream.sft_text`) of every non-blank dream, none about
+        ``exclude_episodes``: what NREM and REM rehearse in their KL anchor."""
+        return [t for t in (d.sft_text for d in self.dreams(exclude_episodes)) if t.strip()]
+
     def probe_answers(self, exclude_episodes: Iterable[str] = ()) -> list[tuple[str, str, str]]:
         """(episode_id, question, answer) of every probe row (:func:`probe_row`), none about
         ``exclude_episodes``: what the model answered back then with the episode in context."""

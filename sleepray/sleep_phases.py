@@ -80,12 +80,11 @@ def rem_anchor(cfg) -> list[str] | None:
 def nrem_replay(cfg, storage: Path, episodes: list) -> list[str]:
     """Texts of the rehearsal buffer's dreams about older episodes (not ``episodes``), for
     NREM's rehearsal; empty unless its weight, ``nrem.anchor_replay`` and ``rem.replay`` are on."""
-    from sleepray.anchor import rehearsal_weight
+    from sleepray.anchor import rehearses
     from sleepray.replay import ReplayBuffer
-    if rehearsal_weight(cfg.nrem) <= 0 or cfg.nrem.anchor_replay <= 0 or not cfg.rem.replay:
+    if not cfg.rem.replay or not rehearses(cfg.nrem):
         return []
-    buffer = ReplayBuffer(storage / REPLAY_FILE, cfg.rem.buffer_size)
-    return [d.sft_text for d in buffer.dreams([e.episode_id for e in episodes]) if d.sft_text.strip()]
+    return ReplayBuffer(storage / REPLAY_FILE, cfg.rem.buffer_size).texts([e.episode_id for e in episodes])
 
 
 def last_bank_dir(rec: SleepRecord) -> Path:
