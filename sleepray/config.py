@@ -145,10 +145,24 @@ class REMConfig(_Anchored):
     retention_probes: int = Field(36, ge=0, description="older episodes' probe answers (from the buffer) checked "
                                                         "before and after the dream SFT; with revert_if_worse, "
                                                         "fewer right there also reverts it (0 = no check)")
-    retention_tolerance: float = Field(0.0, ge=0, le=1, description="accuracy on those that the dream SFT may "
-                                                                    "lose before it is reverted")
+    retention_tolerance: float = Field(0.0, ge=0, le=1, description="accuracy on those that the dream SFT (or, "
+                                                                    "with retention_scales, the sleep) may "
+                                                                    "lose before it is reverted (scaled down)")
+    retention_scales: list[float] = Field(default_factory=list,
+                                          description="after REM, when the older episodes' accuracy is more "
+                                                      "than retention_tolerance below the model's before this "
+                                                      "sleep, the new expert's weight delta is scaled by each of "
+                                                      "these in turn (e.g. [0.75, 0.5, 0.25, 0.0]) until it is "
+                                                      "not; empty = never scaled")
     writer_rank: Optional[int] = Field(None, ge=1, description="rank of the dream-writer adapter; "
                                                                "None = the experts' rank")
+
+    @model_validator(mode="after")
+    def _scales(self):
+        bad = [x for x in self.retention_scales if not 0.0 <= x < 1.0]
+        if bad:
+            raise ValueError(f"retention_scales must each be in [0, 1) (1 is the unscaled expert): {bad}")
+        return self
 
 
 class CycleConfig(_Section):

@@ -223,6 +223,16 @@ class ExpertBank:
             raise RuntimeError("no expert is training; call open_new_expert() first")
         return self._slot_params(self.training)
 
+    def scale_training(self, factor: float) -> None:
+        """Multiply the training expert's lora_B by ``factor``: its weight delta B A scales exactly."""
+        self._check_open()
+        if self.training is None:
+            raise RuntimeError("no expert is training")
+        with torch.no_grad():
+            for layer in self._lora_layers():
+                if self.training in layer.lora_B:
+                    layer.lora_B[self.training].weight.mul_(factor)
+
     def freeze_current(self) -> Optional[str]:
         """The training expert becomes a frozen on-expert; returns its name (None if none)."""
         self._check_open()

@@ -250,6 +250,29 @@ def older_probe_targets(buffer: Optional[ReplayBuffer], episodes: Sequence[Episo
     return random.Random(seed).sample(pool, min(rcfg.retention_probes, len(pool)))
 
 
+def shrink_to_retain(bank, tok, older: list[ProbeTarget], floor: float, scales: Sequence[float],
+                     accuracy: Optional[float], max_new_tokens: int = 12) -> tuple[float, Optional[float]]:
+    """Scale the training expert's weight delta down, by each of ``scales`` in turn (largest
+    first), until the accuracy on the older episodes' probe answers is back to ``floor``;
+    returns (the scale kept, that accuracy). ``accuracy`` is the unscaled expert's; at or above
+    ``floor`` nothing changes. When no scale reaches it, the smallest one stays (0: this sleep
+    leaves the model as it was)."""
+    if accuracy is None or accuracy >= floor or not scales:
+        return 1.0, accuracy
+    current = 1.0
+    for s in sorted(scales, reverse=True):
+        if s == 0.0:
+            bank.scale_training(0.0)
+        else:
+            bank.scale_training(s / current)
+        current = s
+        accuracy = probe_accuracy(bank, tok, older, max_new_tokens)
+        log.info("REM: older episodes at %.2f with the new expert scaled by %.2f (floor %.2f)", accuracy, s, floor)
+        if accuracy >= floor:
+            break
+    return current, accuracy
+
+
 def episode_reading(episodes: Sequence[Episode], targets: list[ProbeTarget]) -> list[str]:
     """Each probe target as a reading text: its episode in context, the question, the
     teacher's answer. In the dream SFT's anchor they keep the model reading this episode
@@ -634,7 +657,7 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
     if rcfg.restem and writer is not None:
         restem_losses = restem_update(writer, rewarded, rcfg, seed)
 
-    older = older_probe_targets(buffer, episodes, rcfg, seed) if rcfg.revert_if_worse else []
+    older = older_probe_targets(buffer, episodes, rcfg, seed) if rcfg.revert_if_worse or rcfg.retention_scales else []
     before = probe_loss(bank, tok, targets)
     acc_before = probe_accuracy(bank, tok, targets, rcfg.probe_max_new_tokens) if rcfg.revert_if_worse else None
     kept_before = probe_accuracy(bank, tok, older, rcfg.probe_max_new_tokens) if older else None
@@ -657,6 +680,12 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
                  kept_before, kept_after)
         _restore(bank.trainable_parameters(), snapshot)
     trained = set(rewarded_idx) if train_info["sft_steps"] and not reverted else set()
+    kept_sleep, scale, kept_final = None, 1.0, kept_before if reverted else kept_after
+    if older and rcfg.retention_scales:
+        with bank.teacher_mode():  # the model before this sleep
+            kept_sleep = probe_accuracy(bank, tok, older, rcfg.probe_max_new_tokens)
+        scale, kept_final = shrink_to_retain(bank, tok, older, kept_sleep - rcfg.retention_tolerance,
+                                             rcfg.retention_scales, kept_final, rcfg.probe_max_new_tokens)
 
     rows = []
     for i, d in enumerate(dreams):
@@ -690,7 +719,8 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
         "probe_targets": len(targets), "probe_loss_before": before, "probe_loss_after": after,
         "probe_accuracy_before": acc_before, "probe_accuracy_after": acc_after, "sft_reverted": reverted,
         "retention_probes": len(older), "retention_accuracy_before": kept_before,
-        "retention_accuracy_after": kept_after,
+        "retention_accuracy_after": kept_after, "retention_accuracy_before_sleep": kept_sleep,
+        "expert_scale": scale, "retention_accuracy_final": kept_final,
         "restem_steps": len(restem_losses),
         "restem_loss_last": restem_losses[-1] if restem_losses else float("nan"),
         **{k: v for k, v in train_info.items() if k != "difficulty_order"},

@@ -248,3 +248,33 @@ def test_check_adapter_compatible_rejects_other_size(tmp_path):
     (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
     with pytest.raises(ValueError, match="safetensors"):
         check_adapter_compatible(tiny_llama(hidden=48, inter=96), folder)
+
+
+def test_scale_training_scales_the_weight_delta_exactly():
+    """scale_training(s) multiplies the training expert's B: its weight delta B A becomes s B A,
+    so 0 gives back the model before the expert, and the frozen experts stay as they were."""
+    bank = ExpertBank(tiny_llama(), ecfg())
+    bank.open_new_expert()
+    train_steps(bank)
+    bank.freeze_current()
+    bank.open_new_expert()
+    train_steps(bank)
+    with bank.teacher_mode():
+        before = logits(bank.model)
+    deltas = {}
+    for layer in bank._lora_layers():
+        if bank.training in layer.lora_B:
+            deltas[id(layer)] = (layer.lora_B[bank.training].weight @ layer.lora_A[bank.training].weight).clone()
+    frozen = [p.detach().clone() for p in bank._slot_params(bank.on[0])]
+    bank.scale_training(0.25)
+    for layer in bank._lora_layers():
+        if bank.training in layer.lora_B:
+            now = layer.lora_B[bank.training].weight @ layer.lora_A[bank.training].weight
+            assert torch.allclose(now, 0.25 * deltas[id(layer)], atol=1e-7)
+    assert not torch.allclose(logits(bank.model), before, atol=ATOL)
+    bank.scale_training(0.0)
+    assert torch.allclose(logits(bank.model), before, atol=ATOL)
+    assert all(torch.equal(a, b) for a, b in zip(frozen, bank._slot_params(bank.on[0])))
+    bank.freeze_current()
+    with pytest.raises(RuntimeError, match="no expert is training"):
+        bank.scale_training(0.5)

@@ -293,6 +293,52 @@ def test_a_dream_sft_that_hurts_the_probes_is_reverted(seed_test_model, episode,
     assert (len(buf) == len(rows)) is (revert or out["rewarded"] == 0)
 
 
+def test_a_sleep_that_forgets_older_episodes_is_scaled_down_until_it_does_not(seed_test_model, episode, rcfg,
+                                                                               tmp_path, monkeypatch):
+    """rem.retention_scales: when the older episodes' probe answers (the model's own, from the
+    buffer) fall below what the model before the sleep gave, the new expert's delta is scaled
+    down step by step; at 0 the model is exactly the one before the sleep."""
+    from sleepray.qa import generate_answers
+    from sleepray.world import qa_prompt
+    model, tok = load_model(str(seed_test_model))
+    torch.manual_seed(0)
+    bank = ExpertBank(model, load_config(None, ["experts.rank=4"]).experts)
+    bank.open_new_expert()
+    old = World(10_000_777, 1, 0, 0, 1).episode(1)
+    questions = [p.question for p in old.probes[:6]]
+    own = generate_answers(bank.model, tok, [qa_prompt(q) for q in questions], 12)
+    rows = [probe_row(old.episode_id, q, a, "s0000") for q, a in zip(questions, own) if a.strip()]
+    buf = ReplayBuffer(tmp_path / "buffer.parquet")
+    buf.append(rows)
+    older = [rem.ProbeTarget(r["episode_id"], q, a) for r, q, a in zip(rows, questions, own)]
+    ids = tok(qa_prompt(questions[0]), return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = bank.model(input_ids=ids).logits
+
+    def harmful_sft(bank, tok, dreams, rcfg, *args, **kwargs):
+        with torch.no_grad():
+            for p in bank.trainable_parameters():
+                p.add_(0.5 * torch.randn_like(p))
+        return {"trained_dreams": len(dreams), "replayed": 0, "sft_steps": 1,
+                "sft_loss_first": 1.0, "sft_loss_last": 1.0}
+
+    monkeypatch.setattr(rem, "train_dreams", harmful_sft)
+    cfg = rcfg.model_copy(update={"revert_if_worse": False, "restem": False, "replay_probes": False,
+                                  "retention_scales": [0.0]})
+    out = rem.run_rem(bank, tok, [episode], cfg, tmp_path / "rem", rng=random.Random(0), buffer=buf)
+    assert out["retention_accuracy_before_sleep"] == 1.0 and out["retention_accuracy_after"] < 1.0
+    assert out["expert_scale"] == 0.0 and out["retention_accuracy_final"] == 1.0
+    with torch.no_grad():
+        assert torch.allclose(bank.model(input_ids=ids).logits, before, atol=1e-5)
+    # already at the floor: nothing changes
+    with torch.no_grad():
+        for p in bank.trainable_parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    state = [p.detach().clone() for p in bank.trainable_parameters()]
+    assert rem.shrink_to_retain(bank, tok, older, 0.0, [0.5, 0.0], 0.3) == (1.0, 0.3)
+    assert all(torch.equal(a, b) for a, b in zip(state, bank.trainable_parameters()))
+
+
 def test_sft_verdict_counts_forgetting_of_older_episodes():
     assert not rem.sft_made_worse((1.0, 0.8), (0.5, 0.6), (0.9, 0.9))
     assert rem.sft_made_worse((1.0, 1.1), (0.5, 0.6), (0.9, 0.9))  # probe loss rose
