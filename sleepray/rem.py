@@ -260,11 +260,8 @@ def shrink_to_retain(bank, tok, older: list[ProbeTarget], floor: float, scales: 
     if accuracy is None or accuracy >= floor or not scales:
         return 1.0, accuracy
     current = 1.0
-    for s in sorted(scales, reverse=True):
-        if s == 0.0:
-            bank.scale_training(0.0)
-        else:
-            bank.scale_training(s / current)
+    for s in sorted(set(scales), reverse=True):
+        bank.scale_training(s / current)  # current > 0: 0, the smallest, comes last
         current = s
         accuracy = probe_accuracy(bank, tok, older, max_new_tokens)
         log.info("REM: older episodes at %.2f with the new expert scaled by %.2f (floor %.2f)", accuracy, s, floor)
