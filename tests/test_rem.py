@@ -310,7 +310,7 @@ def test_a_sleep_that_forgets_older_episodes_is_scaled_down_until_it_does_not(se
     rows = [probe_row(old.episode_id, q, a, "s0000") for q, a in zip(questions, own) if a.strip()]
     buf = ReplayBuffer(tmp_path / "buffer.parquet")
     buf.append(rows)
-    older = [rem.ProbeTarget(r["episode_id"], q, a) for r, q, a in zip(rows, questions, own)]
+    older = [rem.ProbeTarget(old.episode_id, q, a) for q, a in zip(questions, own) if a.strip()]
     ids = tok(qa_prompt(questions[0]), return_tensors="pt").input_ids
     with torch.no_grad():
         before = bank.model(input_ids=ids).logits
