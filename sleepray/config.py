@@ -142,18 +142,20 @@ class REMConfig(_Anchored):
     revert_if_worse: bool = Field(True, description="after the dream SFT, put the expert back as NREM left it "
                                                     "when its closed-book loss on the probe targets rose or "
                                                     "fewer of the teacher's answers came out")
-    retention_probes: int = Field(36, ge=0, description="older episodes' probe answers (from the buffer) checked "
-                                                        "before and after the dream SFT; with revert_if_worse, "
-                                                        "fewer right there also reverts it (0 = no check)")
+    retention_probes: int = Field(36, ge=0, description="older episodes' probe answers (from the buffer; those "
+                                                        "the model gave closed-book after their own sleep, spread "
+                                                        "evenly over the episodes) checked before and after the "
+                                                        "dream SFT; with revert_if_worse, fewer right there also "
+                                                        "reverts it (0 = no check)")
     retention_tolerance: float = Field(0.0, ge=0, le=1, description="accuracy on those that the dream SFT (or, "
                                                                     "with retention_scales, the sleep) may "
                                                                     "lose before it is reverted (scaled down)")
     retention_scales: list[float] = Field(default_factory=list,
-                                          description="after REM, when the older episodes' accuracy is more "
-                                                      "than retention_tolerance below the model's before this "
-                                                      "sleep, the new expert's weight delta is scaled by each of "
-                                                      "these in turn (e.g. [0.75, 0.5, 0.25, 0.0]) until it is "
-                                                      "not; empty = never scaled")
+                                          description="after REM, when any older episode's accuracy on its "
+                                                      "retention probes is more than retention_tolerance below "
+                                                      "the model's before this sleep, the new expert's weight "
+                                                      "delta is scaled by each of these in turn (e.g. [0.75, "
+                                                      "0.5, 0.25, 0.0]) until none is; empty = never scaled")
     writer_rank: Optional[int] = Field(None, ge=1, description="rank of the dream-writer adapter; "
                                                                "None = the experts' rank")
 

@@ -81,7 +81,7 @@ __all__ = [
 WRITER_ADAPTER = "dream_writer"
 WRITER_META = "writer.json"
 
-# dreams.parquet: the buffer columns, then why each dream was kept and what its trial did
+# dreams.parquet: the buffer's dream columns, then why each dream was kept and what its trial did
 DREAMS_COLUMNS = ["episode_id", "format", "prompt", "text", "score", "trial_reward", "kept", "sleep_id",
                   "selected_by", "trial_metric", "probe_before", "probe_after", "trained"]
 DREAMS_SCHEMA = pa.schema([
@@ -91,7 +91,7 @@ DREAMS_SCHEMA = pa.schema([
     ("probe_after", pa.float64()), ("trained", pa.bool_()),
 ])
 PROBES_SCHEMA = pa.schema([("episode_id", pa.string()), ("question", pa.string()),
-                           ("teacher_answer", pa.string())])
+                           ("teacher_answer", pa.string()), ("learned", pa.bool_())])
 
 
 # ------------------------------------------------------------------ adapters
@@ -231,41 +231,70 @@ def probe_loss(bank, tok, targets: list[ProbeTarget]) -> float:
         return float(_mean_nll(bank.model, tok, [t.text for t in targets], [t.prompt for t in targets]))
 
 
-def probe_accuracy(bank, tok, targets: list[ProbeTarget], max_new_tokens: int = 12) -> float:
-    """Closed-book greedy exact match against the teacher's answers."""
+def probe_hits(bank, tok, targets: list[ProbeTarget], max_new_tokens: int = 12) -> list[bool]:
+    """For each target: does the model give the teacher's answer closed-book (greedy, exact match)?"""
     from sleepray.qa import exact_match, generate_answers
     if not targets:
-        return float("nan")
+        return []
     answers = generate_answers(bank.model, tok, [t.prompt for t in targets], max_new_tokens)
-    return sum(exact_match(a, t.target) for a, t in zip(answers, targets)) / len(targets)
+    return [bool(exact_match(a, t.target)) for a, t in zip(answers, targets)]
+
+
+def probe_accuracy(bank, tok, targets: list[ProbeTarget], max_new_tokens: int = 12) -> float:
+    """Closed-book greedy exact match against the teacher's answers."""
+    hits = probe_hits(bank, tok, targets, max_new_tokens)
+    return sum(hits) / len(hits) if hits else float("nan")
+
+
+def accuracy_by_episode(targets: list[ProbeTarget], hits: Sequence[bool]) -> dict[str, float]:
+    """The fraction of each episode's targets that were hit."""
+    out: dict[str, list[bool]] = {}
+    for t, h in zip(targets, hits):
+        out.setdefault(t.episode_id, []).append(bool(h))
+    return {e: sum(v) / len(v) for e, v in out.items()}
 
 
 def older_probe_targets(buffer: Optional[ReplayBuffer], episodes: Sequence[Episode], rcfg,
                         seed: int = 0) -> list[ProbeTarget]:
     """Up to ``rcfg.retention_probes`` probe answers about older episodes from the buffer (the
-    teacher's, written by earlier sleeps), drawn evenly at random: the retention check."""
+    teacher's, written by earlier sleeps): the retention check. Only those the model gave
+    closed-book after their own sleep (what it had learned), spread evenly over the older
+    episodes so that the first one is not outweighed as episodes pile up; random within each."""
     if buffer is None or rcfg.retention_probes <= 0:
         return []
-    pool = [ProbeTarget(e, q, a) for e, q, a in buffer.probe_answers([ep.episode_id for ep in episodes])]
-    return random.Random(seed).sample(pool, min(rcfg.retention_probes, len(pool)))
+    rng = random.Random(seed)
+    pools: dict[str, list[ProbeTarget]] = {}
+    for e, q, a in buffer.probe_answers([ep.episode_id for ep in episodes], learned_only=True):
+        pools.setdefault(e, []).append(ProbeTarget(e, q, a))
+    for pool in pools.values():
+        rng.shuffle(pool)
+    picked: list[ProbeTarget] = []
+    while len(picked) < rcfg.retention_probes and any(pools.values()):
+        for pool in pools.values():  # round robin over the episodes
+            if pool and len(picked) < rcfg.retention_probes:
+                picked.append(pool.pop())
+    return picked
 
 
-def shrink_to_retain(bank, tok, older: list[ProbeTarget], floor: float, scales: Sequence[float],
-                     accuracy: Optional[float], max_new_tokens: int = 12) -> tuple[float, Optional[float]]:
+def shrink_to_retain(bank, tok, older: list[ProbeTarget], floors: dict[str, float], scales: Sequence[float],
+                     accuracy: Optional[dict[str, float]], max_new_tokens: int = 12
+                     ) -> tuple[float, Optional[dict[str, float]]]:
     """Scale the training expert's weight delta down, by each of ``scales`` in turn (largest
-    first), until the accuracy on the older episodes' probe answers is back to ``floor``;
-    returns (the scale kept, that accuracy). ``accuracy`` is the unscaled expert's; at or above
-    ``floor`` nothing changes. When no scale reaches it, the smallest one stays (0: this sleep
-    leaves the model as it was)."""
-    if accuracy is None or accuracy >= floor or not scales:
+    first), until every older episode's accuracy on its probe answers is back to its floor
+    (``floors``: episode -> accuracy); returns (the scale kept, the accuracies by episode).
+    ``accuracy`` is the unscaled expert's; with every episode at its floor nothing changes.
+    When no scale reaches it, the smallest one stays (0: this sleep leaves the model as it was)."""
+    def short(acc):
+        return [e for e, f in floors.items() if acc.get(e, 1.0) < f]
+    if accuracy is None or not short(accuracy) or not scales:
         return 1.0, accuracy
     current = 1.0
     for s in sorted(set(scales), reverse=True):
         bank.scale_training(s / current)  # current > 0: 0, the smallest, comes last
         current = s
-        accuracy = probe_accuracy(bank, tok, older, max_new_tokens)
-        log.info("REM: older episodes at %.2f with the new expert scaled by %.2f (floor %.2f)", accuracy, s, floor)
-        if accuracy >= floor:
+        accuracy = accuracy_by_episode(older, probe_hits(bank, tok, older, max_new_tokens))
+        log.info("REM: new expert scaled by %.2f; older episodes below their floor: %s", s, short(accuracy) or "none")
+        if not short(accuracy):
             break
     return current, accuracy
 
@@ -287,6 +316,10 @@ def sft_made_worse(loss: tuple, accuracy: tuple, retention: tuple, tolerance: fl
         return all(v is not None and not math.isnan(v) for v in pair)
     return ((measured(loss) and loss[1] > loss[0]) or (measured(accuracy) and accuracy[1] < accuracy[0])
             or (measured(retention) and retention[1] < retention[0] - tolerance))
+
+
+def _mean(values: Sequence) -> Optional[float]:
+    return sum(values) / len(values) if values else None
 
 
 def _probe_metric(bank, tok, targets, rcfg) -> float:
@@ -655,16 +688,19 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
         restem_losses = restem_update(writer, rewarded, rcfg, seed)
 
     older = older_probe_targets(buffer, episodes, rcfg, seed) if rcfg.revert_if_worse or rcfg.retention_scales else []
+    n_tok = rcfg.probe_max_new_tokens
     before = probe_loss(bank, tok, targets)
-    acc_before = probe_accuracy(bank, tok, targets, rcfg.probe_max_new_tokens) if rcfg.revert_if_worse else None
-    kept_before = probe_accuracy(bank, tok, older, rcfg.probe_max_new_tokens) if older else None
+    acc_before = probe_accuracy(bank, tok, targets, n_tok) if rcfg.revert_if_worse else None
+    hits_before = probe_hits(bank, tok, older, n_tok)
+    kept_before = _mean(hits_before)
     snapshot = _snapshot(bank.trainable_parameters())
     train_info = train_dreams(bank, tok, rewarded, rcfg, buffer, rng,
                               exclude_episodes=[e.episode_id for e in episodes],
                               anchor_texts=anchor_texts and anchor_texts + episode_reading(episodes, targets))
     after = probe_loss(bank, tok, targets)
-    acc_after = probe_accuracy(bank, tok, targets, rcfg.probe_max_new_tokens) if rcfg.revert_if_worse else None
-    kept_after = probe_accuracy(bank, tok, older, rcfg.probe_max_new_tokens) if older else None
+    acc_after = probe_accuracy(bank, tok, targets, n_tok) if rcfg.revert_if_worse else None
+    hits_after = probe_hits(bank, tok, older, n_tok)
+    kept_after = _mean(hits_after)
     # the whole dream SFT is a trial too: it must not leave the expert worse on the probes, by
     # their loss or by how many of the teacher's answers it gives closed-book, nor make it
     # forget what it answered about older episodes
@@ -677,12 +713,19 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
                  kept_before, kept_after)
         _restore(bank.trainable_parameters(), snapshot)
     trained = set(rewarded_idx) if train_info["sft_steps"] and not reverted else set()
-    kept_sleep, scale, kept_final = None, 1.0, kept_before if reverted else kept_after
+    # the whole sleep (NREM and REM share the expert) must not make the model forget, episode by
+    # episode, what it answered about older episodes before this sleep: else it is scaled down
+    kept_sleep, worst_drop, scale = None, None, 1.0
+    kept_final = accuracy_by_episode(older, hits_before if reverted else hits_after)
     if older and rcfg.retention_scales:
         with bank.teacher_mode():  # the model before this sleep
-            kept_sleep = probe_accuracy(bank, tok, older, rcfg.probe_max_new_tokens)
-        scale, kept_final = shrink_to_retain(bank, tok, older, kept_sleep - rcfg.retention_tolerance,
-                                             rcfg.retention_scales, kept_final, rcfg.probe_max_new_tokens)
+            by_ep = accuracy_by_episode(older, probe_hits(bank, tok, older, n_tok))
+        kept_sleep = _mean(list(by_ep.values()))
+        scale, kept_final = shrink_to_retain(bank, tok, older, {e: a - rcfg.retention_tolerance
+                                                                for e, a in by_ep.items()},
+                                             rcfg.retention_scales, kept_final, n_tok)
+        worst_drop = max(by_ep[e] - kept_final[e] for e in by_ep)
+    learned = probe_hits(bank, tok, targets, n_tok)  # this episode, closed-book, as the sleep leaves it
 
     rows = []
     for i, d in enumerate(dreams):
@@ -696,13 +739,13 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
                      "trained": i in trained})
     write_table_atomic(pa.Table.from_pylist(rows, schema=DREAMS_SCHEMA), out_dir / "dreams.parquet")
     write_table_atomic(pa.Table.from_pylist(
-        [{"episode_id": t.episode_id, "question": t.question, "teacher_answer": t.target} for t in targets],
-        schema=PROBES_SCHEMA), out_dir / "probes.parquet")
+        [{"episode_id": t.episode_id, "question": t.question, "teacher_answer": t.target, "learned": h}
+         for t, h in zip(targets, learned)], schema=PROBES_SCHEMA), out_dir / "probes.parquet")
     if buffer is not None:
         keep = [{c: rows[i][c] for c in ("episode_id", "format", "prompt", "text", "score",
                                          "trial_reward", "kept", "sleep_id")} for i in sorted(trained)]
         if rcfg.replay_probes:  # what the model answered with the memory in context, for rehearsal later
-            keep += [probe_row(t.episode_id, t.question, t.target, sleep_id) for t in targets]
+            keep += [probe_row(t.episode_id, t.question, t.target, sleep_id, h) for t, h in zip(targets, learned)]
         if keep:
             buffer.append(keep)
     if writer is not None:
@@ -717,7 +760,8 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
         "probe_accuracy_before": acc_before, "probe_accuracy_after": acc_after, "sft_reverted": reverted,
         "retention_probes": len(older), "retention_accuracy_before": kept_before,
         "retention_accuracy_after": kept_after, "retention_accuracy_before_sleep": kept_sleep,
-        "expert_scale": scale, "retention_accuracy_final": kept_final,
+        "expert_scale": scale, "retention_accuracy_final": _mean(list((kept_final or {}).values())),
+        "retention_worst_episode_drop": worst_drop, "probe_accuracy_final": _mean(learned),
         "restem_steps": len(restem_losses),
         "restem_loss_last": restem_losses[-1] if restem_losses else float("nan"),
         **{k: v for k, v in train_info.items() if k != "difficulty_order"},

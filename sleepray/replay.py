@@ -8,7 +8,9 @@ one. Rows are kept in the order they were appended and the buffer keeps at most
 
 Columns (:data:`BUFFER_COLUMNS`): ``episode_id``, ``format``, ``prompt``, ``text``,
 ``score`` (selection score), ``trial_reward`` (1 / 0, null when untried), ``kept``
-(selected for a trial), ``sleep_id``.
+(selected for a trial), ``sleep_id``, ``learned`` (probe rows only: whether the model gave
+that answer closed-book at the end of the sleep that wrote it; null when not measured).
+Buffers written before ``learned`` existed read back with it null.
 """
 from __future__ import annotations
 
@@ -57,15 +59,18 @@ BUFFER_SCHEMA = pa.schema([
     ("trial_reward", pa.int8()),
     ("kept", pa.bool_()),
     ("sleep_id", pa.string()),
+    ("learned", pa.bool_()),
 ])
 BUFFER_COLUMNS = list(BUFFER_SCHEMA.names)
 
 
-def probe_row(episode_id: str, question: str, answer: str, sleep_id: str) -> dict:
+def probe_row(episode_id: str, question: str, answer: str, sleep_id: str,
+              learned: Optional[bool] = None) -> dict:
     """A probe question with the teacher's answer as a buffer row: a one-pair qa dream that
-    was never a trial (``kept`` false); :meth:`ReplayBuffer.probe_answers` reads it back."""
+    was never a trial (``kept`` false); :meth:`ReplayBuffer.probe_answers` reads it back.
+    ``learned``: the model gave that answer closed-book at the end of this sleep."""
     return {"episode_id": episode_id, "format": "qa", "prompt": qa_prompt(question),
-            "text": f" {question}\nA: {answer}", "kept": False, "sleep_id": sleep_id}
+            "text": f" {question}\nA: {answer}", "kept": False, "sleep_id": sleep_id, "learned": learned}
 
 
 def write_table_atomic(table: pa.Table, path: Union[str, os.PathLike]) -> Path:
@@ -96,7 +101,11 @@ class ReplayBuffer:
     def table(self) -> pa.Table:
         if not self.path.is_file():
             return BUFFER_SCHEMA.empty_table()
-        return pq.read_table(str(self.path)).select(BUFFER_COLUMNS).cast(BUFFER_SCHEMA)
+        table = pq.read_table(str(self.path))
+        for name in BUFFER_COLUMNS:  # a buffer from before a column existed: null there
+            if name not in table.column_names:
+                table = table.append_column(name, pa.nulls(table.num_rows, BUFFER_SCHEMA.field(name).type))
+        return table.select(BUFFER_COLUMNS).cast(BUFFER_SCHEMA)
 
     def rows(self) -> list[dict]:
         return self.table().to_pylist()
@@ -145,13 +154,18 @@ class ReplayBuffer:
         ``exclude_episodes``: what NREM and REM rehearse in their KL anchor."""
         return [t for t in (d.sft_text for d in self.dreams(exclude_episodes)) if t.strip()]
 
-    def probe_answers(self, exclude_episodes: Iterable[str] = ()) -> list[tuple[str, str, str]]:
+    def probe_answers(self, exclude_episodes: Iterable[str] = (),
+                      learned_only: bool = False) -> list[tuple[str, str, str]]:
         """(episode_id, question, answer) of every probe row (:func:`probe_row`), none about
-        ``exclude_episodes``: what the model answered back then with the episode in context."""
+        ``exclude_episodes``: what the model answered back then with the episode in context.
+        ``learned_only``: leave out those it did not give closed-book after that sleep
+        (``learned`` false; null, not measured, stays in)."""
         excluded = set(exclude_episodes)
         out = []
         for r in self.rows():
             if r["episode_id"] in excluded or r["format"] != "qa" or r["kept"]:
+                continue
+            if learned_only and r["learned"] is False:
                 continue
             question, sep, answer = r["text"].strip().partition("\nA: ")
             if sep and r["prompt"] == qa_prompt(question) and answer.strip():

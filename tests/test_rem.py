@@ -5,6 +5,7 @@ import dataclasses
 import random
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -14,7 +15,7 @@ from sleepray import lm
 from sleepray.config import load_config
 from sleepray.experts import ExpertBank
 from sleepray.models import load_model
-from sleepray.replay import BUFFER_COLUMNS, Dream, ReplayBuffer, probe_row
+from sleepray.replay import BUFFER_COLUMNS, BUFFER_SCHEMA, Dream, ReplayBuffer, probe_row
 from sleepray.world import Episode, Probe, World
 
 TINY = ["rem.dreams_per_episode=4", "rem.keep_top_k=2", "rem.keep_random=1", "rem.trial_steps=2",
@@ -335,7 +336,8 @@ def test_a_sleep_that_forgets_older_episodes_is_scaled_down_until_it_does_not(se
         for p in bank.trainable_parameters():
             p.add_(0.5 * torch.randn_like(p))
     state = [p.detach().clone() for p in bank.trainable_parameters()]
-    assert rem.shrink_to_retain(bank, tok, older, 0.0, [0.5, 0.0], 0.3) == (1.0, 0.3)
+    assert rem.shrink_to_retain(bank, tok, older, {old.episode_id: 0.0}, [0.5, 0.0],
+                                {old.episode_id: 0.3}) == (1.0, {old.episode_id: 0.3})
     assert all(torch.equal(a, b) for a, b in zip(state, bank.trainable_parameters()))
 
 
@@ -367,6 +369,55 @@ def test_probe_rows_round_trip_and_older_targets(tmp_path, rcfg):
     assert rem.older_probe_targets(None, [new], rcfg) == []
 
 
+def test_retention_probes_are_what_was_learned_spread_evenly_over_older_episodes(tmp_path, rcfg):
+    """The retention check asks only what the model answered closed-book after that episode's
+    own sleep (learned; null, from before the flag, counts), and as many about each older
+    episode as it can, so the first episode keeps its weight as episodes pile up."""
+    buf = ReplayBuffer(tmp_path / "buffer.parquet")
+    buf.append([probe_row("e0", f"Where is q{i}?", f"a{i}", "s1", learned=i < 3) for i in range(6)])
+    buf.append([probe_row("e1", f"Who is p{i}?", f"b{i}", "s2", learned=True) for i in range(20)])
+    buf.append([probe_row("e2", "When?", "c", "s3")])  # learned not measured
+    assert [a for e, _, a in buf.probe_answers(learned_only=True) if e == "e0"] == ["a0", "a1", "a2"]
+    assert len(buf.probe_answers()) == 27
+    new = Episode("e3", [], [], [])
+    got = rem.older_probe_targets(buf, [new], rcfg.model_copy(update={"retention_probes": 9}), seed=1)
+    by_ep = {e: sorted(t.target for t in got if t.episode_id == e) for e in ("e0", "e1", "e2")}
+    assert by_ep["e0"] == ["a0", "a1", "a2"] and by_ep["e2"] == ["c"] and len(by_ep["e1"]) == 5
+    assert len(rem.older_probe_targets(buf, [new], rcfg.model_copy(update={"retention_probes": 4}))) == 4
+
+
+def test_a_buffer_written_before_the_learned_column_reads_back_with_it_null(tmp_path):
+    path = tmp_path / "buffer.parquet"
+    old = pa.schema([f for f in BUFFER_SCHEMA if f.name != "learned"])
+    pq.write_table(pa.Table.from_pylist([probe_row("e0", "Where?", "here", "s1")], schema=old), str(path))
+    buf = ReplayBuffer(path)
+    assert buf.rows()[0]["learned"] is None and buf.probe_answers(learned_only=True) == [("e0", "Where?", "here")]
+    buf.append([probe_row("e1", "Who?", "me", "s2", learned=False)])
+    assert pq.read_table(path).schema.names == BUFFER_COLUMNS and len(buf.probe_answers(learned_only=True)) == 1
+
+
+def test_the_sleep_is_scaled_down_until_every_older_episode_is_back_to_its_own_floor(monkeypatch):
+    """One episode forgotten among several well kept: the mean over all probes stays high, yet
+    the new expert is scaled down until that episode is back. The model's answers are stood in
+    for by hits that depend on the scale (what a real forgetting expert does is in the test above)."""
+    class Bank:
+        scale = 1.0
+
+        def scale_training(self, factor):
+            self.scale *= factor
+
+    bank = Bank()
+    older = [rem.ProbeTarget("first", f"q{i}", "a") for i in range(2)]
+    older += [rem.ProbeTarget("later", f"q{i}", "a") for i in range(10)]
+    # the first episode comes back only at half the expert; the later one is kept at any scale
+    monkeypatch.setattr(rem, "probe_hits", lambda bank_, tok, targets, n: [
+        t.episode_id == "later" or bank_.scale <= 0.5 for t in targets])
+    unscaled = {"first": 0.0, "later": 1.0}  # 10 of 12 probes right: 0.83 over the mix
+    scale, acc = rem.shrink_to_retain(bank, None, older, {"first": 0.95, "later": 0.95}, [0.75, 0.5, 0.0], unscaled)
+    assert (scale, acc) == (0.5, {"first": 1.0, "later": 1.0}) and bank.scale == 0.5
+    assert rem.accuracy_by_episode(older, [True, False] + [True] * 10) == {"first": 0.5, "later": 1.0}
+
+
 def test_replay_buffer_round_trip_cap_and_exclusion(tmp_path):
     path = tmp_path / "buf" / "replay.parquet"
     buf = ReplayBuffer(path, capacity=5)
@@ -374,7 +425,7 @@ def test_replay_buffer_round_trip_cap_and_exclusion(tmp_path):
     rows = [{"episode_id": f"e{i % 3}", "format": "qa", "prompt": f"p{i}", "text": f"t{i}", "score": i / 10,
              "trial_reward": i % 2, "kept": True, "sleep_id": f"s{i}"} for i in range(4)]
     assert buf.append(rows) == 4
-    assert ReplayBuffer(path, 5).rows() == rows  # round trip, every column
+    assert ReplayBuffer(path, 5).rows() == [{**r, "learned": None} for r in rows]  # round trip, every column
     assert list(pq.read_table(path).schema.names) == BUFFER_COLUMNS
     buf.append([{**rows[0], "text": "t4", "sleep_id": "s4"}, {**rows[1], "text": "t5", "sleep_id": "s5"}])
     assert len(buf) == 5 and [r["text"] for r in buf.rows()] == ["t1", "t2", "t3", "t4", "t5"]  # oldest dropped
@@ -422,13 +473,13 @@ def sentinel_run(seed_test_model, episode, rcfg, tmp_path_factory):
         mp.setattr(rem, "teacher_probe_targets", spy_targets)
         metrics = rem.run_rem(bank, tok, [ep], rcfg, out / "v0001", random.Random(0), buf, writer)
     return dict(metrics=metrics, out=out / "v0001", seen=seen, targets=targets_seen, buffer=buf,
-                bank=bank, params=params, writer=writer)
+                bank=bank, params=params, writer=writer, tok=tok)
 
 
 def test_run_rem_writes_dreams_parquet(sentinel_run, rcfg):
     m, out = sentinel_run["metrics"], sentinel_run["out"]
     t = pq.read_table(out / "dreams.parquet")
-    assert t.schema.names == rem.DREAMS_COLUMNS and set(BUFFER_COLUMNS) <= set(t.schema.names)
+    assert t.schema.names == rem.DREAMS_COLUMNS and set(BUFFER_COLUMNS) - {"learned"} <= set(t.schema.names)
     rows = t.to_pylist()
     assert len(rows) == m["dreams"] == 4
     assert sum(r["kept"] for r in rows) == m["kept"] == 3
@@ -446,6 +497,11 @@ def test_run_rem_writes_dreams_parquet(sentinel_run, rcfg):
     # rem.replay_probes: the teacher's probe answers are kept as qa dreams for later sleeps
     assert [r["text"] for r in replayed_probes] == [f" {p['question']}\nA: {p['teacher_answer']}" for p in probes]
     assert all(r["format"] == "qa" and r["episode_id"] == p["episode_id"] for r, p in zip(replayed_probes, probes))
+    # learned: whether the model, as the sleep left it, gives the teacher's answer closed-book
+    targets = [rem.ProbeTarget(p["episode_id"], p["question"], p["teacher_answer"]) for p in probes]
+    hits = rem.probe_hits(sentinel_run["bank"], sentinel_run["tok"], targets, rcfg.probe_max_new_tokens)
+    assert [p["learned"] for p in probes] == hits == [r["learned"] for r in replayed_probes]
+    assert m["probe_accuracy_final"] == sum(hits) / len(hits)
     if m["rewarded"] and not m["sft_reverted"]:
         assert m["sft_steps"] == 3 and m["replayed"] == 1
         assert m["buffer_size"] == 1 + m["rewarded"] + m["probe_targets"]
