@@ -9,10 +9,8 @@ distribution elsewhere -- perplexity drift is exactly that bend. Weight: ``nrem.
 (0 switches it off).
 
 Anchor texts: documents of the built-in world drawn from a seed range that neither the
-stream nor the evaluation uses, the same documents in context followed by questions and
-their answers (reading), and general text of another held-out seed -- the kinds of text
-the seed models are trained on. The answers are that held-out world's own facts, never
-an evaluation's. Users of other models pass their own
+stream nor the evaluation uses, and general text of another held-out seed -- the two
+kinds of text the seed models are trained on. Users of other models pass their own
 (``nrem.anchor_path``: a text file, one paragraph per line).
 
 Rehearsal: with REM's replay on, dreams about older episodes from the rehearsal buffer
@@ -44,25 +42,10 @@ def anchor_texts(cfg, n: int = 64) -> list[str]:
     from sleepray import general_text
     from sleepray.world import World
     wc = cfg.world
-    episodes = World(ANCHOR_WORLD_SEED, wc.people_per_episode, wc.orgs_per_episode,
-                     wc.places_per_episode, wc.phrasings_per_fact).episodes(max(1, n // 3))
-    docs = [d for e in episodes for d in e.documents][: n // 3]
-    reading = [_world_reading(e, random.Random(i)) for i, e in enumerate(episodes)][: n // 3]
-    return docs + reading + general_text.corpus(ANCHOR_TEXT_SEED, n - len(docs) - len(reading))
-
-
-def reading_text(context: str, qas: list[tuple[str, str]]) -> str:
-    """A context, then questions about it and their answers: reading from the context, the
-    seed models' pretraining format. In the anchor it keeps the new expert, trained on
-    closed-book prompts, from changing how the model reads a context: the next sleep's
-    teacher is that model reading its new episode."""
-    from sleepray.world import qa_prompt
-    return context + "\n" + "".join(f"{qa_prompt(q)} {a}\n" for q, a in qas)
-
-
-def _world_reading(episode, rng: random.Random, questions: int = 4) -> str:
-    probes = rng.sample(episode.probes, min(questions, len(episode.probes)))
-    return reading_text(episode.context, [(p.question, p.answer) for p in probes])
+    docs = [d for e in World(ANCHOR_WORLD_SEED, wc.people_per_episode, wc.orgs_per_episode,
+                             wc.places_per_episode, wc.phrasings_per_fact).episodes(max(1, n // 4))
+            for d in e.documents]
+    return docs[: n // 2] + general_text.corpus(ANCHOR_TEXT_SEED, n - min(len(docs), n // 2))
 
 
 def anchor_kl(bank, tok, texts: list[str], student=None) -> torch.Tensor:

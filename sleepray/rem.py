@@ -20,9 +20,7 @@ NREM opened (``bank.training``):
    (prompt -> dream) pairs, so that dreams get better across sleeps.
 5. :func:`train_dreams` -- SFT of the expert on the rewarded dreams plus replayed older
    dreams (:class:`~sleepray.replay.ReplayBuffer`), ordered by a curriculum, with the
-   KL anchor on unrelated text, on this sleep's episodes read in context with the
-   teacher's probe answers (:func:`episode_reading`: the SFT is closed-book and must
-   not unlearn reading), and on older episodes' dreams (rehearsal). Like a
+   KL anchor on unrelated text and on older episodes' dreams (rehearsal). Like a
    trial, the whole SFT is kept only if neither the probe loss nor the closed-book
    accuracy on the teacher's answers got worse, nor the accuracy on older episodes'
    probe answers from the buffer (``rem.revert_if_worse``, ``rem.retention_probes``);
@@ -62,7 +60,7 @@ import pyarrow as pa
 import torch
 
 from sleepray import lm
-from sleepray.anchor import anchor_batch, anchor_loss, reading_text, rehearses
+from sleepray.anchor import anchor_batch, anchor_loss, rehearses
 from sleepray.dream_formats import FORMAT_CUES, dream_prompt
 from sleepray.experts import replace_dir
 from sleepray.replay import Dream, ReplayBuffer, probe_row, write_table_atomic
@@ -297,15 +295,6 @@ def shrink_to_retain(bank, tok, older: list[ProbeTarget], floors: dict[str, floa
         if not short(accuracy):
             break
     return current, accuracy
-
-
-def episode_reading(episodes: Sequence[Episode], targets: list[ProbeTarget]) -> list[str]:
-    """Each probe target as a reading text: its episode in context, the question, the
-    teacher's answer. In the dream SFT's anchor they keep the model reading this episode
-    from its context as it did before the sleep (the SFT itself is closed-book)."""
-    context = {e.episode_id: e.context for e in episodes}
-    return [reading_text(context[t.episode_id], [(t.question, t.target)]) for t in targets
-            if t.episode_id in context]
 
 
 def sft_made_worse(loss: tuple, accuracy: tuple, retention: tuple, tolerance: float = 0.0) -> bool:
@@ -695,8 +684,7 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
     kept_before = _mean(hits_before)
     snapshot = _snapshot(bank.trainable_parameters())
     train_info = train_dreams(bank, tok, rewarded, rcfg, buffer, rng,
-                              exclude_episodes=[e.episode_id for e in episodes],
-                              anchor_texts=anchor_texts and anchor_texts + episode_reading(episodes, targets))
+                              exclude_episodes=[e.episode_id for e in episodes], anchor_texts=anchor_texts)
     after = probe_loss(bank, tok, targets)
     acc_after = probe_accuracy(bank, tok, targets, n_tok) if rcfg.revert_if_worse else None
     hits_after = probe_hits(bank, tok, older, n_tok)

@@ -112,24 +112,6 @@ def test_the_drift_anchor_is_zero_for_an_unchanged_model_and_pulls_the_expert_ba
     assert anchor_kl(bank, tok, texts).item() < kl.item()
 
 
-def test_anchor_texts_hold_documents_reading_and_general_text():
-    """The built-in anchor: a held-out world's documents, the same episodes in context followed
-    by questions with that world's own answers (reading), and general text."""
-    from sleepray.anchor import ANCHOR_WORLD_SEED, anchor_texts
-    cfg = load_config(None, [])
-    texts = anchor_texts(cfg, 12)
-    wc = cfg.world
-    eps = World(ANCHOR_WORLD_SEED, wc.people_per_episode, wc.orgs_per_episode, wc.places_per_episode,
-                wc.phrasings_per_fact).episodes(4)
-    reading = [t for t in texts if "\nQ: " in t]
-    assert len(texts) == 12 and len(reading) == 4
-    for text, ep in zip(reading, eps):
-        assert text.startswith(ep.context + "\nQ: ")
-        answers = {p.question: p.answer for p in ep.probes}
-        qas = text[len(ep.context) + 1:].strip().split("\n")
-        assert len(qas) == 8 and all(a == f"A: {answers[q[3:]]}" for q, a in zip(qas[::2], qas[1::2]))
-
-
 def test_nrem_rehearses_older_episodes_from_the_replay_buffer(tmp_path):
     """With the anchor and replay on, NREM's anchor batch carries dreams about OTHER episodes
     from REM's buffer (rehearsal); never the episodes being consolidated; none when off."""

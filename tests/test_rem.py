@@ -236,25 +236,6 @@ def test_dream_sft_rehearses_older_episodes_from_the_buffer(seed_test_model, epi
     assert kls[0] > 0 and kls[1] < 0.7 * kls[0]
 
 
-def test_the_dream_sft_anchor_reads_the_episode_in_context_with_the_teachers_answers(
-        bank_tok, episode, rcfg, tmp_path, monkeypatch):
-    """run_rem gives the dream SFT's anchor its episode read in context, one text per probe
-    target (the teacher's answer, as in probes.parquet), beside the unrelated texts; with the
-    anchor off it gives none."""
-    bank, tok = bank_tok
-    seen = []
-    real = rem.train_dreams
-    monkeypatch.setattr(rem, "train_dreams", lambda *a, **kw: seen.append(kw["anchor_texts"]) or real(*a, **kw))
-    cfg = rcfg.model_copy(update={"restem": False, "revert_if_worse": False})
-    rem.run_rem(bank, tok, [episode], cfg.model_copy(update={"anchor_weight": 1.0}), tmp_path / "on",
-                rng=random.Random(0), anchor_texts=["unrelated text"])
-    rem.run_rem(bank, tok, [episode], cfg, tmp_path / "off", rng=random.Random(0), anchor_texts=None)
-    probes = pq.read_table(tmp_path / "on" / "probes.parquet").to_pylist()
-    assert probes and seen[0][0] == "unrelated text"
-    assert seen[0][1:] == [f"{episode.context}\nQ: {p['question']}\nA: {p['teacher_answer']}\n" for p in probes]
-    assert seen[1] is None
-
-
 @pytest.mark.parametrize("revert", [True, False])
 def test_a_dream_sft_that_hurts_the_probes_is_reverted(seed_test_model, episode, rcfg, tmp_path, monkeypatch,
                                                         revert):
