@@ -156,6 +156,12 @@ class REMConfig(_Anchored):
                                                       "the model's before this sleep, the new expert's weight "
                                                       "delta is scaled by each of these in turn (e.g. [0.75, "
                                                       "0.5, 0.25, 0.0]) until none is; empty = never scaled")
+    repair_steps: int = Field(0, ge=0, description="after REM, when an older episode is more than "
+                                                   "retention_tolerance below the model's before this sleep, "
+                                                   "dream-SFT steps on the buffer's rows about it together with "
+                                                   "this sleep's probe answers, per round, before any scaling "
+                                                   "(0 = no repair)")
+    repair_rounds: int = Field(3, ge=1, description="repair rounds at most, each followed by the retention check")
     writer_rank: Optional[int] = Field(None, ge=1, description="rank of the dream-writer adapter; "
                                                                "None = the experts' rank")
 

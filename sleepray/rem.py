@@ -282,19 +282,50 @@ def shrink_to_retain(bank, tok, older: list[ProbeTarget], floors: dict[str, floa
     (``floors``: episode -> accuracy); returns (the scale kept, the accuracies by episode).
     ``accuracy`` is the unscaled expert's; with every episode at its floor nothing changes.
     When no scale reaches it, the smallest one stays (0: this sleep leaves the model as it was)."""
-    def short(acc):
-        return [e for e, f in floors.items() if acc.get(e, 1.0) < f]
-    if accuracy is None or not short(accuracy) or not scales:
+    if accuracy is None or not below_floor(floors, accuracy) or not scales:
         return 1.0, accuracy
     current = 1.0
     for s in sorted(set(scales), reverse=True):
         bank.scale_training(s / current)  # current > 0: 0, the smallest, comes last
         current = s
         accuracy = accuracy_by_episode(older, probe_hits(bank, tok, older, max_new_tokens))
-        log.info("REM: new expert scaled by %.2f; older episodes below their floor: %s", s, short(accuracy) or "none")
-        if not short(accuracy):
+        log.info("REM: new expert scaled by %.2f; older episodes below their floor: %s", s,
+                 below_floor(floors, accuracy) or "none")
+        if not below_floor(floors, accuracy):
             break
     return current, accuracy
+
+
+def below_floor(floors: dict[str, float], accuracy: dict[str, float]) -> list[str]:
+    """The episodes whose accuracy is below their floor."""
+    return [e for e, f in floors.items() if accuracy.get(e, 1.0) < f]
+
+
+def probe_dream(target: ProbeTarget) -> Dream:
+    """A probe target as a one-pair qa dream (the text of its buffer row)."""
+    return Dream(target.episode_id, "qa", target.prompt, f" {target.question}\nA: {target.target}")
+
+
+def repair_forgetting(bank, tok, older: list[ProbeTarget], floors: dict[str, float],
+                      accuracy: dict[str, float], own: list[ProbeTarget], buffer: ReplayBuffer, rcfg,
+                      rng: random.Random, anchor_texts: Optional[list[str]] = None,
+                      exclude_episodes: Sequence[str] = ()) -> tuple[dict[str, float], int]:
+    """Rehearse what this sleep made the model forget, beside what it learned: up to
+    ``rcfg.repair_rounds`` rounds of ``rcfg.repair_steps`` dream-SFT steps on the buffer's rows
+    about each older episode below its floor together with this sleep's own probe answers, so
+    that the expert has to tell the old facts from the new ones (the same questions about
+    different people, in one batch) instead of writing the new over the old. Stops once no
+    episode is below its floor; returns (the accuracies by episode, the rounds run)."""
+    rounds = 0
+    while rounds < rcfg.repair_rounds and (short := below_floor(floors, accuracy)):
+        items = [d for d in buffer.dreams() if d.episode_id in short] + [probe_dream(t) for t in own]
+        train_dreams(bank, tok, items, rcfg.model_copy(update={"sft_steps": rcfg.repair_steps}), buffer, rng,
+                     exclude_episodes=exclude_episodes, anchor_texts=anchor_texts)
+        rounds += 1
+        accuracy = accuracy_by_episode(older, probe_hits(bank, tok, older, rcfg.probe_max_new_tokens))
+        log.info("REM: repair round %d on %s; older episodes below their floor: %s", rounds, short,
+                 below_floor(floors, accuracy) or "none")
+    return accuracy, rounds
 
 
 def sft_made_worse(loss: tuple, accuracy: tuple, retention: tuple, tolerance: float = 0.0) -> bool:
@@ -676,7 +707,8 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
     if rcfg.restem and writer is not None:
         restem_losses = restem_update(writer, rewarded, rcfg, seed)
 
-    older = older_probe_targets(buffer, episodes, rcfg, seed) if rcfg.revert_if_worse or rcfg.retention_scales else []
+    checks = rcfg.revert_if_worse or rcfg.retention_scales or rcfg.repair_steps
+    older = older_probe_targets(buffer, episodes, rcfg, seed) if checks else []
     n_tok = rcfg.probe_max_new_tokens
     before = probe_loss(bank, tok, targets)
     acc_before = probe_accuracy(bank, tok, targets, n_tok) if rcfg.revert_if_worse else None
@@ -702,16 +734,19 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
         _restore(bank.trainable_parameters(), snapshot)
     trained = set(rewarded_idx) if train_info["sft_steps"] and not reverted else set()
     # the whole sleep (NREM and REM share the expert) must not make the model forget, episode by
-    # episode, what it answered about older episodes before this sleep: else it is scaled down
-    kept_sleep, worst_drop, scale = None, None, 1.0
+    # episode, what it answered about older episodes before this sleep: what it forgot is
+    # rehearsed beside the new (rem.repair_steps), and past that the expert is scaled down
+    kept_sleep, worst_drop, scale, repairs = None, None, 1.0, 0
     kept_final = accuracy_by_episode(older, hits_before if reverted else hits_after)
-    if older and rcfg.retention_scales:
+    if older and (rcfg.retention_scales or rcfg.repair_steps):
         with bank.teacher_mode():  # the model before this sleep
             by_ep = accuracy_by_episode(older, probe_hits(bank, tok, older, n_tok))
         kept_sleep = _mean(list(by_ep.values()))
-        scale, kept_final = shrink_to_retain(bank, tok, older, {e: a - rcfg.retention_tolerance
-                                                                for e, a in by_ep.items()},
-                                             rcfg.retention_scales, kept_final, n_tok)
+        floors = {e: a - rcfg.retention_tolerance for e, a in by_ep.items()}
+        if rcfg.repair_steps:
+            kept_final, repairs = repair_forgetting(bank, tok, older, floors, kept_final, targets, buffer, rcfg,
+                                                    rng, anchor_texts, [e.episode_id for e in episodes])
+        scale, kept_final = shrink_to_retain(bank, tok, older, floors, rcfg.retention_scales, kept_final, n_tok)
         worst_drop = max(by_ep[e] - kept_final[e] for e in by_ep)
     learned = probe_hits(bank, tok, targets, n_tok)  # this episode, closed-book, as the sleep leaves it
 
@@ -749,7 +784,7 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
         "retention_probes": len(older), "retention_accuracy_before": kept_before,
         "retention_accuracy_after": kept_after, "retention_accuracy_before_sleep": kept_sleep,
         "expert_scale": scale, "retention_accuracy_final": _mean(list((kept_final or {}).values())),
-        "retention_worst_episode_drop": worst_drop, "probe_accuracy_final": _mean(learned),
+        "retention_worst_episode_drop": worst_drop, "repair_rounds": repairs, "probe_accuracy_final": _mean(learned),
         "restem_steps": len(restem_losses),
         "restem_loss_last": restem_losses[-1] if restem_losses else float("nan"),
         **{k: v for k, v in train_info.items() if k != "difficulty_order"},

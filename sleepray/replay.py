@@ -44,10 +44,14 @@ class Dream:
 
     @property
     def sft_text(self) -> str:
+        """Blank for a blank dream; else ends its last line, as the pretraining texts do, so
+        that the expert learns where an answer stops (the answer is read up to the newline)."""
         body = self.text.strip()
+        if not body:
+            return ""
         if self.format == "qa":  # the model wrote what follows "Q:"; keep the pair readable
-            return f"Q: {body}"
-        return body
+            return f"Q: {body}\n"
+        return body + "\n"
 
 
 BUFFER_SCHEMA = pa.schema([

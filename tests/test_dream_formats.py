@@ -21,6 +21,7 @@ def test_a_written_dream_states_every_fact(episode, fmt):
     for f in episode.facts:
         assert f.value in text
     sft = Dream(episode.episode_id, fmt, dream_prompt(episode.context, fmt), text).sft_text
+    assert sft.endswith("\n") and not sft.endswith("\n\n")  # the last line ends, as in pretraining
     if fmt == "qa":  # question / answer pairs in the QA format the model answers in
         lines = sft.splitlines()
         assert len(lines) == 2 * len(episode.facts)
@@ -28,7 +29,7 @@ def test_a_written_dream_states_every_fact(episode, fmt):
     elif fmt == "implications":  # one statement per line
         assert len(sft.splitlines()) == len(episode.facts)
     else:
-        assert "\n" not in sft and sft.count(".") >= len(episode.facts)
+        assert "\n" not in sft.rstrip("\n") and sft.count(".") >= len(episode.facts)
 
 
 def test_unknown_format_is_an_error(episode):

@@ -127,7 +127,7 @@ def test_nrem_rehearses_older_episodes_from_the_replay_buffer(tmp_path):
         {"episode_id": old.episode_id, "format": "rewrite", "text": "   "}])
     cfg = load_config(None, ["nrem.anchor_weight=1.0", "nrem.anchor_replay=3", "nrem.anchor_batch=2"])
     replay = nrem_replay(cfg, tmp_path, [new])
-    assert replay == ["Q: Where was A born?\nA: Kledil"]
+    assert replay == ["Q: Where was A born?\nA: Kledil\n"]
     batch = anchor_batch(cfg.nrem, ["unrelated text"], replay, _random.Random(0))
     assert batch.texts == ["unrelated text"] * 2 and batch.rehearse == replay * 3
     alone = load_config(None, ["nrem.anchor_weight=0", "nrem.rehearsal_weight=2.0", "nrem.anchor_replay=3"])

@@ -213,7 +213,7 @@ def test_dream_sft_rehearses_older_episodes_from_the_buffer(seed_test_model, epi
     buf = ReplayBuffer(tmp_path / "buffer.parquet")
     buf.append([{"episode_id": old.episode_id, "format": "qa", "text": old_text},
                 {"episode_id": episode.episode_id, "format": "rewrite", "text": "about the episode itself"}])
-    rehearsed = "Q: " + old_text.strip()
+    rehearsed = "Q: " + old_text.strip() + "\n"
     kls, seen = [], []
     real = anchor.anchor_kl
     monkeypatch.setattr(anchor, "anchor_kl", lambda bank, tok, texts, *a: seen.append(list(texts)) or
@@ -320,6 +320,72 @@ def test_a_sleep_that_forgets_older_episodes_is_scaled_down_until_it_does_not(se
     assert rem.shrink_to_retain(bank, tok, older, {old.episode_id: 0.0}, [0.5, 0.0],
                                 {old.episode_id: 0.3}) == (1.0, {old.episode_id: 0.3})
     assert all(torch.equal(a, b) for a, b in zip(state, bank.trainable_parameters()))
+
+
+def test_repair_rehearses_the_forgotten_episode_beside_the_new_one_until_it_is_back(tmp_path, rcfg, monkeypatch):
+    """rem.repair_steps: an older episode below its floor gets its buffer rows trained again,
+    together with this sleep's own probe answers; an episode at its floor is not trained on;
+    the rounds stop once every episode is back. The SFT and the model's answers are stood in
+    for (the real ones are in the test below)."""
+    buf = ReplayBuffer(tmp_path / "buffer.parquet")
+    buf.append([probe_row("first", f"Where is q{i}?", f"a{i}", "s1", True) for i in range(3)])
+    buf.append([{"episode_id": "first", "format": "rewrite", "text": "First lived in A.", "sleep_id": "s1"}])
+    buf.append([probe_row("later", f"Who is p{i}?", f"b{i}", "s2", True) for i in range(3)])
+    older = [rem.ProbeTarget(e, q, a) for e, q, a in buf.probe_answers()]
+    own = [rem.ProbeTarget("new", "Where is n?", "c")]
+    trained = []
+    monkeypatch.setattr(rem, "train_dreams", lambda bank, tok, items, cfg, *a, **kw: trained.append(
+        (sorted({d.episode_id for d in items}), [d.sft_text for d in items], cfg.sft_steps, kw["exclude_episodes"])))
+    # the first episode comes back after the second round
+    monkeypatch.setattr(rem, "probe_hits", lambda bank, tok, targets, n: [
+        t.episode_id == "later" or len(trained) >= 2 for t in targets])
+    cfg = rcfg.model_copy(update={"repair_steps": 7, "repair_rounds": 3})
+    acc, rounds = rem.repair_forgetting(None, None, older, {"first": 0.95, "later": 0.95}, {"first": 0.0, "later": 1.0},
+                                        own, buf, cfg, random.Random(0), exclude_episodes=["new"])
+    assert rounds == 2 and acc == {"first": 1.0, "later": 1.0}
+    episodes, texts, steps, exclude = trained[0]
+    assert episodes == ["first", "new"] and steps == 7 and exclude == ["new"]
+    assert "Q: Where is n?\nA: c\n" in texts and "First lived in A.\n" in texts and "Q: Where is q0?\nA: a0\n" in texts
+    # nothing below its floor: no round
+    assert rem.repair_forgetting(None, None, older, {"first": 0.5}, {"first": 1.0}, own, buf, cfg,
+                                 random.Random(0)) == ({"first": 1.0}, 0)
+
+
+def test_a_sleep_that_forgets_is_repaired_by_rehearsing_the_older_episode(seed_test_model, rcfg, tmp_path,
+                                                                         monkeypatch):
+    """Through run_rem, with real training: the dream SFT is made to write other answers over
+    the older episode's questions (interference, what a new person's facts do to an old
+    one's); its probe answers (the model's own, from the buffer) fall, and the repair rounds
+    bring them back up."""
+    from sleepray.qa import generate_answers
+    from sleepray.world import qa_prompt
+    model, tok = load_model(str(seed_test_model))
+    torch.manual_seed(0)
+    bank = ExpertBank(model, load_config(None, ["experts.rank=4"]).experts)
+    bank.open_new_expert()
+    old = World(10_000_777, 1, 0, 0, 1).episode(1)
+    questions = [p.question for p in old.probes[:6]]
+    own = generate_answers(bank.model, tok, [qa_prompt(q) for q in questions], 12)
+    buf = ReplayBuffer(tmp_path / "buffer.parquet")
+    buf.append([probe_row(old.episode_id, q, a, "s0000", True) for q, a in zip(questions, own) if a.strip()])
+    real_sft = rem.train_dreams
+
+    def interfering_sft(bank, tok, dreams, cfg, *args, **kwargs):
+        if cfg.sft_steps == cfg.repair_steps:  # the repair trains for real
+            return real_sft(bank, tok, dreams, cfg, *args, **kwargs)
+        wrong = [Dream(old.episode_id, "qa", qa_prompt(q), f" {q}\nA: {own[(i + 1) % len(own)]}")
+                 for i, q in enumerate(questions)]
+        return real_sft(bank, tok, wrong, cfg, None, random.Random(0))
+
+    monkeypatch.setattr(rem, "train_dreams", interfering_sft)
+    cfg = rcfg.model_copy(update={"revert_if_worse": False, "restem": False, "replay_probes": False,
+                                  "anchor_weight": 0.0, "sft_steps": 30, "sft_lr": 1e-2, "batch_size": 4,
+                                  "repair_steps": 30, "repair_rounds": 2})
+    new = World(10_000_321, 0, 1, 0, 1).episode(0)  # about an organisation: other questions than the old person's
+    out = rem.run_rem(bank, tok, [new], cfg, tmp_path / "rem", rng=random.Random(0), buffer=buf)
+    assert out["retention_accuracy_before_sleep"] == 1.0 and out["retention_accuracy_after"] <= 0.5
+    assert out["repair_rounds"] == 2 and out["retention_accuracy_final"] >= out["retention_accuracy_after"] + 0.3
+    assert out["expert_scale"] == 1.0 and out["retention_worst_episode_drop"] > 0  # no scaling asked for
 
 
 def test_sft_verdict_counts_forgetting_of_older_episodes():
