@@ -26,9 +26,15 @@ NREM opened (``bank.training``):
    probe answers from the buffer (``rem.revert_if_worse``, ``rem.retention_probes``);
    otherwise the expert stays as NREM left it and none of the sleep's dreams enter the
    buffer.
+6. Retention of the whole sleep (NREM and REM share the expert): each older episode's
+   learned probe answers (:func:`older_probe_targets`) are asked again; one more than
+   ``rem.retention_tolerance`` below the model before the sleep is rehearsed beside the
+   new episode (:func:`repair_forgetting`, ``rem.repair_steps``), and past that the
+   expert is scaled down (:func:`shrink_to_retain`, ``rem.retention_scales``).
 
 :func:`run_rem` runs them all for one sleep and writes ``dreams.parquet`` (every dream,
-why it was kept, its reward) and ``probes.parquet`` (the teacher's probe targets).
+why it was kept, its reward) and ``probes.parquet`` (the teacher's probe targets, and
+whether the model gives each closed-book as the sleep leaves it: ``learned``).
 
 Ground-truth answers (``Probe.answer``) are never read in this module: the targets are
 what the teacher answers with the episode in context.
