@@ -241,11 +241,6 @@ def test_a_dream_sft_that_hurts_the_probes_is_reverted(seed_test_model, episode,
                                                         revert):
     """rem.revert_if_worse: when the dream SFT leaves the probe loss higher than NREM left it,
     the expert goes back to exactly its pre-SFT tensors and no dream enters the buffer."""
-    model, tok = load_model(str(seed_test_model))
-    torch.manual_seed(0)
-    bank = ExpertBank(model, load_config(None, ["experts.rank=4"]).experts)
-    bank.open_new_expert()
-
     def harmful_sft(bank, tok, dreams, rcfg, *args, **kwargs):  # stands in for an SFT gone wrong
         with torch.no_grad():
             for p in bank.trainable_parameters():
@@ -253,15 +248,9 @@ def test_a_dream_sft_that_hurts_the_probes_is_reverted(seed_test_model, episode,
         return {"trained_dreams": len(dreams), "replayed": 0, "sft_steps": 1,
                 "sft_loss_first": 1.0, "sft_loss_last": 1.0}
 
-    from sleepray.qa import generate_answers
-    from sleepray.world import qa_prompt
-    old = World(10_000_777, 1, 0, 0, 1).episode(1)  # an older episode: the model's own answers in the buffer
-    questions = [p.question for p in old.probes[:4]]
-    own = generate_answers(bank.model, tok, [qa_prompt(q) for q in questions], 12)
-    rows = [probe_row(old.episode_id, q, a, "s0000") for q, a in zip(questions, own) if a.strip()]
+    # an older episode: the model's own answers in the buffer
+    bank, tok, old, rows, buf = _bank_remembering_an_older_episode(seed_test_model, tmp_path, n=4)
     assert rows
-    buf = ReplayBuffer(tmp_path / "buffer.parquet")
-    buf.append(rows)
 
     monkeypatch.setattr(rem, "train_dreams", harmful_sft)
     cfg = rcfg.model_copy(update={"revert_if_worse": revert, "restem": False, "replay_probes": False})
@@ -275,24 +264,36 @@ def test_a_dream_sft_that_hurts_the_probes_is_reverted(seed_test_model, episode,
     assert (len(buf) == len(rows)) is (revert or out["rewarded"] == 0)
 
 
+def _bank_remembering_an_older_episode(model_path, tmp_path, learned=None, n=6):
+    """A fresh bank with an open expert, and a buffer holding its own closed-book answers to an
+    older episode's questions as probe rows: what it "remembers" of that episode."""
+    model, tok = load_model(str(model_path))
+    torch.manual_seed(0)
+    bank = ExpertBank(model, load_config(None, ["experts.rank=4"]).experts)
+    bank.open_new_expert()
+    old = World(10_000_777, 1, 0, 0, 1).episode(1)
+    pairs = [(q, a) for q, a in zip(*_questions_and_answers(bank, tok, old, n)) if a.strip()]
+    buf = ReplayBuffer(tmp_path / "buffer.parquet")
+    buf.append([probe_row(old.episode_id, q, a, "s0000", learned) for q, a in pairs])
+    return bank, tok, old, pairs, buf
+
+
+def _questions_and_answers(bank, tok, old, n=6):
+    from sleepray.qa import generate_answers
+    from sleepray.world import qa_prompt
+    questions = [p.question for p in old.probes[:n]]
+    return questions, generate_answers(bank.model, tok, [qa_prompt(q) for q in questions], 12)
+
+
 def test_a_sleep_that_forgets_older_episodes_is_scaled_down_until_it_does_not(seed_test_model, episode, rcfg,
                                                                                tmp_path, monkeypatch):
     """rem.retention_scales: when the older episodes' probe answers (the model's own, from the
     buffer) fall below what the model before the sleep gave, the new expert's delta is scaled
     down step by step; at 0 the model is exactly the one before the sleep."""
-    from sleepray.qa import generate_answers
     from sleepray.world import qa_prompt
-    model, tok = load_model(str(seed_test_model))
-    torch.manual_seed(0)
-    bank = ExpertBank(model, load_config(None, ["experts.rank=4"]).experts)
-    bank.open_new_expert()
-    old = World(10_000_777, 1, 0, 0, 1).episode(1)
-    questions = [p.question for p in old.probes[:6]]
-    own = generate_answers(bank.model, tok, [qa_prompt(q) for q in questions], 12)
-    rows = [probe_row(old.episode_id, q, a, "s0000") for q, a in zip(questions, own) if a.strip()]
-    buf = ReplayBuffer(tmp_path / "buffer.parquet")
-    buf.append(rows)
-    older = [rem.ProbeTarget(old.episode_id, q, a) for q, a in zip(questions, own) if a.strip()]
+    bank, tok, old, pairs, buf = _bank_remembering_an_older_episode(seed_test_model, tmp_path)
+    questions = [q for q, _ in pairs]
+    older = [rem.ProbeTarget(old.episode_id, q, a) for q, a in pairs]
     ids = tok(qa_prompt(questions[0]), return_tensors="pt").input_ids
     with torch.no_grad():
         before = bank.model(input_ids=ids).logits
@@ -357,17 +358,9 @@ def test_a_sleep_that_forgets_is_repaired_by_rehearsing_the_older_episode(seed_t
     the older episode's questions (interference, what a new person's facts do to an old
     one's); its probe answers (the model's own, from the buffer) fall, and the repair rounds
     bring them back up."""
-    from sleepray.qa import generate_answers
     from sleepray.world import qa_prompt
-    model, tok = load_model(str(seed_test_model))
-    torch.manual_seed(0)
-    bank = ExpertBank(model, load_config(None, ["experts.rank=4"]).experts)
-    bank.open_new_expert()
-    old = World(10_000_777, 1, 0, 0, 1).episode(1)
-    questions = [p.question for p in old.probes[:6]]
-    own = generate_answers(bank.model, tok, [qa_prompt(q) for q in questions], 12)
-    buf = ReplayBuffer(tmp_path / "buffer.parquet")
-    buf.append([probe_row(old.episode_id, q, a, "s0000", True) for q, a in zip(questions, own) if a.strip()])
+    bank, tok, old, pairs, buf = _bank_remembering_an_older_episode(seed_test_model, tmp_path, learned=True)
+    questions, own = [q for q, _ in pairs], [a for _, a in pairs]
     real_sft = rem.train_dreams
 
     def interfering_sft(bank, tok, dreams, cfg, *args, **kwargs):
