@@ -372,13 +372,14 @@ def test_a_sleep_that_forgets_is_repaired_by_rehearsing_the_older_episode(seed_t
 
     monkeypatch.setattr(rem, "train_dreams", interfering_sft)
     cfg = rcfg.model_copy(update={"revert_if_worse": False, "restem": False, "replay_probes": False,
-                                  "anchor_weight": 0.0, "sft_steps": 30, "sft_lr": 1e-2, "batch_size": 4,
-                                  "repair_steps": 30, "repair_rounds": 2})
+                                  "anchor_weight": 0.0, "sft_steps": 30, "sft_lr": 1e-2, "batch_size": 8,
+                                  "repair_steps": 40, "repair_rounds": 3})
     new = World(10_000_321, 0, 1, 0, 1).episode(0)  # about an organisation: other questions than the old person's
     out = rem.run_rem(bank, tok, [new], cfg, tmp_path / "rem", rng=random.Random(0), buffer=buf)
     assert out["retention_accuracy_before_sleep"] == 1.0 and out["retention_accuracy_after"] <= 0.5
-    assert out["repair_rounds"] == 2 and out["retention_accuracy_final"] >= out["retention_accuracy_after"] + 0.3
-    assert out["expert_scale"] == 1.0 and out["retention_worst_episode_drop"] > 0  # no scaling asked for
+    assert out["repair_rounds"] >= 1 and out["retention_accuracy_final"] >= out["retention_accuracy_after"] + 0.3
+    assert out["expert_scale"] == 1.0  # no scaling asked for
+    assert out["retention_worst_episode_drop"] == pytest.approx(1.0 - out["retention_accuracy_final"])
 
 
 def test_sft_verdict_counts_forgetting_of_older_episodes():
