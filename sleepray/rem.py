@@ -69,7 +69,7 @@ from sleepray import lm
 from sleepray.anchor import anchor_batch, anchor_loss, rehearses
 from sleepray.dream_formats import FORMAT_CUES, dream_prompt
 from sleepray.experts import replace_dir
-from sleepray.replay import Dream, ReplayBuffer, probe_row, write_table_atomic
+from sleepray.replay import Dream, ReplayBuffer, probe_dream, probe_row, write_table_atomic
 from sleepray.sampling import sample_ids
 from sleepray.world import Episode, qa_prompt
 
@@ -281,14 +281,13 @@ def older_probe_targets(buffer: Optional[ReplayBuffer], episodes: Sequence[Episo
 
 
 def shrink_to_retain(bank, tok, older: list[ProbeTarget], floors: dict[str, float], scales: Sequence[float],
-                     accuracy: Optional[dict[str, float]], max_new_tokens: int = 12
-                     ) -> tuple[float, Optional[dict[str, float]]]:
+                     accuracy: dict[str, float], max_new_tokens: int = 12) -> tuple[float, dict[str, float]]:
     """Scale the training expert's weight delta down, by each of ``scales`` in turn (largest
     first), until every older episode's accuracy on its probe answers is back to its floor
     (``floors``: episode -> accuracy); returns (the scale kept, the accuracies by episode).
     ``accuracy`` is the unscaled expert's; with every episode at its floor nothing changes.
     When no scale reaches it, the smallest one stays (0: this sleep leaves the model as it was)."""
-    if accuracy is None or not below_floor(floors, accuracy) or not scales:
+    if not below_floor(floors, accuracy) or not scales:
         return 1.0, accuracy
     current = 1.0
     for s in sorted(set(scales), reverse=True):
@@ -307,11 +306,6 @@ def below_floor(floors: dict[str, float], accuracy: dict[str, float]) -> list[st
     return [e for e, f in floors.items() if accuracy.get(e, 1.0) < f]
 
 
-def probe_dream(target: ProbeTarget) -> Dream:
-    """A probe target as a one-pair qa dream (the text of its buffer row)."""
-    return Dream(target.episode_id, "qa", target.prompt, f" {target.question}\nA: {target.target}")
-
-
 def repair_forgetting(bank, tok, older: list[ProbeTarget], floors: dict[str, float],
                       accuracy: dict[str, float], own: list[ProbeTarget], buffer: ReplayBuffer, rcfg,
                       rng: random.Random, anchor_texts: Optional[list[str]] = None,
@@ -324,7 +318,7 @@ def repair_forgetting(bank, tok, older: list[ProbeTarget], floors: dict[str, flo
     episode is below its floor; returns (the accuracies by episode, the rounds run)."""
     rounds = 0
     while rounds < rcfg.repair_rounds and (short := below_floor(floors, accuracy)):
-        items = [d for d in buffer.dreams() if d.episode_id in short] + [probe_dream(t) for t in own]
+        items = [d for d in buffer.dreams() if d.episode_id in short] + [probe_dream(t.episode_id, t.question, t.target) for t in own]
         train_dreams(bank, tok, items, rcfg.model_copy(update={"sft_steps": rcfg.repair_steps}), buffer, rng,
                      exclude_episodes=exclude_episodes, anchor_texts=anchor_texts)
         rounds += 1
@@ -789,7 +783,7 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
         "probe_accuracy_before": acc_before, "probe_accuracy_after": acc_after, "sft_reverted": reverted,
         "retention_probes": len(older), "retention_accuracy_before": kept_before,
         "retention_accuracy_after": kept_after, "retention_accuracy_before_sleep": kept_sleep,
-        "expert_scale": scale, "retention_accuracy_final": _mean(list((kept_final or {}).values())),
+        "expert_scale": scale, "retention_accuracy_final": _mean(list(kept_final.values())),
         "retention_worst_episode_drop": worst_drop, "repair_rounds": repairs, "probe_accuracy_final": _mean(learned),
         "restem_steps": len(restem_losses),
         "restem_loss_last": restem_losses[-1] if restem_losses else float("nan"),

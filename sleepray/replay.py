@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 
 from sleepray.world import qa_prompt
 
-__all__ = ["BUFFER_COLUMNS", "BUFFER_SCHEMA", "Dream", "ReplayBuffer", "probe_row", "write_table_atomic"]
+__all__ = ["BUFFER_COLUMNS", "BUFFER_SCHEMA", "Dream", "ReplayBuffer", "probe_dream", "probe_row",
+           "write_table_atomic"]
 
 
 @dataclass
@@ -68,13 +69,19 @@ BUFFER_SCHEMA = pa.schema([
 BUFFER_COLUMNS = list(BUFFER_SCHEMA.names)
 
 
+def probe_dream(episode_id: str, question: str, answer: str) -> Dream:
+    """A probe question with the teacher's answer as a one-pair qa dream."""
+    return Dream(episode_id, "qa", qa_prompt(question), f" {question}\nA: {answer}")
+
+
 def probe_row(episode_id: str, question: str, answer: str, sleep_id: str,
               learned: Optional[bool] = None) -> dict:
-    """A probe question with the teacher's answer as a buffer row: a one-pair qa dream that
-    was never a trial (``kept`` false); :meth:`ReplayBuffer.probe_answers` reads it back.
+    """:func:`probe_dream` as a buffer row, never a trial (``kept`` false);
+    :meth:`ReplayBuffer.probe_answers` reads it back.
     ``learned``: the model gave that answer closed-book at the end of this sleep."""
-    return {"episode_id": episode_id, "format": "qa", "prompt": qa_prompt(question),
-            "text": f" {question}\nA: {answer}", "kept": False, "sleep_id": sleep_id, "learned": learned}
+    d = probe_dream(episode_id, question, answer)
+    return {"episode_id": episode_id, "format": d.format, "prompt": d.prompt, "text": d.text, "kept": False,
+            "sleep_id": sleep_id, "learned": learned}
 
 
 def write_table_atomic(table: pa.Table, path: Union[str, os.PathLike]) -> Path:
