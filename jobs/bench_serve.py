@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     h = httpx.Client(base_url=base, headers=headers, timeout=60)
 
     def add(ep):
-        r = h.post("/v1/memories", json={"text": ep.context, "questions": [p.question for p in ep.probes]})
+        r = h.post("/v1/memories", json={"text": ep.context})
         r.raise_for_status()
 
     add(episodes[0])

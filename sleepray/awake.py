@@ -485,8 +485,8 @@ class AwakeService:
             receipt = await self.memory.append([rec])
         except ValueError as e:
             raise APIError(400, f"memory rejected: {str(e).strip().splitlines()[-1][:300]}") from None
-        log.info("memory %s added (%d tokens, %d questions), durable in %s", rec["episode_id"],
-                 rec["n_tokens"], len(rec["probes"]), receipt["segment"])
+        log.info("memory %s added (%d tokens), durable in %s", rec["episode_id"], rec["n_tokens"],
+                 receipt["segment"])
         rows = [r for r in await self.memory.episodes("short_term") if r["episode_id"] == rec["episode_id"]]
         return memory_object(rows[0] if rows else {**rec, "created_at": None}, "short_term")
 

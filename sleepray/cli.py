@@ -48,7 +48,7 @@ def cmd_world(args) -> int:
 def cmd_seed(args) -> int:
     from sleepray.seed import build_seed, seed_path
     if args.out:
-        report = build_seed(args.profile, args.out, steps=args.steps, seed=args.seed)
+        report = build_seed(args.profile, args.out, steps=args.steps, seed=args.seed, device=args.device)
     else:
         if args.steps is not None:
             raise ConfigError("--steps needs --out: the cached seed model always uses the profile's steps")
@@ -151,12 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("seed", help="build the seed model (tokenizer + small Llama, pretrained)",
-                       description="Train the tokenizer and pretrain the seed model; with no --out the "
-                                   "result is cached per machine and reused.")
+                       description="Train the tokenizer and pretrain the seed model. With no --out: the "
+                                   "model shipped in sleepray/seed_models/ when it matches the recipe, else "
+                                   "a build cached per machine. With --out: a fresh build (to ship a rebuilt "
+                                   "model, build into sleepray/seed_models/seed-PROFILE-vVERSION-HASH).")
     p.add_argument("--profile", choices=["test", "small"], default="small")
     p.add_argument("--out", help="build into this folder instead of the cache")
     p.add_argument("--steps", type=int, default=None, help="pretraining steps (with --out only)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where to pretrain (with --out): cpu or cuda")
     p.set_defaults(func=cmd_seed)
 
     p = sub.add_parser("memory", help="add episodes to the short-term memory, or list it",

@@ -32,6 +32,11 @@ class WorldConfig(_Section):
     question_delay: int = Field(1, ge=0, description="episodes after which questions about an episode come back")
     source: Literal["builtin", "file"] = "builtin"
     data_path: Optional[str] = Field(None, description="JSONL or Parquet of user documents and QA pairs")
+    qa_as_memory: bool = Field(False, description="world.source=file: {question, answer} records are evaluation "
+                                                  "data and never reach a sleep; true (opt-in by name) also "
+                                                  "puts each pair into its episode's memory as a document "
+                                                  "'Q: ...\\nA: ...', so sleeps train on them; the evaluation "
+                                                  "then refuses to run (it would grade what the sleep trained on)")
 
 
 class ModelConfig(_Section):

@@ -32,15 +32,32 @@ def chunks(items: list, n: int) -> list[list]:
     return out
 
 
+def accuracy_by_phrasing(probes: list, answers: list[str]) -> dict[str, float]:
+    """{phrasing: exact-match accuracy} of ``answers`` (aligned with ``probes``), per phrasing family."""
+    from sleepray.qa import exact_match
+    em: dict[str, list[float]] = {}
+    for p, a in zip(probes, answers):
+        em.setdefault(p.phrasing, []).append(exact_match(a, p.answer))
+    return {ph: sum(xs) / len(xs) for ph, xs in em.items()}
+
+
 def evaluate(cfg, storage: str | Path, episodes: list, in_context: bool = False) -> dict:
-    """Closed-book accuracy (and in-context, if asked) of the latest version on each episode."""
+    """Closed-book accuracy (and in-context, if asked) of the latest version on each episode.
+
+    ``closed_book``/``in_context``: {episode: accuracy over all its questions};
+    ``closed_book_by_phrasing``: {phrasing: {episode: accuracy over its questions of that
+    phrasing}} (``sleepray.world.Probe.phrasing``: "seen" or the evaluation-only "unseen").
+    """
     from sleepray.qa import evaluate_probes
     from sleepray.sleep import latest_version, load_bank
     bank, tok, _ = load_bank(cfg, storage)
     v = latest_version(storage)
-    out = {"version": v.name if v else None, "closed_book": {}, "in_context": {}}
+    out = {"version": v.name if v else None, "closed_book": {}, "in_context": {}, "closed_book_by_phrasing": {}}
     for ep in episodes:
-        out["closed_book"][ep.episode_id] = evaluate_probes(bank.model, tok, ep.probes, None).accuracy
+        cb = evaluate_probes(bank.model, tok, ep.probes, None)
+        out["closed_book"][ep.episode_id] = cb.accuracy
+        for ph, a in accuracy_by_phrasing(ep.probes, cb.answers).items():
+            out["closed_book_by_phrasing"].setdefault(ph, {})[ep.episode_id] = a
         if in_context:
             with bank.teacher_mode():
                 out["in_context"][ep.episode_id] = evaluate_probes(bank.model, tok, ep.probes, ep.context).accuracy

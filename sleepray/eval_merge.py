@@ -3,7 +3,10 @@ or ``ray job submit`` jobs) into one: ``sleepray eval --merge DIR DIR ... --out 
 
 The parts must have measured the same stream (episodes, parts) with the same model and
 method settings; only ``eval.methods``, ``eval.seeds`` and ``eval.first_seed`` may differ.
-A (method, seed) run present in two parts is an error, not a silent overwrite.
+A (method, seed) run present in two parts is an error, not a silent overwrite. Runs keep
+every field they have (``R_by_phrasing``, the per-phrasing metrics, ...); the summary is
+recomputed over all of them. Each part's ``provenance`` is kept, in part order, under
+``provenance_parts``; the top-level ``provenance`` is the merge's own.
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from sleepray import eval_metrics as M
 from sleepray.eval_run import RUN_METRICS
 
 _MAY_DIFFER = {"methods", "seeds", "first_seed"}
-_SAME = ("schema_version", "profile", "episodes", "parts", "part_of", "n_probes")
+_SAME = ("schema_version", "profile", "episodes", "parts", "part_of", "n_probes", "phrasings",
+         "n_probes_by_phrasing")
 
 
 def _comparable_config(cfg: dict) -> dict:
@@ -26,6 +30,7 @@ def _comparable_config(cfg: dict) -> dict:
 
 def merge_results(parts: list[dict]) -> dict:
     """One results dict (the ``results.json`` schema) from several."""
+    from sleepray.provenance import provenance
     if len(parts) < 2:
         raise ValueError("merge needs at least two results")
     first = parts[0]
@@ -48,9 +53,12 @@ def merge_results(parts: list[dict]) -> dict:
     seeds = sorted({r["seed"] for r in runs})
     config = json.loads(json.dumps(first["config"]))
     config["eval"].update(methods=methods, seeds=len(seeds), first_seed=seeds[0])
+    world = config.get("world", {})
     return {
-        **{k: first[k] for k in _SAME},
+        **{k: first.get(k) for k in _SAME},
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "provenance": provenance(seeds=seeds, world_seeds=[world["seed"]] if world.get("source") == "builtin" else []),
+        "provenance_parts": [p.get("provenance") for p in parts],
         "wall_seconds": round(sum(p["wall_seconds"] for p in parts), 2),
         "config": config, "methods": methods, "seeds": seeds, "baseline": first["baseline"], "runs": runs,
         "summary": {m: M.summarize([r for r in runs if r["method"] == m], RUN_METRICS) for m in methods},

@@ -1,16 +1,17 @@
 """The methods the evaluation compares, one class each, on the same stream and seeds.
 
 Every method gets its own storage folder with a MemoryStore. The evaluation loop
-appends each part of the stream to it (the ground-truth answers go into the store's
-``eval_*`` columns), then calls :meth:`Method.sleep`: the method reads the short-term
-episodes back WITHOUT answers (``MemoryStore.export_episodes("short_term")``), trains,
-and marks them consolidated. :meth:`Method.model` gives the model to measure.
+appends each part of the stream to it (its documents: questions and answers are
+evaluation data and never enter a store), then calls :meth:`Method.sleep`: the method
+reads the short-term episodes back (``MemoryStore.export_episodes("short_term")``:
+documents only), trains, and marks them consolidated. :meth:`Method.model` gives the model to measure.
 
 | name | what one sleep does |
 |---|---|
 | ``no_sleep`` | nothing: the base model, closed-book |
 | ``in_context`` | nothing; measured with each seen episode's own documents in its context (oracle retrieval, unbounded context: the upper reference) |
 | ``sft`` | a fresh expert, plain SFT (next-token loss) on the raw documents of the part |
+| ``sft_self_qa`` | a fresh expert, SFT on the same kind of self-written Q/A a sleep trains on: questions the model writes with the episode in context, answered by it with the episode in context |
 | ``seal`` | a fresh expert, SFT on self-edits: dreams the model writes with the episode in context (``eval.seal_formats``, default ``rem.formats``), every one used: no selection, no trials, no ReST-EM, no replay, no random expert, no NREM |
 | ``distill_no_expansion`` | on-policy distillation (NREM's GKD divergence, no Learning to Imitate) into ALL weights of the model, no expert: the teacher is a frozen copy of the model as it was before this sleep, with the episode in context |
 | ``no_expansion`` | the Sleep ablation without expansion: NREM as configured (GKD + Learning to Imitate) into all weights; REM is not run (dreaming needs expert slots: the random expert, isolated trials of the new expert, the dream writer) |
@@ -19,7 +20,7 @@ and marks them consolidated. :meth:`Method.model` gives the model to measure.
 | ``sleep_no_lti`` | ``sleep`` with ``nrem.use_lti=false`` |
 | ``sleep_no_replay`` | ``sleep`` with ``rem.replay=false`` |
 
-``sft`` and ``seal`` train ``eval.baseline_steps`` steps (default ``nrem.steps``) at
+``sft``, ``sft_self_qa`` and ``seal`` train ``eval.baseline_steps`` steps (default ``nrem.steps``) at
 ``eval.baseline_lr`` (default ``nrem.lr``), batch ``nrem.batch_size``: the budget of the
 NREM-vs-SFT comparison in ``sleepray.nrem_eval``. The whole-model methods train at
 ``eval.full_model_lr`` (all weights move, so a LoRA learning rate is too large).
@@ -157,6 +158,36 @@ class SFT(_ExpertMethod):
                 "loss_first": losses[0], "loss_last": losses[-1]}
 
 
+class SFTSelfQA(_ExpertMethod):
+    """SFT on the same self-written Q/A a sleep trains on: the model writes questions about each
+    episode with it in context (as NREM's query prompts: ``nrem.prompts_per_episode / 2`` of
+    them), answers them greedily with the episode in context (the teacher's answers), and a
+    fresh expert is fine-tuned on ``Q: question / A: answer`` (loss on the answer)."""
+    name = "sft_self_qa"
+
+    def _train(self, i: int) -> dict:
+        from sleepray.lm import sft
+        from sleepray.prompts import model_question_writer
+        from sleepray.rem import teacher_probe_targets
+        eps = self.short_term()
+        n = max(1, round(self.cfg.nrem.prompts_per_episode / 2))
+        writer = model_question_writer(self.bank, self.tok, self.cfg.nrem.temperature,
+                                       seed=_sleep_seed(self.seed, i, 6))
+        pairs = [t for ep in eps for t in teacher_probe_targets(self.bank, self.tok, ep, n, writer,
+                                                                self.cfg.rem.probe_max_new_tokens)]
+        slot = self._open()
+        info = {"expert": slot, "pairs": len(pairs), "steps": 0}
+        if pairs:
+            self.bank.model.eval()
+            losses = sft(self.bank.trainable_parameters(), self.bank.model, self.tok, [t.text for t in pairs],
+                         self.steps, self.lr, batch_size=self.cfg.nrem.batch_size,
+                         seed=_sleep_seed(self.seed, i, 7), prompts=[t.prompt for t in pairs])
+            info.update(steps=self.steps, loss_first=losses[0], loss_last=losses[-1])
+        self.bank.freeze_current()
+        self.consolidate(eps, i)
+        return info
+
+
 class SEAL(_ExpertMethod):
     name = "seal"
 
@@ -238,8 +269,7 @@ class _WholeModelNREM(Method):
 
     def _train(self, i: int) -> dict:
         from sleepray.nrem import run_nrem
-        from sleepray.prompts import consolidation_prompts
-        from sleepray.sleep import model_question_writer
+        from sleepray.prompts import consolidation_prompts, model_question_writer
         from sleepray.sleep_phases import nrem_anchor
         eps = self.short_term()
         ncfg = self.cfg.nrem.model_copy(update={
@@ -247,7 +277,7 @@ class _WholeModelNREM(Method):
             "use_lti": self.cfg.nrem.use_lti if self.use_lti is None else self.use_lti})
         self.bank.snapshot()
         rng = random.Random(_sleep_seed(self.seed, i, 3))
-        writer = model_question_writer(self.bank, self.tok, ncfg.temperature)
+        writer = model_question_writer(self.bank, self.tok, ncfg.temperature, seed=_sleep_seed(self.seed, i, 5))
         prompts = [p for ep in eps for p in consolidation_prompts(ep, ncfg.prompts_per_episode, rng, writer)]
         result = run_nrem(self.bank, self.tok, prompts, ncfg, seed=_sleep_seed(self.seed, i, 4),
                           progress=False, anchor_texts=nrem_anchor(self.cfg))
@@ -319,7 +349,7 @@ class SleepNoReplay(Sleep):
 
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (
-    NoSleep, InContext, SFT, SEAL, DistillNoExpansion, NoExpansion, Sleep, SleepNoREM, SleepNoLTI,
+    NoSleep, InContext, SFT, SFTSelfQA, SEAL, DistillNoExpansion, NoExpansion, Sleep, SleepNoREM, SleepNoLTI,
     SleepNoReplay)}
 
 

@@ -7,8 +7,10 @@ Under the output folder:
 * ``plots/accuracy_over_time.png``: one panel per method, closed-book accuracy on each
   episode after every sleep (mean over seeds), a marker where the episode arrives;
 * ``plots/methods.png``: bars of ACC, BWT and FWT per method, error bars one std over seeds;
-* ``report.md``: the table of methods (mean ± std over seeds), definitions, the plots
-  and each method's mean R.
+* ``plots/phrasing.png`` (when the questions have phrasing families): bars of ACC on
+  seen-phrasing and on unseen-phrasing questions per method;
+* ``report.md``: the table of methods (mean ± std over seeds; seen / unseen phrasing
+  columns where there are such questions), definitions, the plots and each method's mean R.
 """
 from __future__ import annotations
 
@@ -33,8 +35,14 @@ DESCRIPTIONS = {
     "sleep_no_replay": "Sleep without generative replay",
 }
 
-TABLE = [("ACC", "ACC"), ("BWT", "BWT"), ("FWT", "FWT"), ("LA", "LA"), ("ACC_in_context", "in-context ACC"),
+TABLE = [("ACC", "ACC"), ("BWT", "BWT"), ("FWT", "FWT"), ("LA", "LA"),
+         ("ACC_seen", "ACC seen"), ("ACC_unseen", "ACC unseen"), ("LA_seen", "LA seen"), ("LA_unseen", "LA unseen"),
+         ("ACC_in_context", "in-context ACC"), ("ACC_in_context_seen", "in-context ACC seen"),
+         ("ACC_in_context_unseen", "in-context ACC unseen"),
          ("F1", "F1"), ("drift", "drift (general)"), ("drift_world", "drift (world)"), ("seconds", "seconds")]
+# per-phrasing columns: shown only when some method has a value
+PHRASING_COLUMNS = {"ACC_seen", "ACC_unseen", "LA_seen", "LA_unseen", "ACC_in_context_seen",
+                    "ACC_in_context_unseen"}
 
 
 def _fmt(s: dict, digits: int = 3) -> str:
@@ -137,23 +145,67 @@ def plot_methods(results: dict, path: Path) -> Path:
     return path
 
 
+def _has(results: dict, key: str) -> bool:
+    """Whether some method's summary has a value of ``key``."""
+    return any((results["summary"][m].get(key) or {}).get("n") for m in results["methods"])
+
+
+def plot_phrasing(results: dict, path: Path) -> Path:
+    """ACC on seen- and on unseen-phrasing questions per method (error bars one std over seeds)."""
+    plt = _plt()
+    methods = results["methods"]
+    fig, ax = plt.subplots(figsize=(1.6 + 0.6 * len(methods), 3.6))
+    width = 0.4
+    for k, (ph, color) in enumerate((("seen", "tab:blue"), ("unseen", "tab:orange"))):
+        stats = [results["summary"][m].get(f"ACC_{ph}") or {} for m in methods]
+        means = [s.get("mean") or 0.0 for s in stats]
+        errs = [s.get("std") or 0.0 for s in stats]
+        ax.bar([x + (k - 0.5) * width for x in range(len(methods))], means, width, yerr=errs, capsize=3,
+               color=color, label=f"{ph} phrasing")
+    ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("ACC", fontsize=8)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title("ACC by question phrasing", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_plots(results: dict, out: str | Path) -> list[Path]:
     d = Path(out) / "plots"
     d.mkdir(parents=True, exist_ok=True)
     paths = [plot_heatmap(results, m, d / f"R_{m}.png") for m in results["methods"]]
     paths.append(plot_over_time(results, d / "accuracy_over_time.png"))
     paths.append(plot_methods(results, d / "methods.png"))
+    if _has(results, "ACC_seen") or _has(results, "ACC_unseen"):
+        paths.append(plot_phrasing(results, d / "phrasing.png"))
     return paths
 
 
 def methods_table(results: dict) -> str:
-    head = "| method | " + " | ".join(label for _, label in TABLE) + " |"
-    lines = [head, "|" + "---|" * (len(TABLE) + 1)]
+    cols = [(k, label) for k, label in TABLE if k not in PHRASING_COLUMNS or _has(results, k)]
+    head = "| method | " + " | ".join(label for _, label in cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
     for m in results["methods"]:
         s = results["summary"][m]
-        cells = [_fmt(s[k], 1 if k == "seconds" else 3) for k, _ in TABLE]
+        cells = [_fmt(s.get(k), 1 if k == "seconds" else 3) for k, _ in cols]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _phrasing_lines(results: dict) -> list[str]:
+    """The sentence on the two phrasing families, with each one's question count."""
+    n_by = results.get("n_probes_by_phrasing") or {}
+    if not n_by:
+        return []
+    counts = ", ".join(f"{sum(v)} {ph}" for ph, v in n_by.items())
+    return ["- **seen / unseen** (questions by phrasing; " + counts + "): *seen* questions use the templates the "
+            "seed model met in pretraining; *unseen* questions are evaluation-only paraphrases that appear "
+            "nowhere in pretraining nor in a sleep, so the *unseen* columns are the honest generalisation "
+            "figure. Each is scored over the episodes that have such questions."]
 
 
 def _matrix_md(R: list[list[float]], eps: list[str]) -> str:
@@ -182,6 +234,13 @@ def render_report(results: dict) -> str:
     mins = results["wall_seconds"] / 60
     n_cb = sum(base["closed_book"][j] for j in range(E)) / E
     n_ic = sum(base["in_context"][j] for j in range(E)) / E
+    base_by = ""
+    for ph, xs in (base.get("closed_book_by_phrasing") or {}).items():
+        ic = [v for v in base["in_context_by_phrasing"][ph] if v is not None]
+        xs = [v for v in xs if v is not None]
+        if xs:
+            base_by += (f" On {ph}-phrasing questions: {sum(xs) / len(xs):.3f} closed-book, "
+                        f"{sum(ic) / len(ic):.3f} in context.")
     out = [
         f"# Continual-learning evaluation: `{results['profile']}` profile",
         "",
@@ -193,7 +252,7 @@ def render_report(results: dict) -> str:
         setup,
         "",
         f"Never slept, the base model answers {n_cb:.3f} closed-book and {n_ic:.3f} with the episode in "
-        f"its context (exact match).",
+        f"its context (exact match).{base_by}",
         "",
         "## Methods",
         "",
@@ -215,6 +274,7 @@ def render_report(results: dict) -> str:
         "- **drift**: perplexity after the last sleep over the base model's, minus 1, on held-out general "
         "text (`sleepray/general_text.py`) and on held-out world documents (unseen entities).",
         "- **seconds**: wall time of one run (all its sleeps and measurements).",
+        *_phrasing_lines(results),
         "",
     ]
     out += [f"- `{m}`: {DESCRIPTIONS.get(m, '')}" for m in results["methods"]]
@@ -223,8 +283,10 @@ def render_report(results: dict) -> str:
                     "(the seed models are pretrained on world text only), so drift (general) is mostly noise "
                     "there; drift (world), on documents about unseen entities "
                     f"(base perplexity {base['perplexity_world']:.3g}), is the one to read."]
-    out += ["", "![methods](plots/methods.png)", "", "![accuracy over time](plots/accuracy_over_time.png)", "",
-            "## R per method (mean over seeds)", ""]
+    out += ["", "![methods](plots/methods.png)", ""]
+    if _has(results, "ACC_seen") or _has(results, "ACC_unseen"):
+        out += ["![ACC by phrasing](plots/phrasing.png)", ""]
+    out += ["![accuracy over time](plots/accuracy_over_time.png)", "", "## R per method (mean over seeds)", ""]
     out += ["Parts: " + "; ".join(f"sleep {i + 1}: {', '.join(p)}" for i, p in enumerate(parts)), "",
             "Never slept (b): " + ", ".join(f"{e} {v:.2f}" for e, v in zip(eps, base["closed_book"])), ""]
     for m in results["methods"]:

@@ -9,32 +9,53 @@ then every episode of the stream (seen or not) is answered closed-book and, for
 reference, with its documents in context. Perplexity on held-out general text and on
 held-out world documents is measured after every sleep. Metrics: ``sleepray.eval_metrics``.
 
+Every question has a phrasing (``sleepray.world.Probe.phrasing``): ``"seen"``, a question
+template the seed model met in pretraining, or ``"unseen"``, an evaluation-only template
+that appears nowhere in pretraining nor in a sleep (the honest generalisation figure).
+Scores are reported over all questions and per phrasing family.
+
 Files written under ``out``:
 
-``results.json`` (schema version 1)::
+``results.json`` (schema version 2)::
 
-    {"schema_version": 1, "created_at": ISO time, "profile": eval.profile, "wall_seconds": float,
+    {"schema_version": 2, "created_at": ISO time, "profile": eval.profile, "wall_seconds": float,
+     "provenance": sleepray.provenance.provenance(seeds, world_seeds),
      "config": the full config, "methods": [...], "seeds": [...],
      "episodes": [episode ids, j order], "parts": [[ids of part i] ...], "part_of": [p(j) ...],
-     "n_probes": [probes of episode j ...],
-     "baseline": {"closed_book": [b_j ...], "in_context": [...], "perplexity": float,
+     "n_probes": [probes of episode j ...], "phrasings": [phrasing groups in the stream],
+     "n_probes_by_phrasing": {phrasing: [probes of that phrasing in episode j ...]},
+     "baseline": {"closed_book": [b_j ...], "in_context": [...],
+                  "closed_book_by_phrasing": {phrasing: [b_j | null ...]},
+                  "in_context_by_phrasing": {phrasing: [...]}, "perplexity": float,
                   "perplexity_world": float, "seconds": float},
      "runs": [{"method", "seed", "R": [[R[i][j]]], "R_mode": "closed_book" | "in_context",
-               "R_in_context": [[...]] | null, "F1": [[token F1, same mode as R]],
+               "R_by_phrasing": {phrasing: [[R[i][j] | null]]},
+               "R_in_context": [[...]] | null, "R_in_context_by_phrasing": {phrasing: [[...]]} | null,
+               "F1": [[token F1, same mode as R]],
                "perplexity": [after sleep i ...], "perplexity_world": [...],
                "drift": [ppl_i / ppl_base - 1 ...], "drift_world": [...],
                "metrics": {"ACC", "BWT", "FWT", "LA", "forgetting", "ACC_in_context", "F1",
+                           "ACC_seen", "ACC_unseen", "LA_seen", "LA_unseen", "BWT_seen",
+                           "BWT_unseen", "ACC_in_context_seen", "ACC_in_context_unseen",
                            "drift", "drift_world", "seconds"},
                "seconds": wall seconds of the run, "sleep_seconds": [...], "eval_seconds": [...],
                "sleeps": [what each sleep reported], "config": the run's config (seed.seed set)}],
      "summary": {method: {metric: {"mean", "std", "n"}}}}
 
-``R[i][j]``: exact-match accuracy on episode j after sleep i (i = 0 is the first sleep).
-``metrics.drift``/``drift_world`` are the values after the last sleep.
+``R[i][j]``: exact-match accuracy on episode j after sleep i (i = 0 is the first sleep), over
+all of the episode's questions. ``R_by_phrasing[ph]``: the same over its questions of phrasing
+``ph`` only (same mode rule as ``R``), null where episode j has none; a phrasing no episode
+has is left out. ``R_in_context_by_phrasing``: likewise for ``R_in_context`` (null when
+in-context is not measured). ``metrics.<M>_<ph>`` (M = ACC, LA, BWT, ACC_in_context): the
+metric of ``sleepray.eval_metrics`` on ``R_by_phrasing[ph]`` (``R_in_context_by_phrasing[ph]``
+for ACC_in_context) over the episodes that have such questions; None when there are none
+or in-context is not measured. ``metrics.drift``/``drift_world`` are the values after the
+last sleep.
 
 ``answers.parquet``: one row per answered question: ``method, seed, after_sleep, episode,
-part, seen, mode, question, gold, prediction, em, f1``; ``after_sleep`` counts from 1,
-``mode`` is the prompt given (``closed_book`` or ``in_context``); the never-slept
+part, seen, mode, phrasing, question, gold, prediction, em, f1``; ``after_sleep`` counts
+from 1, ``mode`` is the prompt given (``closed_book`` or ``in_context``), ``seen`` whether
+the episode had arrived, ``phrasing`` the question's phrasing family; the never-slept
 baseline's rows have ``method = "base"``, ``seed`` null and ``after_sleep = 0``.
 
 ``plots/*.png`` and ``report.md``: ``sleepray.eval_report``.
@@ -53,17 +74,19 @@ from typing import Optional
 from tqdm.auto import tqdm
 
 from sleepray import eval_metrics as M
+from sleepray.world import PHRASINGS
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DRIFT_WORLD_SEED = 10_900_000  # held-out world documents: never in pretraining nor in a stream
 DRIFT_TEXT_SEED_OFFSET = 77
 MODES = ("closed_book", "in_context")
-ANSWER_COLUMNS = ["method", "seed", "after_sleep", "episode", "part", "seen", "mode", "question", "gold",
-                  "prediction", "em", "f1"]
-RUN_METRICS = ("ACC", "BWT", "FWT", "LA", "forgetting", "ACC_in_context", "F1", "drift", "drift_world",
-               "seconds")
+ANSWER_COLUMNS = ["method", "seed", "after_sleep", "episode", "part", "seen", "mode", "phrasing", "question",
+                  "gold", "prediction", "em", "f1"]
+PHRASING_METRICS = tuple(f"{m}_{ph}" for m in ("ACC", "LA", "BWT", "ACC_in_context") for ph in PHRASINGS)
+RUN_METRICS = ("ACC", "BWT", "FWT", "LA", "forgetting", "ACC_in_context", "F1", *PHRASING_METRICS, "drift",
+               "drift_world", "seconds")
 
 
 def heldout_texts(cfg) -> tuple[list[str], list[str]]:
@@ -79,19 +102,42 @@ def heldout_texts(cfg) -> tuple[list[str], list[str]]:
 
 
 def answer_episode(model, tok, episode, in_context: bool, max_new_tokens: int = 12) -> list[dict]:
-    """Greedy answers to every probe of ``episode``: question, gold, prediction, em, f1."""
+    """Greedy answers to every probe of ``episode``: phrasing, question, gold, prediction, em, f1."""
     from sleepray.qa import exact_match, generate_answers, token_f1
     from sleepray.world import qa_prompt
     if not episode.probes:
         return []
     prompts = [qa_prompt(p.question, episode.context if in_context else None) for p in episode.probes]
     preds = generate_answers(model, tok, prompts, max_new_tokens)
-    return [{"question": p.question, "gold": p.answer, "prediction": a, "em": exact_match(a, p.answer),
-             "f1": token_f1(a, p.answer)} for p, a in zip(episode.probes, preds)]
+    return [{"phrasing": p.phrasing, "question": p.question, "gold": p.answer, "prediction": a,
+             "em": exact_match(a, p.answer), "f1": token_f1(a, p.answer)} for p, a in zip(episode.probes, preds)]
 
 
 def _mean(rows: list[dict], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows) if rows else 0.0
+
+
+def _em_of(rows: list[dict], phrasing: str) -> Optional[float]:
+    """Mean exact match over the rows of one phrasing; None when there are none."""
+    xs = [r["em"] for r in rows if r["phrasing"] == phrasing]
+    return sum(xs) / len(xs) if xs else None
+
+
+def phrasing_metrics(R_by: dict, p: list[int], R_ic_by: Optional[dict]) -> dict:
+    """``ACC_<ph>``, ``LA_<ph>``, ``BWT_<ph>``, ``ACC_in_context_<ph>`` for every phrasing of
+    ``sleepray.world.PHRASINGS``, each over the episodes that have questions of that phrasing
+    (None where there are none, or in-context was not measured)."""
+    out = {k: None for k in PHRASING_METRICS}
+    for ph in PHRASINGS:
+        for R, keys in ((R_by.get(ph), ("ACC", "LA", "BWT")), ((R_ic_by or {}).get(ph), ("ACC_in_context",))):
+            cols = [j for j in range(len(p)) if R and R[0][j] is not None]
+            if not cols:
+                continue
+            sub, sp = [[row[j] for j in cols] for row in R], [p[j] for j in cols]
+            vals = {"ACC": M.acc(sub), "LA": M.learning_accuracy(sub, sp), "BWT": M.bwt(sub, sp),
+                    "ACC_in_context": M.acc(sub)}
+            out.update({f"{k}_{ph}": vals[k] for k in keys})
+    return out
 
 
 class Stream:
@@ -99,8 +145,8 @@ class Stream:
 
     def __init__(self, cfg, episodes: Optional[list] = None):
         from sleepray.cycle_run import chunks
-        from sleepray.stream import episodes_from_config
-        self.episodes = list(episodes if episodes is not None else episodes_from_config(cfg.world))
+        from sleepray.stream import evaluation_episodes
+        self.episodes = list(episodes if episodes is not None else evaluation_episodes(cfg.world))
         if not self.episodes:
             raise ValueError("the stream has no episodes")
         empty = [e.episode_id for e in self.episodes if not e.probes]
@@ -111,6 +157,8 @@ class Stream:
         self.parts = chunks(self.episodes, cfg.cycle.n_sleeps)
         self.ids = [e.episode_id for e in self.episodes]
         self.part_of = M.part_of([[e.episode_id for e in p] for p in self.parts], self.ids)
+        found = {p.phrasing for e in self.episodes for p in e.probes}
+        self.phrasings = [ph for ph in PHRASINGS if ph in found] + sorted(found - set(PHRASINGS))
         self.general, self.world_docs = heldout_texts(cfg)
 
 
@@ -150,9 +198,14 @@ def measure_baseline(cfg, stream: Stream, rows: list) -> dict:
     model, tok, _ = load_from_config(cfg, progress=False)
     meas = _Measure(cfg, stream, "base", None, rows)
     out = {"closed_book": [], "in_context": []}
+    by = {mode: {ph: [] for ph in stream.phrasings} for mode in MODES}
     for j in range(len(stream.episodes)):
         for mode in MODES:
-            out[mode].append(_mean(meas.answers(0, model, tok, j, mode, 0), "em"))
+            rows_j = meas.answers(0, model, tok, j, mode, 0)
+            out[mode].append(_mean(rows_j, "em"))
+            for ph in stream.phrasings:
+                by[mode][ph].append(_em_of(rows_j, ph))
+    out["closed_book_by_phrasing"], out["in_context_by_phrasing"] = by["closed_book"], by["in_context"]
     out["perplexity"], out["perplexity_world"] = meas.perplexity(0, model, tok)
     out["seconds"] = round(time.time() - t0, 2)
     return out
@@ -170,6 +223,8 @@ def run_method(cfg, stream: Stream, name: str, seed: int, storage: Path, baselin
     E = len(stream.episodes)
     want_ic = cfg.eval.in_context or m.measured_in_context
     R, F1, R_ic, ppl, ppl_w = [], [], [], [], []
+    R_by = {ph: [] for ph in stream.phrasings}
+    R_ic_by = {ph: [] for ph in stream.phrasings}
     sleeps, sleep_s, eval_s = [], [], []
     try:
         for i, part in enumerate(stream.parts):
@@ -180,17 +235,26 @@ def run_method(cfg, stream: Stream, name: str, seed: int, storage: Path, baselin
             te = time.time()
             model, tok = m.model()
             row, f1row, icrow = [], [], []
+            by_row = {ph: [] for ph in stream.phrasings}
+            ic_by_row = {ph: [] for ph in stream.phrasings}
             for j in range(E):
                 cb = meas.answers(m.version, model, tok, j, "closed_book", i + 1)
                 ic = meas.answers(m.version, model, tok, j, "in_context", i + 1) if want_ic else None
                 use = ic if (m.measured_in_context and stream.part_of[j] <= i) else cb
                 row.append(_mean(use, "em"))
                 f1row.append(_mean(use, "f1"))
+                for ph in stream.phrasings:
+                    by_row[ph].append(_em_of(use, ph))
                 if ic is not None:
                     icrow.append(_mean(ic, "em"))
+                    for ph in stream.phrasings:
+                        ic_by_row[ph].append(_em_of(ic, ph))
             R.append(row)
             F1.append(f1row)
             R_ic.append(icrow)
+            for ph in stream.phrasings:
+                R_by[ph].append(by_row[ph])
+                R_ic_by[ph].append(ic_by_row[ph])
             g, w = meas.perplexity(m.version, model, tok)
             ppl.append(g)
             ppl_w.append(w)
@@ -208,13 +272,15 @@ def run_method(cfg, stream: Stream, name: str, seed: int, storage: Path, baselin
     drift = [x / baseline["perplexity"] - 1.0 for x in ppl]
     drift_w = [x / baseline["perplexity_world"] - 1.0 for x in ppl_w]
     metrics = M.metrics(R, stream.part_of, baseline["closed_book"])
-    metrics.update(ACC_in_context=M.acc(R_ic) if want_ic else None, F1=M.acc(F1), drift=drift[-1],
-                   drift_world=drift_w[-1], seconds=seconds)
+    metrics.update(ACC_in_context=M.acc(R_ic) if want_ic else None, F1=M.acc(F1),
+                   **phrasing_metrics(R_by, stream.part_of, R_ic_by if want_ic else None),
+                   drift=drift[-1], drift_world=drift_w[-1], seconds=seconds)
     run_cfg = cfg.model_copy(deep=True)
     run_cfg.seed.seed = seed
     return {"method": name, "seed": seed, "R": R,
-            "R_mode": "in_context" if name == "in_context" else "closed_book",
-            "R_in_context": R_ic if want_ic else None, "F1": F1, "perplexity": ppl, "perplexity_world": ppl_w,
+            "R_mode": "in_context" if name == "in_context" else "closed_book", "R_by_phrasing": R_by,
+            "R_in_context": R_ic if want_ic else None, "R_in_context_by_phrasing": R_ic_by if want_ic else None,
+            "F1": F1, "perplexity": ppl, "perplexity_world": ppl_w,
             "drift": drift, "drift_world": drift_w, "metrics": metrics, "seconds": seconds,
             "sleep_seconds": sleep_s, "eval_seconds": eval_s, "sleeps": sleeps,
             "config": run_cfg.model_dump(mode="json")}
@@ -238,6 +304,7 @@ def run_eval(cfg, out: str | Path, progress: bool = True, episodes: Optional[lis
 
 def _run_eval(cfg, out, progress: bool, episodes: Optional[list]) -> dict:
     from sleepray.eval_methods import check_methods
+    from sleepray.provenance import provenance
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     methods = check_methods(list(cfg.eval.methods))
@@ -267,9 +334,13 @@ def _run_eval(cfg, out, progress: bool, episodes: Optional[list]) -> dict:
         "schema_version": SCHEMA_VERSION,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "profile": cfg.eval.profile, "wall_seconds": round(time.time() - t0, 2),
+        "provenance": provenance(seeds=seeds, world_seeds=[cfg.world.seed] if cfg.world.source == "builtin" else []),
         "config": cfg.model_dump(mode="json"), "methods": methods, "seeds": seeds,
         "episodes": stream.ids, "parts": [[e.episode_id for e in p] for p in stream.parts],
         "part_of": stream.part_of, "n_probes": [len(e.probes) for e in stream.episodes],
+        "phrasings": stream.phrasings,
+        "n_probes_by_phrasing": {ph: [sum(p.phrasing == ph for p in e.probes) for e in stream.episodes]
+                                 for ph in stream.phrasings},
         "baseline": baseline, "runs": runs,
         "summary": {m: M.summarize([r for r in runs if r["method"] == m], RUN_METRICS) for m in methods},
     }
@@ -283,7 +354,8 @@ def write_answers(rows: list[dict], path: Path) -> Path:
     import pyarrow.parquet as pq
     schema = pa.schema([("method", pa.string()), ("seed", pa.int64()), ("after_sleep", pa.int32()),
                         ("episode", pa.string()), ("part", pa.int32()), ("seen", pa.bool_()),
-                        ("mode", pa.string()), ("question", pa.string()), ("gold", pa.string()),
+                        ("mode", pa.string()), ("phrasing", pa.string()), ("question", pa.string()),
+                        ("gold", pa.string()),
                         ("prediction", pa.string()), ("em", pa.float64()), ("f1", pa.float64())])
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
     return path

@@ -30,9 +30,13 @@ warning and cut off before the next ledger write.
 Concurrency: every operation holds a ``threading.RLock`` and an exclusive ``fcntl``
 lock on ``root/.lock``, so threads and several processes can share one folder.
 
-Episodes carry evaluation ground truth (probe answers, facts) in separate columns,
-``eval_answers`` and ``eval_facts``; reads drop them unless ``with_answers=True``, so
-training code never sees them by accident.
+Memory is what a user hands over to learn: documents and conversations. Evaluation
+data (questions, their answers, a world's facts) never enters it: an ``Episode`` is
+stored as its documents alone, and a record that carries ``probes``, ``eval_answers``,
+``facts`` or ``eval_facts`` is refused (issue 15: a sleep never sees the questions it is
+graded on). The ``probes`` / ``eval_*`` columns stay in the schema, always empty, so that
+segments written before this rule still read; their questions and answers are never
+handed out.
 """
 from __future__ import annotations
 
@@ -55,13 +59,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sleepray.world import Episode, Fact, Probe
+from sleepray.world import Episode
 
 log = logging.getLogger(__name__)
 
 KINDS = ("document", "interaction", "episode")
 STATUSES = ("short_term", "consolidated", "all", "deleted")
-ANSWER_COLUMNS = ("eval_answers", "eval_facts")
+HIDDEN_COLUMNS = ("probes", "eval_answers", "eval_facts")  # never handed out
+EVAL_FIELDS = ("probes", "eval_answers", "facts", "eval_facts")
 
 PROBE_TYPE = pa.struct([("question", pa.string()), ("entity", pa.string()),
                         ("attribute", pa.string())])
@@ -73,9 +78,9 @@ EPISODE_SCHEMA = pa.schema([
     pa.field("kind", pa.string(), nullable=False),
     pa.field("text", pa.string(), nullable=False),
     pa.field("documents", pa.list_(pa.string())),
-    pa.field("probes", pa.list_(PROBE_TYPE)),          # questions only, no answers
-    pa.field("eval_answers", pa.list_(pa.string())),   # ground truth, aligned with probes
-    pa.field("eval_facts", pa.list_(FACT_TYPE)),       # ground truth facts (world episodes)
+    pa.field("probes", pa.list_(PROBE_TYPE)),          # always empty now: older segments' questions
+    pa.field("eval_answers", pa.list_(pa.string())),   # always null now (older segments' answers)
+    pa.field("eval_facts", pa.list_(FACT_TYPE)),       # always empty now (older segments' facts)
     pa.field("source", pa.string()),
     pa.field("created_at", pa.timestamp("us", tz="UTC")),
     pa.field("n_tokens", pa.int32()),
@@ -152,16 +157,20 @@ def _as_str_list(v: Any, where: str) -> list[str]:
 def _normalize(i: int, rec: Any) -> dict:
     """Validate one input record and return a row of ``EPISODE_SCHEMA``."""
     where = f"record {i}"
-    if isinstance(rec, Episode):
+    if isinstance(rec, Episode):  # its probes and facts are evaluation data: only the documents are memory
         rec = {"episode_id": rec.episode_id, "kind": "episode", "text": rec.context,
-               "documents": list(rec.documents), "probes": list(rec.probes),
-               "facts": list(rec.facts), "source": "world"}
+               "documents": list(rec.documents), "source": "world"}
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: must be a dict or an Episode, got {type(rec).__name__}")
     unknown = set(rec) - _RECORD_KEYS
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; "
                          f"allowed: {sorted(_RECORD_KEYS)}")
+    held = sorted(k for k in EVAL_FIELDS if rec.get(k))
+    if held:
+        raise ValueError(f"{where}: field(s) {held} hold evaluation data (questions, answers, facts), "
+                         "which never enter memory: a sleep writes its own questions about the documents. "
+                         "Give documents only")
 
     eid = rec.get("episode_id")
     if not isinstance(eid, str) or not eid.strip():
@@ -181,58 +190,6 @@ def _normalize(i: int, rec: Any) -> dict:
         raise ValueError(f"{where}: field 'text' is empty (give 'text' or 'documents')")
     if kind == "document" and not docs:
         docs = [text]
-
-    probes, answers = [], []
-    raw_probes = rec.get("probes") or []
-    if isinstance(raw_probes, (str, dict)) or not isinstance(raw_probes, (list, tuple)):
-        raise ValueError(f"{where}: field 'probes' must be a list")
-    for j, p in enumerate(raw_probes):
-        pw = f"{where}: field 'probes'[{j}]"
-        if isinstance(p, Probe):
-            p = {"question": p.question, "answer": p.answer, "entity": p.entity,
-                 "attribute": p.attribute}
-        if not isinstance(p, dict):
-            raise ValueError(f"{pw} must be a dict or a Probe, got {type(p).__name__}")
-        extra = set(p) - {"question", "answer", "entity", "attribute"}
-        if extra:
-            raise ValueError(f"{pw}: unknown key(s) {sorted(extra)}")
-        q = p.get("question")
-        if not isinstance(q, str) or not q.strip():
-            raise ValueError(f"{pw}: 'question' must be a non-empty string")
-        for k in ("answer", "entity", "attribute"):
-            if p.get(k) is not None and not isinstance(p[k], str):
-                raise ValueError(f"{pw}: {k!r} must be a string, got {type(p[k]).__name__}")
-        probes.append({"question": q, "entity": p.get("entity") or "",
-                       "attribute": p.get("attribute") or ""})
-        answers.append(p.get("answer"))
-    if rec.get("eval_answers") is not None:
-        ea = _as_str_list(rec["eval_answers"], f"{where}: field 'eval_answers'")
-        if any(a is not None for a in answers):
-            raise ValueError(f"{where}: give answers either inside 'probes' or in "
-                             "'eval_answers', not both")
-        if len(ea) != len(probes):
-            raise ValueError(f"{where}: field 'eval_answers' has {len(ea)} items for "
-                             f"{len(probes)} probes")
-        answers = ea
-    if all(a is None for a in answers):
-        answers_col = None if not probes else [None] * len(probes)
-    else:
-        answers_col = answers
-
-    if rec.get("facts") is not None and rec.get("eval_facts") is not None:
-        raise ValueError(f"{where}: give either 'facts' or 'eval_facts', not both")
-    raw_facts = rec.get("facts", rec.get("eval_facts")) or []
-    if not isinstance(raw_facts, (list, tuple)):
-        raise ValueError(f"{where}: field 'facts' must be a list")
-    facts = []
-    for j, f in enumerate(raw_facts):
-        if isinstance(f, Fact):
-            f = {"entity": f.entity, "kind": f.kind, "attribute": f.attribute, "value": f.value}
-        if (not isinstance(f, dict) or set(f) != {"entity", "kind", "attribute", "value"}
-                or not all(isinstance(x, str) for x in f.values())):
-            raise ValueError(f"{where}: field 'facts'[{j}] must be a Fact or a dict of "
-                             "strings entity/kind/attribute/value")
-        facts.append(dict(f))
 
     source = rec.get("source") or ""
     if not isinstance(source, str):
@@ -257,19 +214,15 @@ def _normalize(i: int, rec: Any) -> dict:
     if isinstance(n_tok, bool) or not isinstance(n_tok, int) or not 0 <= n_tok < 2**31:
         raise ValueError(f"{where}: field 'n_tokens' must be a non-negative int, got {n_tok!r}")
     return {"episode_id": eid, "kind": kind, "text": text, "documents": docs,
-            "probes": probes, "eval_answers": answers_col, "eval_facts": facts,
+            "probes": [], "eval_answers": None, "eval_facts": [],
             "source": source, "created_at": created, "n_tokens": n_tok}
 
 
 def _row_to_episode(row: dict) -> Episode:
-    answers = row.get("eval_answers") or []
-    probes = [Probe(p["question"], (answers[j] if j < len(answers) else None) or "",
-                    p.get("entity") or "", p.get("attribute") or "")
-              for j, p in enumerate(row.get("probes") or [])]
-    facts = [Fact(f["entity"], f["kind"], f["attribute"], f["value"])
-             for f in (row.get("eval_facts") or [])]
+    """The episode as memory: its documents (a segment written before evaluation data was kept
+    out may still hold questions, answers or facts: they are not handed out)."""
     docs = list(row.get("documents") or []) or [row["text"]]
-    return Episode(row["episode_id"], docs, facts, probes)
+    return Episode(row["episode_id"], docs, [], [])
 
 
 # ------------------------------------------------------------------------------------
@@ -626,26 +579,22 @@ class MemoryStore:
             return live & set(self._consolidated)
         return live - set(self._consolidated)
 
-    def table(self, status: str = "short_term", with_answers: bool = False) -> pa.Table:
-        """Episodes as an Arrow table in append order; answer columns dropped by default."""
+    def table(self, status: str = "short_term") -> pa.Table:
+        """Episodes as an Arrow table in append order (without the evaluation columns)."""
         with self._locked():
             self._ensure()
             keep = self._status_ids(status)
             tables = [self._tables[n] for n in sorted(self._tables)]
         t = pa.concat_tables(tables) if tables else EPISODE_SCHEMA.empty_table()
         t = t.filter(pc.is_in(t.column("episode_id"), pa.array(sorted(keep), pa.string())))
-        if not with_answers:
-            t = t.drop_columns(list(ANSWER_COLUMNS))
-        return t
+        return t.drop_columns(list(HIDDEN_COLUMNS))
 
-    def episodes(self, status: str = "short_term", with_answers: bool = False) -> list[dict]:
-        return self.table(status, with_answers).to_pylist()
+    def episodes(self, status: str = "short_term") -> list[dict]:
+        return self.table(status).to_pylist()
 
-    def export_episodes(self, status: str = "short_term",
-                        with_answers: bool = False) -> list[Episode]:
-        """As ``sleepray.world.Episode``; without answers probes have ``answer=""`` and
-        ``facts`` is empty."""
-        return [_row_to_episode(r) for r in self.episodes(status, with_answers)]
+    def export_episodes(self, status: str = "short_term") -> list[Episode]:
+        """As ``sleepray.world.Episode``: documents only (no probes, no facts)."""
+        return [_row_to_episode(r) for r in self.episodes(status)]
 
     def status_of(self, episode_id: str) -> str | None:
         """"short_term", "consolidated", "deleted", or None when unknown."""

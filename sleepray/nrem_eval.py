@@ -1,11 +1,20 @@
-"""Measure one NREM against plain SFT on the raw episode, over several seeds.
+"""One sleep against the fair baselines, over seeds, on questions the sleep never saw.
 
-For each seed: a fresh episode of new entities; closed-book and in-context accuracy
-before; then (a) NREM into a fresh expert, then REM on the same expert (when
-``rem.enabled``), (b) SFT of a fresh expert on the episode's documents with the same
-steps and learning rate; closed-book accuracy and perplexity
-drift on held-out general text and on held-out world documents (other unseen episodes)
-after each. Answers are used for scoring only.
+For each seed: a fresh episode of new entities from a dev or a test world
+(``sleepray.splits``; tune on dev, report on test); closed-book and in-context accuracy
+before; then, each on a fresh expert with the same steps and learning rate:
+
+* ``nrem``: NREM on prompts the model wrote itself (its own questions about the episode,
+  with the episode in context, and prefixes of the documents), then ``nrem_rem``: REM on
+  the same expert (when ``rem.enabled``), probing with the model's own questions;
+* ``sft_raw``: SFT on the episode's documents;
+* ``sft_self_qa``: SFT on the same self-written questions NREM prompted with, answered
+  by the teacher (the model with the episode in context): the Q/A a sleep trains on.
+
+The evaluation's questions and answers (``Episode.probes``) are read only to score, in
+two families reported apart: the phrasings the seed model met in pretraining ("seen")
+and evaluation-only phrasings that appear nowhere in pretraining nor in a sleep
+("unseen"). Perplexity drift on held-out general text and held-out world documents.
 """
 from __future__ import annotations
 
@@ -22,49 +31,81 @@ from sleepray.experts import ExpertBank
 from sleepray.lm import perplexity, sft
 from sleepray.models import load_model, resolve_model_path
 from sleepray.nrem import run_nrem
-from sleepray.prompts import consolidation_prompts
+from sleepray.prompts import consolidation_prompts, model_question_writer
 from sleepray.qa import evaluate_probes
+from sleepray.splits import DEV_WORLD_SEED, TEST_WORLD_SEED
 from sleepray.world import World
 
 log = logging.getLogger(__name__)
-EVAL_WORLD_SEED = 10_000_500
+SPLITS = {"dev": DEV_WORLD_SEED, "test": TEST_WORLD_SEED}
+HELDOUT_WORLD_OFFSET = 50_000  # the drift documents' worlds, in the same split's range
+METHODS = ("nrem", "nrem_rem", "sft_raw", "sft_self_qa")
+PHRASINGS = ("seen", "unseen")
+
+
+def world_seed(split: str, seed: int) -> int:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    return SPLITS[split] + seed
+
+
+def _world(wc, seed: int) -> World:
+    return World(seed, wc.people_per_episode, wc.orgs_per_episode, wc.places_per_episode,
+                 wc.phrasings_per_fact)
 
 
 def _scores(model, tok, ep, heldout, heldout_world) -> dict:
-    return {"closed_book": evaluate_probes(model, tok, ep.probes, None).accuracy,
-            "in_context": evaluate_probes(model, tok, ep.probes, ep.context).accuracy,
-            "perplexity": perplexity(model, tok, heldout),
-            "perplexity_world": perplexity(model, tok, heldout_world)}
+    out = {}
+    for ph in PHRASINGS:
+        probes = [p for p in ep.probes if getattr(p, "phrasing", "seen") == ph]
+        if probes:
+            out[f"closed_book_{ph}"] = evaluate_probes(model, tok, probes, None).accuracy
+            out[f"in_context_{ph}"] = evaluate_probes(model, tok, probes, ep.context).accuracy
+    out["closed_book"], out["in_context"] = out["closed_book_seen"], out["in_context_seen"]
+    out["perplexity"] = perplexity(model, tok, heldout)
+    out["perplexity_world"] = perplexity(model, tok, heldout_world)
+    return out
 
 
 def _after(before: dict, after: dict) -> dict:
     out = dict(after)
     out["drift"] = after["perplexity"] / before["perplexity"] - 1.0
     out["drift_world"] = after["perplexity_world"] / before["perplexity_world"] - 1.0
-    out["closed_book_over_in_context"] = after["closed_book"] / max(before["in_context"], 1e-9)
+    for ph in PHRASINGS:
+        if f"closed_book_{ph}" in after:  # the sleep's closed book against the model reading the episode
+            out[f"closed_over_in_context_{ph}"] = after[f"closed_book_{ph}"] / max(before[f"in_context_{ph}"], 1e-9)
     return out
 
 
-def run_seed(cfg, seed: int, progress: bool = False) -> dict:
-    path = resolve_model_path(cfg.model.path)
-    wc = cfg.world
-    ep = World(EVAL_WORLD_SEED + seed, wc.people_per_episode, wc.orgs_per_episode,
-               wc.places_per_episode, wc.phrasings_per_fact).episode(0)
-    heldout = general_text.corpus(general_text.HELDOUT_SEED + seed, 32)
-    # documents of other unseen episodes: the text this seed model was trained on
-    heldout_world = [d for e in World(EVAL_WORLD_SEED + 1000 + seed, wc.people_per_episode,
-                                      wc.orgs_per_episode, wc.places_per_episode,
-                                      wc.phrasings_per_fact).episodes(4) for d in e.documents]
-    out = {"seed": seed, "episode": ep.episode_id, "n_probes": len(ep.probes)}
-
+def _fresh_bank(cfg, path, seed: int):
     model, tok = load_model(path)
-    out["before"] = before = _scores(model, tok, ep, heldout, heldout_world)
     torch.manual_seed(seed)  # the fresh expert's initialisation
     bank = ExpertBank(model, cfg.experts)
     bank.open_new_expert()
-    t0 = time.time()
-    prompts = consolidation_prompts(ep, cfg.nrem.prompts_per_episode, random.Random(seed))
+    return bank, tok
+
+
+def run_seed(cfg, seed: int, split: str = "test", progress: bool = False) -> dict:
     from sleepray.sleep_phases import nrem_anchor, rem_anchor
+    path = resolve_model_path(cfg.model.path)
+    wc = cfg.world
+    ws = world_seed(split, seed)
+    ep = _world(wc, ws).episode(0)
+    heldout = general_text.corpus(general_text.HELDOUT_SEED + seed, 32)
+    # documents of other unseen episodes: the kind of text this seed model was trained on
+    heldout_world = [d for e in _world(wc, ws + HELDOUT_WORLD_OFFSET).episodes(4) for d in e.documents]
+    memory = type(ep)(ep.episode_id, list(ep.documents), [], [])  # what a sleep gets: the documents
+    out = {"seed": seed, "world_seed": ws, "split": split, "episode": ep.episode_id,
+           "n_probes": {ph: sum(getattr(p, "phrasing", "seen") == ph for p in ep.probes) for ph in PHRASINGS}}
+
+    bank, tok = _fresh_bank(cfg, path, seed)
+    with bank.teacher_mode():
+        out["before"] = before = _scores(bank.model, tok, ep, heldout, heldout_world)
+    t0 = time.time()
+    writer = model_question_writer(bank, tok, cfg.nrem.temperature, seed=seed)
+    prompts = consolidation_prompts(memory, cfg.nrem.prompts_per_episode, random.Random(seed), writer)
+    questions = list(dict.fromkeys(p.prompt for p in prompts if p.kind == "query"))
+    out["self_written_questions"] = len(questions)
     res = run_nrem(bank, tok, prompts, cfg.nrem, seed=seed, progress=progress, anchor_texts=nrem_anchor(cfg))
     # scored with the new expert still open (it is on, as the student): REM goes on training it
     out["nrem"] = _after(before, _scores(bank.model, tok, ep, heldout, heldout_world))
@@ -73,40 +114,64 @@ def run_seed(cfg, seed: int, progress: bool = False) -> dict:
         from sleepray.rem import run_rem
         t0 = time.time()
         with tempfile.TemporaryDirectory() as tmp:
-            rem = run_rem(bank, tok, [ep], cfg.rem, tmp, rng=random.Random(seed), anchor_texts=rem_anchor(cfg))
+            rem = run_rem(bank, tok, [memory], cfg.rem, tmp, rng=random.Random(seed), anchor_texts=rem_anchor(cfg),
+                          question_writer=model_question_writer(bank, tok, cfg.nrem.temperature, seed=seed + 1))
         out["nrem_rem"] = _after(before, _scores(bank.model, tok, ep, heldout, heldout_world))
         out["nrem_rem"].update(seconds=round(out["nrem"]["seconds"] + time.time() - t0, 1),
                                rem={k: v for k, v in rem.items() if isinstance(v, (int, float))})
-    bank.freeze_current()
+    # the teacher's answers to the questions NREM prompted with: the Q/A the sleep trains on
+    with bank.teacher_mode():
+        from sleepray.qa import generate_answers
+        answers = generate_answers(bank.model, tok, [f"{ep.context}\n{q}" for q in questions],
+                                   cfg.rem.probe_max_new_tokens)
+    self_qa = [(q, a) for q, a in zip(questions, answers) if a.strip()]
+    out["self_qa_pairs"] = len(self_qa)
+    del bank
 
-    model, tok = load_model(path)
-    torch.manual_seed(seed)
-    bank = ExpertBank(model, cfg.experts)
-    bank.open_new_expert()
-    t0 = time.time()
-    sft(bank.trainable_parameters(), bank.model, tok, ep.documents, cfg.nrem.steps, cfg.nrem.lr,
-        batch_size=cfg.nrem.batch_size, seed=seed)
-    bank.freeze_current()
-    out["sft_raw"] = _after(before, _scores(bank.model, tok, ep, heldout, heldout_world))
-    out["sft_raw"]["seconds"] = round(time.time() - t0, 1)
-    log.info("seed %d: closed-book %.2f -> NREM %.2f / NREM+REM %s / SFT %.2f (in-context %.2f)", seed,
-             before["closed_book"], out["nrem"]["closed_book"],
-             f"{out['nrem_rem']['closed_book']:.2f}" if "nrem_rem" in out else "-",
-             out["sft_raw"]["closed_book"], before["in_context"])
+    for name, texts, sft_prompts in (
+            ("sft_raw", list(ep.documents), None),
+            ("sft_self_qa", [f"{q} {a}\n" for q, a in self_qa], [q for q, _ in self_qa])):
+        if not texts:
+            log.warning("seed %d: no texts for %s", seed, name)
+            continue
+        bank, tok = _fresh_bank(cfg, path, seed)
+        t0 = time.time()
+        sft(bank.trainable_parameters(), bank.model, tok, texts, cfg.nrem.steps, cfg.nrem.lr,
+            batch_size=cfg.nrem.batch_size, seed=seed, prompts=sft_prompts)
+        bank.freeze_current()
+        out[name] = _after(before, _scores(bank.model, tok, ep, heldout, heldout_world))
+        out[name]["seconds"] = round(time.time() - t0, 1)
+        del bank
+    log.info("seed %d (world %d): closed-book seen/unseen %.2f/%.2f -> NREM %.2f/%.2f, NREM+REM %s, "
+             "SFT docs %s, SFT self-QA %s (in context %.2f/%.2f)", seed, ws, before["closed_book_seen"],
+             before["closed_book_unseen"], out["nrem"]["closed_book_seen"], out["nrem"]["closed_book_unseen"],
+             *(f"{out[m]['closed_book_seen']:.2f}/{out[m]['closed_book_unseen']:.2f}" if m in out else "-"
+               for m in ("nrem_rem", "sft_raw", "sft_self_qa")),
+             before["in_context_seen"], before["in_context_unseen"])
     return out
 
 
+def _stat(xs: list[float]) -> dict:
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+
 def summarize(runs: list[dict]) -> dict:
-    def stat(method, key):
-        xs = [r[method][key] for r in runs]
-        return {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs) if len(xs) > 1 else 0.0}
-    keys = ["closed_book", "in_context", "drift", "drift_world", "closed_book_over_in_context"]
-    return {"before": {k: stat("before", k) for k in ["closed_book", "in_context", "perplexity",
-                                                      "perplexity_world"]},
-            **{m: {k: stat(m, k) for k in keys} for m in ("nrem", "nrem_rem", "sft_raw") if m in runs[0]}}
+    """Mean and sample standard deviation over seeds of every score."""
+    keys = [f"{m}_{ph}" for m in ("closed_book", "in_context", "closed_over_in_context") for ph in PHRASINGS]
+    keys += ["drift", "drift_world"]
+    out = {"before": {k: _stat([r["before"][k] for r in runs]) for k in
+                      [f"{m}_{ph}" for m in ("closed_book", "in_context") for ph in PHRASINGS]
+                      + ["perplexity", "perplexity_world"]}}
+    for m in METHODS:
+        have = [r for r in runs if m in r]
+        if have:
+            out[m] = {k: _stat([r[m][k] for r in have]) for k in keys if k in have[0][m]}
+    return out
 
 
-def evaluate_nrem(cfg, seeds: list[int], progress: bool = True) -> dict:
-    runs = [run_seed(cfg, s, progress) for s in seeds]
-    return {"model": cfg.model.path, "seeds": seeds, "runs": runs, "summary": summarize(runs),
-            "config": cfg.model_dump(mode="json")}
+def evaluate_nrem(cfg, seeds: list[int], split: str = "test", progress: bool = True) -> dict:
+    from sleepray.provenance import provenance
+    runs = [run_seed(cfg, s, split, progress) for s in seeds]
+    return {"model": cfg.model.path, "split": split, "seeds": seeds,
+            "provenance": provenance(seeds, [world_seed(split, s) for s in seeds]),
+            "runs": runs, "summary": summarize(runs), "config": cfg.model_dump(mode="json")}

@@ -7,9 +7,10 @@ NREM opened (``bank.training``):
    on-experts, not the training one) WITH the episode in context, in the formats
    "implications", "qa" and "rewrite", with one random unused expert slot switched on
    while sampling (diversity) and the dream writer adapter on when there is one.
-2. :func:`teacher_probe_targets` -- probe questions about the episode (the built-in
-   world's probe questions, or questions the model writes for free text) answered
-   greedily by the teacher with the episode in context; those answers are the targets.
+2. :func:`teacher_probe_targets` -- questions the model writes about the episode with it
+   in context (never the evaluation's questions: an episode's ``probes`` are not read),
+   answered greedily by the teacher with the episode in context; those answers are the
+   targets.
    :func:`score_dreams` scores each dream by its SFT gradient on the training expert:
    cosine with the probe-loss gradient ("grad_align") or its norm ("grad_norm");
    :func:`select` keeps the top k plus b random others.
@@ -36,8 +37,9 @@ NREM opened (``bank.training``):
 why it was kept, its reward) and ``probes.parquet`` (the teacher's probe targets, and
 whether the model gives each closed-book as the sleep leaves it: ``learned``).
 
-Ground-truth answers (``Probe.answer``) are never read in this module: the targets are
-what the teacher answers with the episode in context.
+Neither an episode's evaluation questions nor their answers (``Episode.probes``) are read
+in this module: every probe, trial, revert check, retention check, repair and replayed
+probe row comes from the model's own questions and the teacher's answers to them.
 
 The dream writer is a separate PEFT LoRA adapter named ``"dream_writer"`` added to
 ``bank.model`` next to the expert slots. It is not one of the bank's slots, so
@@ -60,7 +62,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import pyarrow as pa
 import torch
@@ -69,6 +71,7 @@ from sleepray import lm
 from sleepray.anchor import anchor_batch, anchor_loss, rehearses
 from sleepray.dream_formats import FORMAT_CUES, dream_prompt
 from sleepray.experts import replace_dir
+from sleepray.prompts import QuestionWriter, model_question_writer
 from sleepray.replay import Dream, ReplayBuffer, probe_dream, probe_row, write_table_atomic
 from sleepray.sampling import sample_ids
 from sleepray.world import Episode, qa_prompt
@@ -184,36 +187,14 @@ class ProbeTarget:
         return f"{self.prompt} {self.target}\n"
 
 
-QuestionWriter = Callable[[str, int], list[str]]
-
-
-def _probe_questions(episode: Episode, n: int) -> list[str]:
-    """Up to ``n`` probe questions, the first question of every fact before any second one."""
-    seen: dict[tuple[str, str], int] = {}
-    ranked = []
-    for i, p in enumerate(episode.probes):
-        key = (p.entity, p.attribute)
-        ranked.append((seen.get(key, 0), i, p.question))
-        seen[key] = seen.get(key, 0) + 1
-    return list(dict.fromkeys(q for _, _, q in sorted(ranked)))[:n]
-
-
-def teacher_probe_targets(bank, tok, episode: Episode, n: int,
-                          question_writer: Optional[QuestionWriter] = None,
+def teacher_probe_targets(bank, tok, episode: Episode, n: int, question_writer: QuestionWriter,
                           max_new_tokens: int = 12) -> list[ProbeTarget]:
-    """Probe questions answered greedily by the teacher with the episode in context.
-
-    Questions: the episode's probe questions (built-in world), else ``question_writer``
-    (default: :func:`sleepray.sleep.model_question_writer`, the frozen model writing
-    questions with the episode in context). Empty answers are dropped.
-    """
+    """Up to ``n`` questions the model wrote about the episode (``question_writer``: the frozen
+    model with the episode in context, :func:`sleepray.prompts.model_question_writer`),
+    answered greedily by the teacher with the episode in context. The episode's own
+    ``probes`` (evaluation data) are never read. Empty answers are dropped."""
     from sleepray.qa import generate_answers
-    questions = _probe_questions(episode, n)
-    if not questions:
-        if question_writer is None:
-            from sleepray.sleep import model_question_writer
-            question_writer = model_question_writer(bank, tok)
-        questions = list(dict.fromkeys(question_writer(episode.context, n)))[:n]
+    questions = list(dict.fromkeys(question_writer(episode.context, n)))[:n]
     if not questions:
         return []
     with bank.teacher_mode():
@@ -682,6 +663,8 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
     out_dir = Path(out_dir)
     sleep_id = sleep_id or out_dir.name
     seed = rng.randrange(2**31)
+    if question_writer is None:  # the frozen model writes the probe questions itself
+        question_writer = model_question_writer(bank, tok, seed=seed)
 
     dreams: list[Dream] = []
     targets: list[ProbeTarget] = []

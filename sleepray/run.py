@@ -5,7 +5,8 @@ episode in its context, and closed-book. Then the cycle job runs on a local Ray 
 command starts itself (``jobs.cycle``): the episodes arrive in ``cycle.n_sleeps`` parts;
 each part goes into the MemoryStore actor and the Coordinator sleeps (NREM on a Ray
 Train learner fed by a vLLM RolloutWorker, REM, publish). Then closed-book again. Every
-number printed is computed here.
+number printed is computed here, over all questions and apart for each phrasing family
+(``sleepray.world``: "seen" templates met in pretraining, evaluation-only "unseen" ones).
 """
 from __future__ import annotations
 
@@ -13,17 +14,41 @@ import logging
 import time
 from pathlib import Path
 
+from sleepray.cycle_run import accuracy_by_phrasing
 from sleepray.models import load_from_config
 from sleepray.qa import evaluate_probes
 from sleepray.stream import episodes_from_config
 from sleepray.world import chance_accuracy
 
 log = logging.getLogger(__name__)
-WIDTHS = [44, 16, 16, 16, 16]
+WIDTHS = [44, 8, 16, 16, 16, 16]
+COLUMNS = ("in context", "closed book", "after sleep")
 
 
 def _row(cells: list[str]) -> str:
     return "  ".join(c[:w].ljust(w) for c, w in zip(cells, WIDTHS))
+
+
+def _shown(probes: list, k: int) -> list[int]:
+    """Indices of up to ``k`` probes to print: seen and unseen phrasings alike, when both exist."""
+    groups = [[i for i, p in enumerate(probes) if p.phrasing == ph]
+              for ph in dict.fromkeys(p.phrasing for p in probes)]
+    out: list[int] = []
+    while len(out) < min(k, len(probes)):
+        for g in groups:
+            if g and len(out) < k:
+                out.append(g.pop(0))
+    return sorted(out)
+
+
+def _summary(scores: dict[str, dict[str, list[float]]]) -> str:
+    """A table: rows all / each phrasing, columns in context, closed book, after sleep (mean over episodes)."""
+    cols = [c for c in COLUMNS if any(scores[g].get(c) for g in scores)]
+    lines = ["".join(x.ljust(w) for x, w in zip(["questions"] + cols, [12] + [14] * len(cols)))]
+    for g, by in scores.items():
+        cells = [f"{sum(by[c]) / len(by[c]):.2f}" if by.get(c) else "-" for c in cols]
+        lines.append("".join(x.ljust(w) for x, w in zip([g] + cells, [12] + [14] * len(cols))))
+    return "\n".join(lines)
 
 
 def run_default(cfg, episodes: int | None = None, sleep: bool = True, max_questions: int = 8) -> int:
@@ -50,23 +75,30 @@ def run_default(cfg, episodes: int | None = None, sleep: bool = True, max_questi
             print(f"sleep {i + 1}: {last.get('version')} over {last.get('episodes')} episodes "
                   f"in {st['wall_seconds']:.0f}s")
         print(f"asleep: consolidated into {latest_version(storage)} (results: {storage / 'cycle_results.json'})")
-    totals: dict[str, list[float]] = {"in context": [], "closed book": [], "after sleep": []}
+    scores: dict[str, dict[str, list[float]]] = {"all": {}}  # questions -> column -> per-episode accuracy
     for ep in eps:
         ic, cb = before[ep.episode_id]
         sl = after.get(ep.episode_id)
-        totals["in context"].append(ic.accuracy)
-        totals["closed book"].append(cb.accuracy)
+        results = {"in context": ic, "closed book": cb, **({"after sleep": sl} if sl else {})}
         print(f"\nepisode {ep.episode_id}: {len(ep.documents)} documents, {len(ep.probes)} questions")
-        print(_row(["question", "truth", "in context", "closed book"] + (["after sleep"] if sl else [])))
-        for i, p in enumerate(ep.probes[:max_questions]):
-            print(_row([p.question, p.answer, ic.answers[i], cb.answers[i]] + ([sl.answers[i]] if sl else [])))
+        print(_row(["question", "phrasing", "truth", "in context", "closed book"] + (["after sleep"] if sl else [])))
+        for i in _shown(ep.probes, max_questions):
+            p = ep.probes[i]
+            print(_row([p.question, p.phrasing, p.answer, ic.answers[i], cb.answers[i]]
+                       + ([sl.answers[i]] if sl else [])))
         line = f"accuracy: in context {ic.accuracy:.2f}, closed book {cb.accuracy:.2f}"
         if sl:
-            totals["after sleep"].append(sl.accuracy)
             line += f", closed book after sleep {sl.accuracy:.2f}"
         if ep.facts:
             line += f" (chance {chance_accuracy(ep.probes):.3f})"
         print(line)
-    means = {k: sum(v) / len(v) for k, v in totals.items() if v}
-    print(f"\nover {len(eps)} episodes: " + ", ".join(f"{k} {v:.2f}" for k, v in means.items()))
+        by = {col: accuracy_by_phrasing(ep.probes, r.answers) for col, r in results.items()}
+        for col, r in results.items():
+            scores["all"].setdefault(col, []).append(r.accuracy)
+            for ph, acc in by[col].items():
+                scores.setdefault(ph, {}).setdefault(col, []).append(acc)
+        if len(by["closed book"]) > 1:  # more than one phrasing family in this episode
+            print("by phrasing: " + "; ".join(f"{ph}: " + ", ".join(f"{col} {by[col][ph]:.2f}" for col in results)
+                                              for ph in by["closed book"]))
+    print(f"\nover {len(eps)} episodes (mean accuracy):\n" + _summary(scores))
     return 0

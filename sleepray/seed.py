@@ -26,10 +26,11 @@ from sleepray import pretrain_data
 from sleepray.pretrain_data import EVAL_WORLD_SEED_MIN, Shape
 from sleepray.qa import evaluate_probes
 from sleepray.tokenizer import train_tokenizer
-from sleepray.world import World, chance_accuracy
+from sleepray.world import World, chance_accuracy, probes_of
 
 log = logging.getLogger(__name__)
-SEED_VERSION = 1
+SEED_VERSION = 3  # 2: loss on the questions too (question_weight), so the model writes its own;
+                  # 3: pretraining-only question paraphrases (Shape.p_paraphrase, sleepray.paraphrases)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Profile:
     eval_episodes: int = 4
     max_position: int = 1024
     doc_weight: float = 1.0  # loss weight of document tokens (answers weigh 4)
+    question_weight: float = 1.0  # loss weight of question tokens: the model learns to write questions
 
 
 PROFILES = {
@@ -56,7 +58,7 @@ PROFILES = {
     "test": Profile("test", vocab_size=2048, hidden=128, layers=2, heads=2, intermediate=384,
                     steps=800, batch_size=32, seq_len=128, lr=2e-3,
                     shape=Shape(max_people=1, max_orgs=0, max_places=0, max_phrasings=1, questions=12,
-                                p_partial=1.0, p_general=0.0),
+                                p_partial=1.0, p_general=0.0),  # paraphrases cost it reading (1.0 -> 0.73)
                     eval_world=dict(people_per_episode=1, orgs_per_episode=0, places_per_episode=0,
                                     phrasings_per_fact=1), eval_episodes=8),
     # a person and a place per episode (the default world), every fact twice: the embedded default.
@@ -66,7 +68,7 @@ PROFILES = {
     "small": Profile("small", vocab_size=2048, hidden=192, layers=2, heads=3, intermediate=576,
                      steps=2800, batch_size=32, seq_len=224, lr=2e-3,
                      shape=Shape(max_people=1, max_orgs=0, max_places=1, max_phrasings=2, questions=12,
-                                 p_partial=0.8, p_general=0.125, p_dream=0.2),
+                                 p_partial=0.8, p_general=0.125, p_dream=0.2, p_paraphrase=0.5),
                      eval_world=dict(people_per_episode=1, orgs_per_episode=0, places_per_episode=1,
                                      phrasings_per_fact=2), eval_episodes=8),
 }
@@ -103,10 +105,13 @@ def pretrain(model, tok, p: Profile, steps: int, seed: int, progress: bool = Tru
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, betas=(0.9, 0.95), weight_decay=0.01)
     model.train()
+    device = next(model.parameters()).device
     losses: list[float] = []
     bar = tqdm(range(steps), desc=f"pretrain seed:{p.name}", disable=not progress)
     for step in bar:
-        b = pretrain_data.batch(tok, rng, p.shape, p.batch_size, p.seq_len, doc_weight=p.doc_weight)
+        b = pretrain_data.batch(tok, rng, p.shape, p.batch_size, p.seq_len, doc_weight=p.doc_weight,
+                                question_weight=p.question_weight)
+        b = {k: v.to(device) for k, v in b.items()}
         w = b["weights"][:, 1:]
         keep = w > 0  # the LM head runs only where the loss looks
         hidden = model.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
@@ -127,20 +132,29 @@ def pretrain(model, tok, p: Profile, steps: int, seed: int, progress: bool = Tru
 
 
 def evaluate_seed(model, tok, p: Profile, world_seed: int = EVAL_WORLD_SEED_MIN) -> dict:
-    """In-context and closed-book accuracy on held-out worlds the model never saw."""
+    """In-context and closed-book accuracy on held-out worlds the model never saw.
+
+    ``in_context_accuracy``/``closed_book_accuracy`` (and ``chance_accuracy``, ``n_probes``):
+    seen-phrasing questions; ``*_unseen``: the evaluation-only phrasing family.
+    """
     world = World(seed=world_seed, **p.eval_world)
-    ic, cb, probes = [], [], []
+    acc: dict[str, list[float]] = {}
+    probes = []
     for ep in world.episodes(p.eval_episodes):
-        ic.append(evaluate_probes(model, tok, ep.probes, ep.context).accuracy)
-        cb.append(evaluate_probes(model, tok, ep.probes, None).accuracy)
-        probes += ep.probes
-    return {"in_context_accuracy": sum(ic) / len(ic), "closed_book_accuracy": sum(cb) / len(cb),
+        for phrasing, suffix in (("seen", ""), ("unseen", "_unseen")):
+            eps = probes_of(ep.probes, phrasing)
+            acc.setdefault("in_context_accuracy" + suffix, []).append(
+                evaluate_probes(model, tok, eps, ep.context).accuracy)
+            acc.setdefault("closed_book_accuracy" + suffix, []).append(
+                evaluate_probes(model, tok, eps, None).accuracy)
+        probes += probes_of(ep.probes, "seen")
+    return {**{k: sum(v) / len(v) for k, v in acc.items()},
             "chance_accuracy": chance_accuracy(probes), "n_probes": len(probes),
             "eval_world_seed": world_seed, "eval_world": p.eval_world}
 
 
 def build_seed(profile: str, out_dir: str | Path, steps: int | None = None, seed: int = 0,
-               progress: bool = True) -> dict:
+               progress: bool = True, device: str = "cpu") -> dict:
     """Build the seed model into ``out_dir``; return its report (also saved as seed_report.json)."""
     if profile not in PROFILES:
         raise ValueError(f"unknown seed profile '{profile}' (choose from {sorted(PROFILES)})")
@@ -149,21 +163,23 @@ def build_seed(profile: str, out_dir: str | Path, steps: int | None = None, seed
     t0 = time.time()
     log.info("training tokenizer (vocab %d)", p.vocab_size)
     tok = train_tokenizer(pretrain_data.tokenizer_corpus(seed, 3000, 1500), p.vocab_size)
-    model = make_model(p, tok)
+    model = make_model(p, tok).to(device)
     n_params = sum(x.numel() for x in model.parameters())
     log.info("pretraining %s: %.2fM parameters, %d steps", profile, n_params / 1e6, steps or p.steps)
     losses = pretrain(model, tok, p, steps or p.steps, seed, progress)
     train_s = time.time() - t0
     metrics = evaluate_seed(model, tok, p)
+    model.to("cpu")
     report = {"profile": profile, "version": SEED_VERSION, "parameters": n_params,
               "steps": steps or p.steps, "seed": seed, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
               "train_seconds": round(train_s, 1), "build_seconds": round(time.time() - t0, 1),
-              "profile_config": asdict(p), **metrics}
+              "device": str(device), "profile_config": asdict(p), **metrics}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     (out / "seed_report.json").write_text(json.dumps(report, indent=2))
+    write_checksums(out)
     log.info("seed:%s built in %.0fs: in-context %.2f, closed-book %.2f (chance %.3f)", profile,
              report["build_seconds"], report["in_context_accuracy"], report["closed_book_accuracy"],
              report["chance_accuracy"])
@@ -177,10 +193,71 @@ def profile_hash(profile: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
+SHIPPED_DIR = Path(__file__).resolve().parent / "seed_models"
+CHECKSUMS = "SHA256SUMS"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(folder: Path) -> Path:
+    """``SHA256SUMS`` (``sha256sum`` format) of every file of a built seed model."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name != CHECKSUMS)
+    out = Path(folder) / CHECKSUMS
+    out.write_text("".join(f"{_sha256(p)}  {p.name}\n" for p in files))
+    return out
+
+
+def verify_seed_dir(folder: Path, profile: str) -> list[str]:
+    """What is wrong with a seed model folder for ``profile`` (empty: it is that recipe's build,
+    intact): the checksums, the report's recipe, version and hash."""
+    folder = Path(folder)
+    problems = []
+    sums = folder / CHECKSUMS
+    if not sums.is_file():
+        return [f"{folder}: no {CHECKSUMS}"]
+    listed = {}
+    for line in sums.read_text().splitlines():
+        digest, name = line.split("  ", 1)
+        listed[name] = digest
+        if not (folder / name).is_file():
+            problems.append(f"{name}: missing")
+        elif _sha256(folder / name) != digest:
+            problems.append(f"{name}: checksum differs")
+    for name in ("config.json", "model.safetensors", "seed_report.json"):
+        if name not in listed:
+            problems.append(f"{name}: not in {CHECKSUMS}")
+    if (folder / "seed_report.json").is_file():
+        report = json.loads((folder / "seed_report.json").read_text())
+        if report.get("version") != SEED_VERSION:
+            problems.append(f"report version {report.get('version')} != {SEED_VERSION}")
+        if report.get("profile_config") != json.loads(json.dumps(asdict(PROFILES[profile]))):
+            problems.append("the report's recipe differs from PROFILES[profile]")
+    if folder.name != f"seed-{profile}-v{SEED_VERSION}-{profile_hash(profile)}":
+        problems.append(f"folder name {folder.name} does not match the recipe hash {profile_hash(profile)}")
+    return problems
+
+
+def shipped_path(profile: str) -> Path | None:
+    """The seed model shipped with the package for ``profile``'s current recipe, if any."""
+    d = SHIPPED_DIR / f"seed-{profile}-v{SEED_VERSION}-{profile_hash(profile)}"
+    return d if (d / "seed_report.json").is_file() else None
+
+
 def seed_path(profile: str, progress: bool = True) -> Path:
-    """The cached seed model folder for ``profile``, built on first use (one builder at a time)."""
+    """The seed model folder for ``profile``: the one shipped with the package (``seed_models/``)
+    when it matches the recipe, else a cached build, built on first use (one builder at a time)."""
     if profile not in PROFILES:
         raise ValueError(f"unknown seed profile '{profile}' (choose from {sorted(PROFILES)})")
+    shipped = shipped_path(profile)
+    if shipped is not None and not os.environ.get("SLEEPRAY_NO_SHIPPED_SEED"):
+        return shipped
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"seed-{profile}-v{SEED_VERSION}-{profile_hash(profile)}"

@@ -172,10 +172,16 @@ class MemoryCreate(_Body):
     model_config = ConfigDict(extra="forbid", strict=True)
     text: Optional[str] = Field(None, max_length=200_000)
     documents: Optional[list[str]] = Field(None, min_length=1, max_length=256)
-    questions: list[str] = Field(default_factory=list, max_length=256,
-                                 description="questions the sleep may ask about it (no answers)")
     id: Optional[str] = Field(None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$")
     source: Optional[str] = Field(None, max_length=200)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_questions(cls, data):
+        if isinstance(data, dict) and "questions" in data:
+            raise ValueError("questions: a memory is documents only; questions are evaluation data and never "
+                             "enter memory (a sleep writes its own questions about the documents)")
+        return data
 
     @model_validator(mode="after")
     def _one_of(self):
@@ -184,15 +190,13 @@ class MemoryCreate(_Body):
         docs = self.documents if self.documents is not None else [self.text]
         if not any(d.strip() for d in docs):
             raise ValueError("the memory is empty")
-        if any(not q.strip() for q in self.questions):
-            raise ValueError("questions: must be non-empty strings")
         return self
 
     def record(self, n_tokens: int) -> dict:
         """As a MemoryStore record of kind "document"."""
         docs = [d for d in (self.documents if self.documents is not None else [self.text]) if d.strip()]
         return {"episode_id": self.id or new_id("mem"), "kind": "document", "text": "\n".join(docs),
-                "documents": docs, "probes": [{"question": q} for q in self.questions],
+                "documents": docs,
                 "source": self.source or "serve:/v1/memories", "n_tokens": int(n_tokens)}
 
 
@@ -442,6 +446,5 @@ def memory_object(row: dict, status: str) -> dict:
     created = row.get("created_at")
     return {"id": row["episode_id"], "object": "memory", "kind": row["kind"], "status": status,
             "text": row["text"], "documents": list(row.get("documents") or []),
-            "questions": [p["question"] for p in (row.get("probes") or [])],
             "source": row.get("source") or "", "n_tokens": row.get("n_tokens"),
             "created_at": created.isoformat() if hasattr(created, "isoformat") else created}

@@ -71,22 +71,6 @@ def _version_of(rec, cfg, storage) -> Path | None:
     return v if v.is_dir() else None
 
 
-def model_question_writer(bank, tok, temperature: float = 1.0, max_new_tokens: int = 24):
-    """Questions about free text, written by the frozen model with the episode in its context."""
-    from sleepray.nrem import sample
-
-    def write(context: str, k: int) -> list[str]:
-        with bank.teacher_mode():
-            outs = sample(bank.model, tok, [f"{context}\nQ:"] * (2 * k), max_new_tokens, temperature)
-        qs = []
-        for ids in outs:
-            text = tok.decode(ids, skip_special_tokens=True).strip()
-            if "?" in text:
-                qs.append(text[: text.index("?") + 1])
-        return (qs or ["What is this about?"])[:k]
-    return write
-
-
 def publish_version(bank, storage: Path, name: str, lineage: dict) -> Path:
     """Write adapter + bank + lineage under a temporary name, then rename into place."""
     final = adapters_dir(storage) / name

@@ -60,10 +60,9 @@ def starting_bank_dir(cfg, storage: Path) -> Optional[Path]:
 
 
 def nrem_prompts(cfg, bank, tok, rec: SleepRecord, episodes: list) -> list:
-    from sleepray.prompts import consolidation_prompts
-    from sleepray.sleep import model_question_writer
+    from sleepray.prompts import consolidation_prompts, model_question_writer
     rng = rng_for(cfg, rec, "nrem")
-    writer = model_question_writer(bank, tok, cfg.nrem.temperature)
+    writer = model_question_writer(bank, tok, cfg.nrem.temperature, seed=phase_seed(cfg, rec, "nrem"))
     return [p for ep in episodes for p in consolidation_prompts(ep, cfg.nrem.prompts_per_episode, rng, writer)]
 
 
@@ -130,9 +129,9 @@ class LocalBackend:
 
 def rem_in_process(cfg, storage: Path, rec: SleepRecord, bank, tok, episodes: list, out: Path) -> dict:
     """REM on the bank's open expert: dreams, selection, trials, ReST-EM, dream SFT, replay."""
+    from sleepray.prompts import model_question_writer
     from sleepray.rem import DreamWriter, run_rem
     from sleepray.replay import ReplayBuffer
-    from sleepray.sleep import model_question_writer
     buffer = ReplayBuffer(storage / REPLAY_FILE, cfg.rem.buffer_size) if cfg.rem.replay else None
     if buffer is not None:
         buffer.drop_sleep(rec.sleep_id)  # a REM redone after a crash adds its rows again
@@ -142,7 +141,8 @@ def rem_in_process(cfg, storage: Path, rec: SleepRecord, bank, tok, episodes: li
         writer = DreamWriter.load(bank, tok, prev) if prev else DreamWriter.from_config(bank, tok, cfg.rem)
     metrics = run_rem(bank, tok, episodes, cfg.rem, out, rng=rng_for(cfg, rec, "rem"), buffer=buffer,
                       writer=writer, sleep_id=rec.sleep_id,
-                      question_writer=model_question_writer(bank, tok, cfg.nrem.temperature),
+                      question_writer=model_question_writer(bank, tok, cfg.nrem.temperature,
+                                                            seed=phase_seed(cfg, rec, "rem")),
                       anchor_texts=rem_anchor(cfg))
     bank.save(out / "bank")
     return metrics

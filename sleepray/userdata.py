@@ -1,7 +1,10 @@
 """User data -> episodes: JSONL or Parquet records of documents and QA pairs.
 
 Each record is either ``{"document": str, "episode": optional str|int}`` or
-``{"question": str, "answer": str, "episode": optional str|int}``. Records with an
+``{"question": str, "answer": str, "episode": optional str|int}``. Documents are memory:
+what a sleep learns from. Question/answer pairs are evaluation data only (an episode's
+``probes``, phrasing ``"unseen"``): they never enter the MemoryStore, so no sleep sees
+them, unless ``world.qa_as_memory=true`` opts in by name (``sleepray.stream``). Records with an
 ``episode`` are grouped by it; records without one go into automatic episodes of
 ``chunk`` documents in file order, named ``chunk-0``, ``chunk-1``, ... (a QA pair joins
 the automatic episode of the documents before it). Episodes come out in order of first appearance. Bad input
@@ -110,7 +113,9 @@ def load_episodes(paths: str | Path | Iterable[str | Path], chunk: int = 8) -> l
             if "document" in rec:
                 ep.documents.append(rec["document"])
             else:
-                ep.probes.append(Probe(rec["question"], rec["answer"], entity="", attribute="user"))
+                # evaluation data: another person's later question, never seen by a sleep
+                ep.probes.append(Probe(rec["question"], rec["answer"], entity="", attribute="user",
+                                       phrasing="unseen"))
     return list(episodes.values())
 
 

@@ -3,6 +3,12 @@
 ``World(seed)`` makes people, organisations and places with attributes; each fact
 has several phrasings (for documents) and question templates (for probes). The
 stream is split into episodes: what arrives during one wake period.
+
+Questions come in two phrasing families. ``"seen"``: the templates of ``SCHEMA``, which
+the seed model meets in pretraining. ``"unseen"``: ``UNSEEN_QUESTIONS``, an
+evaluation-only family of paraphrases: never in pretraining (``sleepray.pretrain_data``
+takes seen probes only) and never in a sleep (no question enters memory:
+``sleepray.stream``), so accuracy on it is the honest generalisation figure.
 """
 from __future__ import annotations
 
@@ -69,6 +75,31 @@ SCHEMA: dict[str, dict[str, tuple[str, list[str], list[str]]]] = {
     },
 }
 
+# kind -> attribute -> evaluation-only question templates (the "unseen" phrasing family):
+# paraphrases in question forms that occur nowhere in SCHEMA's templates nor documents
+UNSEEN_QUESTIONS: dict[str, dict[str, list[str]]] = {
+    "person": {
+        "birth_city": ["Which city is the hometown of {name}?", "{name} was born in which city?"],
+        "birth_year": ["What was the year of {name}'s birth?", "{name} was born in which year?"],
+        "university": ["At which institution was {name} a student?",
+                       "What college or university did {name} attend?"],
+        "major": ["Which subject did {name} specialise in?", "What was the subject of {name}'s degree?"],
+        "employer": ["At which organisation does {name} have a job?", "Which company has {name} on its staff?"],
+        "hobby": ["What activity does {name} do for fun?", "Which leisure activity does {name} love?"],
+    },
+    "org": {
+        "hq_city": ["In which city is {name} based?", "Which city hosts the main offices of {name}?"],
+        "founded": ["What year marks the establishment of {name}?", "{name} was set up in what year?"],
+        "industry": ["Which sector does {name} belong to?", "What line of work is {name} engaged in?"],
+    },
+    "place": {
+        "region": ["{name} is located in which region?", "Which territory contains {name}?"],
+        "river": ["Along which river is {name} built?", "What is the name of the river in {name}?"],
+        "landmark": ["Which sight draws visitors to {name}?", "What is the best-known attraction of {name}?"],
+    },
+}
+PHRASINGS = ("seen", "unseen")
+
 QA_FORMAT = "Q: {q}\nA:"
 
 
@@ -82,16 +113,24 @@ class Fact:
 
 @dataclass(frozen=True)
 class Probe:
-    """A question about one fact; ``answer`` is the ground truth (evaluation only)."""
+    """A question about one fact; ``answer`` is the ground truth (evaluation only).
+
+    ``phrasing``: ``"seen"`` (a template of ``SCHEMA``, met in pretraining) or ``"unseen"``
+    (an evaluation-only template of ``UNSEEN_QUESTIONS``).
+    """
     question: str
     answer: str
     entity: str
     attribute: str
+    phrasing: str = "seen"
 
 
 @dataclass
 class Episode:
-    """What arrives during one wake period: documents, and the facts they hold."""
+    """What arrives during one wake period: documents, and the facts they hold.
+
+    ``probes`` of a world episode: every seen-phrasing probe, then every unseen one.
+    """
     episode_id: str
     documents: list[str]
     facts: list[Fact]
@@ -108,8 +147,18 @@ def render_fact(fact: Fact, phrasing: int) -> str:
 
 
 def probes_for(fact: Fact) -> list[Probe]:
+    """The seen-phrasing probes of ``fact`` (SCHEMA's order), then the unseen ones."""
     _, _, qs = SCHEMA[fact.kind][fact.attribute]
-    return [Probe(q.format(name=fact.entity), fact.value, fact.entity, fact.attribute) for q in qs]
+    return ([Probe(q.format(name=fact.entity), fact.value, fact.entity, fact.attribute) for q in qs]
+            + [Probe(q.format(name=fact.entity), fact.value, fact.entity, fact.attribute, "unseen")
+               for q in UNSEEN_QUESTIONS[fact.kind][fact.attribute]])
+
+
+def probes_of(probes: list[Probe], phrasing: str) -> list[Probe]:
+    """The probes of one phrasing family, in order."""
+    if phrasing not in PHRASINGS:
+        raise ValueError(f"unknown phrasing {phrasing!r} (choose from {PHRASINGS})")
+    return [p for p in probes if p.phrasing == phrasing]
 
 
 def qa_prompt(question: str, context: str | None = None) -> str:
@@ -186,6 +235,7 @@ class World:
             facts += self._entity_facts("place", self._take(self._places, "place"))
         documents = self._documents(facts)
         probes = [p for f in facts for p in probes_for(f)]
+        probes.sort(key=lambda p: p.phrasing != "seen")  # stable: every seen probe, then every unseen one
         return Episode(f"w{self.seed}-e{idx}", documents, facts, probes)
 
     def _documents(self, facts: list[Fact]) -> list[str]:

@@ -36,13 +36,20 @@ def test_files_and_schema(quick):
             assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cfg = load_config(QUICK)
     E, T = cfg.world.n_episodes, cfg.cycle.n_sleeps
-    assert res["schema_version"] == 1 and res["profile"] == "quick" and res["methods"] == METHODS
+    assert res["schema_version"] == 2 and res["profile"] == "quick" and res["methods"] == METHODS
+    prov = res["provenance"]
+    assert prov["seeds"] == [0] and prov["world_seeds"] == [cfg.world.seed] and "revision" in prov
+    assert res["phrasings"] == ["seen", "unseen"]
+    assert sum(sum(v) for v in res["n_probes_by_phrasing"].values()) == sum(res["n_probes"])
     assert res["seeds"] == [0] and len(res["episodes"]) == E and len(res["parts"]) == T
     assert res["config"]["model"]["path"] == "seed:test"
     assert len(res["runs"]) == len(METHODS)
     for run in res["runs"]:
         assert len(run["R"]) == T and all(len(r) == E for r in run["R"])
         assert len(run["R_in_context"]) == T and len(run["drift"]) == T == len(run["sleep_seconds"])
+        for key in ("R_by_phrasing", "R_in_context_by_phrasing"):
+            assert set(run[key]) == {"seen", "unseen"}
+            assert all(len(R) == T and all(len(r) == E for r in R) for R in run[key].values())
         assert set(RUN_METRICS) <= set(run["metrics"]) and run["config"]["seed"]["seed"] == run["seed"]
         assert run["seconds"] >= sum(run["sleep_seconds"]) > (0 if run["method"] != "no_sleep" else -1)
     assert pq.read_schema(out / "answers.parquet").names == ANSWER_COLUMNS
@@ -53,9 +60,9 @@ def _flat(M_):
     return [v for row in M_ for v in row]
 
 
-def _em(rows, method, seed, after, episode, mode="closed_book"):
+def _em(rows, method, seed, after, episode, mode="closed_book", phrasing=None):
     xs = [r["em"] for r in rows if (r["method"], r["seed"], r["after_sleep"], r["episode"], r["mode"])
-          == (method, seed, after, episode, mode)]
+          == (method, seed, after, episode, mode) and phrasing in (None, r["phrasing"])]
     assert xs
     return sum(xs) / len(xs)
 
@@ -75,6 +82,18 @@ def test_numbers_are_consistent_with_the_answers(quick):
         want = M.metrics(R, p, b)
         for k in ("ACC", "BWT", "FWT", "LA", "forgetting"):
             assert run["metrics"][k] == pytest.approx(want[k]), (m, k)
+        for ph in ("seen", "unseen"):  # every episode has both phrasings here
+            R_ph = [[_em(rows, m, s, i + 1, e, phrasing=ph) for e in eps] for i in range(len(R))]
+            assert _flat(run["R_by_phrasing"][ph]) == pytest.approx(_flat(R_ph))
+            assert run["metrics"][f"ACC_{ph}"] == pytest.approx(M.acc(R_ph))
+            assert run["metrics"][f"LA_{ph}"] == pytest.approx(M.learning_accuracy(R_ph, p))
+            assert run["metrics"][f"BWT_{ph}"] == pytest.approx(M.bwt(R_ph, p))
+            R_ic = [[_em(rows, m, s, i + 1, e, "in_context", ph) for e in eps] for i in range(len(R))]
+            assert run["metrics"][f"ACC_in_context_{ph}"] == pytest.approx(M.acc(R_ic))
+            assert res["summary"][m][f"ACC_{ph}"]["n"] == 1
+        # the questions of both families weigh alike: R is their mean when the counts are equal
+        assert _flat(run["R"]) == pytest.approx([(x + y) / 2 for x, y in zip(
+            _flat(run["R_by_phrasing"]["seen"]), _flat(run["R_by_phrasing"]["unseen"]))])
         assert run["metrics"]["drift"] == pytest.approx(run["perplexity"][-1] / res["baseline"]["perplexity"] - 1)
         assert res["summary"][m]["ACC"] == {"mean": pytest.approx(want["ACC"]), "std": 0.0, "n": 1}
         # every question, after every sleep, in both modes
@@ -82,6 +101,11 @@ def test_numbers_are_consistent_with_the_answers(quick):
         assert all(r["em"] in (0.0, 1.0) and 0.0 <= r["f1"] <= 1.0 and r["em"] <= r["f1"]
                    for r in rows if r["method"] == m)
         assert all(r["seen"] == (r["part"] <= r["after_sleep"]) for r in rows if r["method"] == m)
+        assert {r["phrasing"] for r in rows if r["method"] == m} == {"seen", "unseen"}
+    for ph in ("seen", "unseen"):
+        for mode in ("closed_book", "in_context"):
+            assert res["baseline"][f"{mode}_by_phrasing"][ph] == pytest.approx(
+                [_em(rows, "base", None, 0, e, mode, ph) for e in eps])
     by = {r["method"]: r for r in res["runs"]}
     # the never-trained model answers exactly as the baseline after every "sleep"
     assert all(row == pytest.approx(b) for row in by["no_sleep"]["R"])
@@ -97,9 +121,14 @@ def test_report_has_the_table_and_its_plots(quick):
     out, res, _ = quick
     text = (out / "report.md").read_text()
     assert "| method | ACC | BWT | FWT |" in text
+    assert "| ACC seen | ACC unseen | LA seen | LA unseen | in-context ACC | in-context ACC seen | " \
+           "in-context ACC unseen |" in text
+    assert "evaluation-only paraphrases" in text and "![ACC by phrasing](plots/phrasing.png)" in text
     for m in METHODS:
-        acc = res["summary"][m]["ACC"]["mean"]
-        assert f"| {m} | {acc:.3f} |" in text
+        s = res["summary"][m]
+        assert f"| {m} | {s['ACC']['mean']:.3f} |" in text
+        assert f"| {s['LA']['mean']:.3f} | {s['ACC_seen']['mean']:.3f} | {s['ACC_unseen']['mean']:.3f} | " \
+               f"{s['LA_seen']['mean']:.3f} | {s['LA_unseen']['mean']:.3f} |" in text
     for ref in [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]:
         assert (out / ref).is_file(), ref
 
@@ -113,6 +142,10 @@ def test_in_context_and_bad_methods(tmp_path, seed_test_model):
     # seen episodes are measured with their documents in context, the others closed-book
     for i, row in enumerate(run["R"]):
         assert row == pytest.approx([ic[j] if p[j] <= i else cb[j] for j in range(len(row))])
+        for ph in ("seen", "unseen"):  # the same rule, per phrasing
+            ic_ph, cb_ph = (res["baseline"][f"{k}_by_phrasing"][ph] for k in ("in_context", "closed_book"))
+            assert run["R_by_phrasing"][ph][i] == pytest.approx(
+                [ic_ph[j] if p[j] <= i else cb_ph[j] for j in range(len(row))])
     assert run["R_mode"] == "in_context"
     with pytest.raises(ValueError, match="eval.methods: unknown method"):
         run_eval(load_config(QUICK, ["eval.methods=[no_sleep,dreamless]"]), tmp_path / "bad", progress=False)

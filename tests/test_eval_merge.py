@@ -39,6 +39,17 @@ def test_merge_combines_runs_summary_answers_and_report(parts):
     rows = pq.read_table(root / "m" / "answers.parquet").num_rows
     assert rows == sum(pq.read_table(root / d / "answers.parquet").num_rows for d in "abc")
     assert (root / "m" / "report.md").is_file() and list((root / "m" / "plots").glob("*.png"))
+    # the per-phrasing fields travel with their runs; the summary is recomputed over the parts
+    assert all(set(r["R_by_phrasing"]) == {"seen", "unseen"} for r in m["runs"])
+    unseen = [r["metrics"]["ACC_unseen"] for r in m["runs"] if r["method"] == "no_sleep"]
+    assert m["summary"]["no_sleep"]["ACC_unseen"]["mean"] == pytest.approx(sum(unseen) / 2)
+    assert m["summary"]["no_sleep"]["ACC_unseen"]["n"] == 2
+    assert m["n_probes_by_phrasing"] == a["n_probes_by_phrasing"] and m["phrasings"] == ["seen", "unseen"]
+    assert m["baseline"]["closed_book_by_phrasing"] == a["baseline"]["closed_book_by_phrasing"]
+    # each part's provenance is kept; the merge has its own
+    assert m["provenance_parts"] == [a["provenance"], b["provenance"], c["provenance"]]
+    assert m["provenance"]["seeds"] == [0, 1] and m["provenance"]["world_seeds"] == a["provenance"]["world_seeds"]
+    assert "ACC unseen" in (root / "m" / "report.md").read_text()
 
 
 def test_merge_refuses_overlaps_and_other_settings(parts):
@@ -52,6 +63,14 @@ def test_merge_refuses_overlaps_and_other_settings(parts):
     other = json.loads(json.dumps(b))
     other["episodes"] = other["episodes"][::-1]
     with pytest.raises(ValueError, match="episodes"):
+        merge_results([a, other])
+    other = json.loads(json.dumps(b))
+    other["n_probes_by_phrasing"]["unseen"][0] += 1
+    with pytest.raises(ValueError, match="n_probes_by_phrasing"):
+        merge_results([a, other])
+    other = json.loads(json.dumps(b))
+    other["schema_version"] = 1
+    with pytest.raises(ValueError, match="schema_version"):
         merge_results([a, other])
     with pytest.raises(ValueError, match="at least two"):
         merge_results([a])

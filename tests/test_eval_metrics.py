@@ -67,3 +67,22 @@ def test_rows_matrices_and_spread():
     runs = [{"metrics": {"ACC": 0.5, "BWT": None}}, {"metrics": {"ACC": 0.7, "BWT": -0.1}}]
     out = M.summarize(runs, ["ACC", "BWT"])
     assert out["ACC"]["mean"] == pytest.approx(0.6) and out["BWT"] == {"mean": -0.1, "std": 0.0, "n": 1}
+
+
+def test_phrasing_metrics_on_the_episodes_that_have_the_phrasing():
+    from sleepray.eval_run import PHRASING_METRICS, phrasing_metrics
+    p = M.part_of(PARTS, EPS)
+    # unseen questions in e1 and e3 only: the metrics are those of R's columns 1 and 3
+    unseen = [[None if j in (0, 2) else v for j, v in enumerate(row)] for row in R]
+    out = phrasing_metrics({"seen": R, "unseen": unseen}, p, None)
+    assert set(out) == set(PHRASING_METRICS)
+    assert out["ACC_seen"] == pytest.approx(M.acc(R)) and out["LA_seen"] == pytest.approx(M.learning_accuracy(R, p))
+    assert out["BWT_seen"] == pytest.approx(M.bwt(R, p))
+    sub, sp = [[row[1], row[3]] for row in R], [p[1], p[3]]
+    assert out["ACC_unseen"] == pytest.approx(M.acc(sub)) == pytest.approx(0.7)
+    assert out["LA_unseen"] == pytest.approx(M.learning_accuracy(sub, sp)) == pytest.approx(0.95)
+    assert out["BWT_unseen"] == pytest.approx(0.4 - 0.9)
+    assert out["ACC_in_context_seen"] is None and out["ACC_in_context_unseen"] is None  # not measured
+    out = phrasing_metrics({"seen": R}, p, {"seen": R})  # no unseen group in the stream
+    assert out["ACC_in_context_seen"] == pytest.approx(M.acc(R))
+    assert out["ACC_unseen"] is out["LA_unseen"] is out["BWT_unseen"] is out["ACC_in_context_unseen"] is None

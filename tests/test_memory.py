@@ -17,9 +17,7 @@ from sleepray.world import Episode, Fact, Probe, World
 
 
 def rec(eid: str, text: str = "Ada Lovelace was born in London.", **kw) -> dict:
-    r = {"episode_id": eid, "kind": "document", "text": text,
-         "probes": [{"question": "Where was Ada born?", "answer": "London"}],
-         "source": "test"}
+    r = {"episode_id": eid, "kind": "document", "text": text, "source": "test"}
     r.update(kw)
     return r
 
@@ -43,31 +41,64 @@ def test_round_trip(tmp_path):
     a = rows[0]
     assert a["kind"] == "document" and a["documents"] == [a["text"]]
     assert a["n_tokens"] == 6 and rows[1]["n_tokens"] == 7
-    assert a["probes"][0]["question"] == "Where was Ada born?"
     assert a["created_at"].tzinfo is not None and a["source"] == "test"
     assert store.table().schema.names == [n for n in EPISODE_SCHEMA.names
-                                          if not n.startswith("eval_")]
-
-    full = store.export_episodes(with_answers=True)[2]
-    assert full == ep  # documents, facts and probes with answers all come back
-    bare = store.export_episodes()[2]
-    assert bare.documents == ep.documents and bare.facts == []
-    assert [p.question for p in bare.probes] == [p.question for p in ep.probes]
-    assert all(p.answer == "" for p in bare.probes)
+                                          if n not in ("probes", "eval_answers", "eval_facts")]
+    # a world episode enters memory as its documents: its questions, answers and facts stay out
+    assert ep.probes and ep.facts
+    back = store.export_episodes()[2]
+    assert back == Episode(ep.episode_id, ep.documents, [], [])
     assert store.pressure() == {"short_term_episodes": 3,
                                 "short_term_tokens": 6 + 7 + len(ep.context.split())}
 
 
-def test_answers_only_with_flag(tmp_path):
+def test_evaluation_data_never_enters_memory(tmp_path):
+    """Questions, answers and facts are refused with a clear error, nothing written; an Episode's
+    are dropped; not a byte of them reaches the segment files."""
+    store = MemoryStore(tmp_path)
+    store.append([rec("x")])
+    before = sorted(os.listdir(tmp_path / "segments"))
+    for field, value in (("probes", [{"question": "Where was Ada born?"}]), ("eval_answers", ["London"]),
+                         ("facts", [{"entity": "Ada", "kind": "person", "attribute": "birth_city",
+                                     "value": "London"}])):
+        with pytest.raises(ValueError, match=rf"record 1: field\(s\) \['{field}'\] hold evaluation data"):
+            store.append([rec("a"), {**rec("b"), field: value}])
+    assert sorted(os.listdir(tmp_path / "segments")) == before
+    ep = Episode("u1", ["Ada Lovelace lived in London."], [Fact("Ada", "person", "hobby", "zqchess")],
+                 [Probe("Which zqsecret question is this?", "zqanswer", "Ada", "hobby")])
+    store.append([ep])
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "segments").iterdir())
+    import io
+    import pyarrow.parquet as pq
+    text = json.dumps([pq.read_table(io.BytesIO((tmp_path / "segments" / n).read_bytes())).to_pylist()
+                       for n in os.listdir(tmp_path / "segments") if n.endswith(".parquet")], default=str)
+    assert "zqsecret" not in text and "zqanswer" not in text and "zqchess" not in text
+    assert b"zqsecret" not in raw or "zqsecret" not in text  # compressed on disk: the decoded table decides
+    assert store.export_episodes()[-1] == Episode("u1", ep.documents, [], [])
+
+
+def test_an_older_segment_with_questions_hands_none_out(tmp_path):
+    """Segments written before evaluation data was kept out may hold questions and answers:
+    they are never handed out."""
+    import pyarrow as pa
     store = MemoryStore(tmp_path)
     store.append([rec("a")])
-    rows = store.episodes()
-    assert "eval_answers" not in rows[0] and "eval_facts" not in rows[0]
-    assert "London" not in json.dumps(rows, default=str).replace(rows[0]["text"], "")
-    assert store.episodes(with_answers=True)[0]["eval_answers"] == ["London"]
-    assert "eval_answers" not in store.table("all").schema.names
-    assert all(p.answer == "" for p in store.export_episodes()[0].probes)
-    assert store.export_episodes(with_answers=True)[0].probes[0].answer == "London"
+    seg = next((tmp_path / "segments").glob("*.parquet"))
+    import pyarrow.parquet as pq
+    row = pq.read_table(seg).to_pylist()[0]
+    row.update(episode_id="old", probes=[{"question": "Where was zqAda born?", "entity": "", "attribute": ""}],
+               eval_answers=["zqLondon"])
+    # an old-style segment, written by hand with its checksum
+    t = pa.Table.from_pylist([row], schema=EPISODE_SCHEMA)
+    name = seg.name.replace("000000000001", "000000000002")
+    pq.write_table(t, tmp_path / "segments" / name)
+    import hashlib
+    digest = hashlib.sha256((tmp_path / "segments" / name).read_bytes()).hexdigest()
+    (tmp_path / "segments" / (name + ".sha256")).write_text(f"{digest}  {name}\n")
+    fresh = MemoryStore(tmp_path)
+    assert ids(fresh.episodes()) == ["a", "old"]
+    assert "probes" not in fresh.episodes()[1] and "eval_answers" not in fresh.episodes()[1]
+    assert fresh.export_episodes()[1].probes == [] and "zq" not in json.dumps(fresh.episodes(), default=str)
 
 
 @pytest.mark.parametrize("bad, field", [
@@ -76,7 +107,7 @@ def test_answers_only_with_flag(tmp_path):
     ({"episode_id": 3}, "episode_id"),
     ({"n_tokens": -1}, "n_tokens"),
     ({"documents": "not a list"}, "documents"),
-    ({"probes": [{"question": "q", "answer": 1}]}, "probes"),
+    ({"probes": [{"question": "q", "answer": "a"}]}, "probes"),
     ({"colour": "red"}, "colour"),
 ])
 def test_bad_record_writes_nothing(tmp_path, bad, field):
@@ -311,14 +342,13 @@ def test_episode_objects_and_dict_variants(tmp_path):
                  [Probe("What does X enjoy?", "chess", "X", "hobby")])
     store.append([ep, {"episode_id": "i1", "kind": "interaction",
                        "text": "User: hi\nAssistant: hello"}])
-    rows = store.episodes(with_answers=True)
+    rows = store.episodes()
     assert rows[0]["kind"] == "episode" and rows[0]["text"] == "doc one.\ndoc two."
-    assert rows[0]["eval_facts"][0]["value"] == "chess"
-    assert rows[1]["documents"] == [] and rows[1]["probes"] == []
-    # a row read back with answers can be appended again elsewhere
+    assert "eval_facts" not in rows[0] and rows[1]["documents"] == []
+    # a row read back can be appended again elsewhere
     other = MemoryStore(tmp_path / "copy")
     other.append(rows)
-    assert other.export_episodes(with_answers=True)[0] == ep
+    assert other.export_episodes()[0] == Episode("u1", ep.documents, [], [])
     with pytest.raises(ValueError, match="unknown status|status must be"):
         store.episodes("awake")
     assert memory_mod.Report is VerifyReport

@@ -1,23 +1,45 @@
 import random
 
-from sleepray.prompts import consolidation_prompts, continuation_prefixes
+from sleepray.prompts import consolidation_prompts, continuation_prefixes, grounded
 from sleepray.world import Episode, World
 
 
-def test_prompts_come_from_the_episode_and_never_hold_answers():
+def _writer(questions, asked=None):
+    def write(context, k):
+        if asked is not None:
+            asked.append((context, k))
+        return list(questions)[:k]
+    return write
+
+
+def test_prompts_are_self_written_questions_and_prefixes_never_the_episodes_probes():
     ep = World(11, people_per_episode=2).episode(0)
-    prompts = consolidation_prompts(ep, 40, random.Random(0))
-    assert len(prompts) == 40
-    kinds = {p.kind for p in prompts}
-    assert kinds == {"probe", "prefix"}
-    answers = {p.answer for p in ep.probes}
+    asked = []
+    own = ["Who is the person in the first document?", "Where does the river flow?"]
+    prompts = consolidation_prompts(ep, 40, random.Random(0), _writer(own, asked))
+    assert len(prompts) == 40 and asked == [(ep.context, 20)]  # the writer sees the documents, nothing else
+    assert {p.kind for p in prompts} == {"query", "prefix"}
+    evaluation = {p.question for p in ep.probes} | {p.answer for p in ep.probes}
     for p in prompts:
         assert p.context == ep.context and p.teacher_prompt.endswith(p.prompt)
-        if p.kind == "probe":
-            assert p.prompt.startswith("Q: ") and p.prompt.endswith("\nA:")
-            assert not any(a in p.prompt for a in answers)
+        assert not any(e in p.prompt for e in evaluation if len(e) > 3)
+        if p.kind == "query":
+            assert p.prompt in {f"Q: {q}\nA:" for q in own}
         else:
             assert p.prompt in ep.context  # a true prefix of a document sentence
+    # the evaluation's questions change nothing: the same prompts without them
+    bare = Episode(ep.episode_id, ep.documents, [], [])
+    again = consolidation_prompts(bare, 40, random.Random(0), _writer(own))
+    assert [p.prompt for p in again] == [p.prompt for p in prompts]
+
+
+def test_without_a_question_writer_every_prompt_is_a_prefix():
+    ep = World(11, people_per_episode=1).episode(0)
+    assert ep.probes  # the episode has evaluation questions, and none of them is used
+    prompts = consolidation_prompts(ep, 10, random.Random(0))
+    assert [p.kind for p in prompts] == ["prefix"] * 10
+    empty_writer = consolidation_prompts(ep, 10, random.Random(0), _writer([]))
+    assert [p.kind for p in empty_writer] == ["prefix"] * 10
 
 
 def test_prefixes_leave_words_out():
@@ -27,26 +49,20 @@ def test_prefixes_leave_words_out():
         assert 2 <= len(p.split()) < 6
 
 
-def test_free_text_uses_the_question_writer():
-    ep = Episode("u1", ["Zed keeps bees on the roof."], facts=[])
-    asked = []
-
-    def writer(context, k):
-        asked.append(context)
-        return ["What does Zed keep?"] * k
-
-    prompts = consolidation_prompts(ep, 4, random.Random(0), write_questions=writer)
-    assert asked == [ep.context]
-    assert {p.kind for p in prompts} == {"query", "prefix"}
-
-
-def test_every_probe_question_is_asked_before_any_is_asked_twice():
+def test_every_written_question_is_asked_before_any_is_asked_twice():
     ep = World(12, people_per_episode=1, orgs_per_episode=0, places_per_episode=1).episode(0)
-    n_questions = len({p.question for p in ep.probes})
-    prompts = consolidation_prompts(ep, 2 * n_questions + 6, random.Random(3))
-    asked = [p.prompt for p in prompts if p.kind == "probe"]
-    assert len(asked) == n_questions + 3
-    assert len(set(asked[:n_questions])) == n_questions  # all of them, once each, first
-    prefixes = continuation_prefixes(ep.documents, random.Random(0))
-    only_questions = consolidation_prompts(Episode("q", [], facts=[], probes=ep.probes), 5, random.Random(0))
-    assert [p.kind for p in only_questions] == ["probe"] * 5 and prefixes
+    own = [f"What is fact {i} of Zorba?" for i in range(5)]
+    prompts = consolidation_prompts(ep, 16, random.Random(3), _writer(own * 3))
+    asked = [p.prompt for p in prompts if p.kind == "query"]
+    assert len(asked) == 8 and len(set(asked[:5])) == 5  # all of them, once each, first
+    # a text with no sentences to cut: every prompt is a question
+    only_questions = consolidation_prompts(Episode("q", ["Zorba"], []), 5, random.Random(0), _writer(own))
+    assert [p.kind for p in only_questions] == ["query"] * 5
+
+
+def test_a_question_must_name_something_of_the_episode():
+    context = "Vandrel Okoth was born in Brisa. Vandrel Okoth works for Kelmo Labs."
+    assert grounded("Where was Vandrel Okoth born?", context)
+    assert grounded("Who employs okoth?", context)  # case does not matter
+    assert not grounded("Where was Zibber Plonk born?", context)
+    assert not grounded("Who is it?", context)  # short words do not count

@@ -101,8 +101,11 @@ def test_dreams_are_not_cut_at_the_first_newline(bank_tok, episode, rcfg, monkey
 def test_scores_and_selection(bank_tok, episode):
     bank, tok = bank_tok
     dreams = _hand_dreams(episode)
-    targets = rem.teacher_probe_targets(bank, tok, episode, 4)
+    from sleepray.prompts import grounded, model_question_writer
+    memory = Episode(episode.episode_id, episode.documents, [], [])  # what a sleep gets: no questions
+    targets = rem.teacher_probe_targets(bank, tok, memory, 4, model_question_writer(bank, tok, seed=0))
     assert len(targets) == 4 and all(t.target for t in targets)
+    assert all(t.question.endswith("?") and grounded(t.question, episode.context) for t in targets)
     norms = rem.score_dreams(bank, tok, dreams, targets, "grad_norm")
     align = rem.score_dreams(bank, tok, dreams, targets, "grad_align")
     assert len(norms) == len(align) == len(dreams)

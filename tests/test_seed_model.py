@@ -1,4 +1,5 @@
-"""The `test` seed model: built from scratch here, read by transformers and by vLLM."""
+"""The seed models: shipped with the package (checked against their recipe), read by
+transformers and by vLLM."""
 import json
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import torch
 
 from sleepray.models import load_model, resolve_model_path
 from sleepray.qa import evaluate_probes
-from sleepray.world import World
+from sleepray.world import World, probes_of
 
 HERE = Path(__file__).parent
 
@@ -20,6 +21,37 @@ def test_seed_model_reads_facts_from_context(seed_test_report):
     # ... closed-book it cannot (near chance)
     assert r["closed_book_accuracy"] <= r["chance_accuracy"] + 0.1, r
     assert r["eval_world_seed"] >= 10_000_000  # evaluation worlds are never used for pretraining
+
+
+def test_shipped_seed_models_are_their_recipes_builds(tmp_path):
+    """Both seed models ship with the package: checksums, recipe, version and hash agree, and
+    seed_path uses them (no build). A changed recipe is no longer matched: it would be rebuilt."""
+    import dataclasses
+    import shutil
+
+    from sleepray import seed
+    for profile in ("test", "small"):
+        d = seed.shipped_path(profile)
+        assert d is not None and d.parent == seed.SHIPPED_DIR, f"seed:{profile} is not shipped"
+        assert seed.verify_seed_dir(d, profile) == []
+        assert seed.seed_path(profile) == d
+        report = json.loads((d / "seed_report.json").read_text())
+        assert report["version"] == seed.SEED_VERSION and report["in_context_accuracy"] >= 0.6
+    # the check can fail: a flipped byte, a changed recipe
+    copy = tmp_path / seed.shipped_path("test").name
+    shutil.copytree(seed.shipped_path("test"), copy)
+    raw = bytearray((copy / "model.safetensors").read_bytes())
+    raw[-1] ^= 1
+    (copy / "model.safetensors").write_bytes(bytes(raw))
+    assert seed.verify_seed_dir(copy, "test") == ["model.safetensors: checksum differs"]
+    old = seed.PROFILES["test"]
+    try:
+        seed.PROFILES["test"] = dataclasses.replace(old, steps=old.steps + 1)
+        assert seed.shipped_path("test") is None
+        assert "the report's recipe differs from PROFILES[profile]" in seed.verify_seed_dir(
+            seed.SHIPPED_DIR / copy.name, "test")
+    finally:
+        seed.PROFILES["test"] = old
 
 
 def test_seed_folder_is_a_plain_hf_model(seed_test_model):
@@ -36,8 +68,9 @@ def test_report_is_reproduced_by_a_fresh_load(seed_test_model, seed_test_report)
     p = PROFILES["test"]
     world = World(seed=seed_test_report["eval_world_seed"], **p.eval_world)
     ep = world.episode(0)
-    ic = evaluate_probes(model, tok, ep.probes, ep.context).accuracy
-    cb = evaluate_probes(model, tok, ep.probes, None).accuracy
+    seen = probes_of(ep.probes, "seen")
+    ic = evaluate_probes(model, tok, seen, ep.context).accuracy
+    cb = evaluate_probes(model, tok, seen, None).accuracy
     assert ic > cb
     assert ic >= 0.5
 

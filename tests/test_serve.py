@@ -106,8 +106,7 @@ def test_models_auth_and_bad_input(served, oc):
 def test_memory_then_sleep_swaps_without_failures_and_raises_closed_book_logprob(served, oc):
     storage = served["storage"]
     with _http(served) as h:
-        doc = h.post("/v1/memories", json={"text": EPISODE.context, "id": "bio-1",
-                                           "questions": [p.question for p in EPISODE.probes]})
+        doc = h.post("/v1/memories", json={"text": EPISODE.context, "id": "bio-1"})
         assert doc.status_code == 201, doc.text
         decoy = h.post("/v1/memories", json={"text": "Zorblat Quenthive lives on the moon.",
                                              "id": "decoy"})

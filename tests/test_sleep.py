@@ -83,13 +83,16 @@ def test_second_sleep_stacks_a_new_expert(tmp_path, overrides):
 
 
 def test_free_text_memories_get_model_written_questions(tmp_path, overrides):
-    from sleepray.sleep import load_bank, model_question_writer
+    from sleepray.prompts import grounded, model_question_writer
+    from sleepray.sleep import load_bank
     from sleepray.world import Episode
     cfg = load_config(None, overrides)
     doc = "Zoubrel Kanth was born in Tolmora. Zoubrel Kanth works for Dreigex Labs."
     MemoryStore(tmp_path / "memory").append([Episode("user-1", [doc], facts=[])])
     bank, tok, _ = load_bank(cfg, tmp_path)
-    qs = model_question_writer(bank, tok)(doc, 4)
-    assert 1 <= len(qs) <= 4 and all(q.endswith("?") for q in qs)
+    qs = model_question_writer(bank, tok, seed=3)(doc, 4)
+    assert 1 <= len(qs) <= 4 and all(q.endswith("?") and grounded(q, doc) for q in qs)
+    assert len(set(qs)) == len(qs)
+    assert model_question_writer(bank, tok, seed=3)(doc, 4) == qs  # seeded: a redone sleep writes the same
     v = sleep_nrem(cfg, progress=False)
     assert json.loads((v / "lineage.json").read_text())["episodes"] == ["user-1"]

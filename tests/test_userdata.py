@@ -25,10 +25,10 @@ def test_keyed_and_chunked_episodes(tmp_path):
     assert by["chunk-0"].documents == ["doc 0", "doc 1"]
     assert by["chunk-1"].documents == ["doc 2", "doc 3"]
     # a QA pair without episode joins the automatic episode of the documents before it
-    assert by["chunk-1"].probes == [Probe("q1?", "a1", entity="", attribute="user")]
+    assert by["chunk-1"].probes == [Probe("q1?", "a1", entity="", attribute="user", phrasing="unseen")]
     assert by["chunk-2"].documents == ["doc 4"]
     assert by["alpha"].documents == ["keyed a"]
-    assert by["alpha"].probes == [Probe("qa?", "aa", "", "user")]
+    assert by["alpha"].probes == [Probe("qa?", "aa", "", "user", "unseen")]
     assert by["7"].documents == ["seven"]
     assert all(e.facts == [] for e in eps)
 
@@ -43,7 +43,7 @@ def test_default_chunk_and_blank_lines(tmp_path):
 def _world_episodes():
     eps = World(1, people_per_episode=2).episodes(2)
     eps.append(Episode("user-1", ["only a doc"], []))
-    eps.append(Episode("3", [], [], [Probe("q only?", "yes", "", "user")]))
+    eps.append(Episode("3", [], [], [Probe("q only?", "yes", "", "user", "unseen")]))
     return eps
 
 
@@ -67,7 +67,7 @@ def test_parquet_written_by_hand(tmp_path):
                       "answer": [None, "a", None]})
     pq.write_table(table, tmp_path / "x.parquet")
     [ep] = load_episodes(tmp_path / "x.parquet")
-    assert ep.documents == ["d1", "d2"] and ep.probes == [Probe("q?", "a", "", "user")]
+    assert ep.documents == ["d1", "d2"] and ep.probes == [Probe("q?", "a", "", "user", "unseen")]
 
 
 def test_multiple_files_in_order(tmp_path):
@@ -140,3 +140,32 @@ def test_unreadable_and_unsupported(tmp_path):
         load_episodes(csv)
     with pytest.raises(ValueError, match="chunk must be >= 1"):
         load_episodes(csv, chunk=0)
+
+
+def test_question_answer_records_are_evaluation_only_unless_opted_in_by_name(tmp_path):
+    """{question, answer} records never become memory; world.qa_as_memory=true is the one opt-in,
+    and an evaluation refuses such a stream (it would grade what the sleeps trained on)."""
+    from sleepray.config import load_config
+    from sleepray.eval_run import Stream
+    from sleepray.memory import MemoryStore
+    from sleepray.stream import episodes_from_config, evaluation_episodes
+    path = tmp_path / "u.jsonl"
+    path.write_text('{"document": "Ann Lee was born in Paris.", "episode": "e"}\n'
+                    '{"question": "Where was Ann Lee born?", "answer": "Paris", "episode": "e"}\n')
+    cfg = load_config(None, ["world.source=file", f"world.data_path={path}"])
+    (ep,) = evaluation_episodes(cfg.world)
+    assert ep.documents == ["Ann Lee was born in Paris."] and [p.question for p in ep.probes] == [
+        "Where was Ann Lee born?"]
+    store = MemoryStore(tmp_path / "m")
+    store.append([ep])
+    assert store.export_episodes() == [Episode("e", ["Ann Lee was born in Paris."], [], [])]
+    assert len(Stream(cfg).episodes) == 1
+    opted = load_config(None, ["world.source=file", f"world.data_path={path}", "world.qa_as_memory=true"])
+    (mem,) = episodes_from_config(opted.world)
+    assert mem.documents == ["Ann Lee was born in Paris.", "Q: Where was Ann Lee born?\nA: Paris"]
+    with pytest.raises(ValueError, match="qa_as_memory=true puts the question/answer records into memory"):
+        evaluation_episodes(opted.world)
+    with pytest.raises(ValueError, match="qa_as_memory"):
+        Stream(opted)
+    with pytest.raises(ValueError, match="world.source=file only"):
+        episodes_from_config(load_config(None, ["world.qa_as_memory=true"]).world)

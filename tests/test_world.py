@@ -1,6 +1,6 @@
 from sleepray.general_text import corpus
 from sleepray.lexicon import pools
-from sleepray.world import SCHEMA, World, chance_accuracy, qa_prompt, render_fact
+from sleepray.world import SCHEMA, UNSEEN_QUESTIONS, World, chance_accuracy, probes_of, qa_prompt, render_fact
 
 
 def test_world_is_deterministic_by_seed():
@@ -24,7 +24,12 @@ def test_episode_shape_and_unique_entities():
     for e in eps:
         # one document per entity and phrasing version
         assert len(e.documents) == 2 * 6
-        assert len(e.probes) == sum(len(SCHEMA[f.kind][f.attribute][2]) for f in e.facts)
+        # every seen-phrasing probe, then every unseen-phrasing one
+        n_seen = sum(len(SCHEMA[f.kind][f.attribute][2]) for f in e.facts)
+        n_unseen = sum(len(UNSEEN_QUESTIONS[f.kind][f.attribute]) for f in e.facts)
+        assert len(e.probes) == n_seen + n_unseen
+        assert [p.phrasing for p in e.probes] == ["seen"] * n_seen + ["unseen"] * n_unseen
+        assert len(probes_of(e.probes, "seen")) == n_seen
 
 
 def test_every_fact_is_in_the_documents_in_several_phrasings():
