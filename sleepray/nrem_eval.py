@@ -175,3 +175,24 @@ def evaluate_nrem(cfg, seeds: list[int], split: str = "test", progress: bool = T
     return {"model": cfg.model.path, "split": split, "seeds": seeds,
             "provenance": provenance(seeds, [world_seed(split, s) for s in seeds]),
             "runs": runs, "summary": summarize(runs), "config": cfg.model_dump(mode="json")}
+
+
+def merge(parts: list[dict]) -> dict:
+    """One result from runs over other seeds with the same settings (e.g. one process per seed)."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    first = parts[0]
+    for k, p in enumerate(parts[1:], 1):
+        for key in ("model", "split", "config"):
+            if p[key] != first[key]:
+                raise ValueError(f"part {k} differs from part 0 in {key!r}: not the same measurement")
+    runs = sorted((r for p in parts for r in p["runs"]), key=lambda r: r["seed"])
+    seeds = [r["seed"] for r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"a seed is in two parts: {seeds}")
+    from sleepray.provenance import provenance
+    return {"model": first["model"], "split": first["split"], "seeds": seeds,
+            "provenance": provenance(seeds, [r["world_seed"] for r in runs]),
+            "provenance_parts": [p["provenance"] for p in parts],
+            "runs": runs, "summary": summarize(runs), "config": first["config"]}
+

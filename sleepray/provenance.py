@@ -17,7 +17,11 @@ _ROOT = Path(__file__).resolve().parent.parent
 
 
 def git_revision(root: Path = _ROOT) -> Optional[str]:
-    """The checkout's commit, with ``-dirty`` when tracked files differ from it; None outside git."""
+    """The checkout's commit, with ``-dirty`` when tracked files differ from it; outside a git
+    checkout (a copied tree, a job's upload) ``SLEEPRAY_REVISION`` if set, else None."""
+    import os
+    if not (root / ".git").exists():
+        return os.environ.get("SLEEPRAY_REVISION") or None
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()
