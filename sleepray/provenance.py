@@ -17,11 +17,14 @@ _ROOT = Path(__file__).resolve().parent.parent
 
 
 def git_revision(root: Path = _ROOT) -> Optional[str]:
-    """The checkout's commit, with ``-dirty`` when tracked files differ from it; outside a git
-    checkout (a copied tree, a job's upload) ``SLEEPRAY_REVISION`` if set, else None."""
+    """``SLEEPRAY_REVISION`` when set (a copied tree or a job's upload, whose ``.git``, if any, need
+    not be the code that runs), else the checkout's commit, with ``-dirty`` when tracked files
+    differ from it; None outside git."""
     import os
+    if os.environ.get("SLEEPRAY_REVISION"):
+        return os.environ["SLEEPRAY_REVISION"]
     if not (root / ".git").exists():
-        return os.environ.get("SLEEPRAY_REVISION") or None
+        return None
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()

@@ -17,6 +17,7 @@ def test_provenance_names_revision_command_and_seeds(monkeypatch):
 def test_a_copied_tree_takes_its_revision_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SLEEPRAY_REVISION", "abc123")
     assert P.git_revision(tmp_path) == "abc123"
+    assert P.git_revision() == "abc123"  # it wins over a .git that need not be the code that runs
     monkeypatch.delenv("SLEEPRAY_REVISION")
     assert P.git_revision(tmp_path) is None
 
