@@ -30,7 +30,6 @@ PEFT quirks handled here (peft 0.21):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 
 from sleepray.config import ExpertConfig
+from sleepray.checksum import file_sha256
 
 SLOT_PREFIX = "expert_"
 BANK_FILE = "bank.json"
@@ -64,14 +64,6 @@ def slot_name(i: int) -> str:
 
 def _slot_index(name: str) -> int:
     return int(name[len(SLOT_PREFIX):])
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def replace_dir(src: Path, dst: Path) -> None:
@@ -327,7 +319,7 @@ class ExpertBank:
         if active:
             self.model.save_pretrained(str(tmp), selected_adapters=active, safe_serialization=True)
         (tmp / "README.md").unlink(missing_ok=True)
-        hashes = {s: _sha256(tmp / s / ADAPTER_WEIGHTS) for s in active}
+        hashes = {s: file_sha256(tmp / s / ADAPTER_WEIGHTS) for s in active}
         if lineage is not None:
             self.lineage = dict(lineage)
         meta = {
@@ -479,7 +471,7 @@ def _read_bank_meta(folder: Path) -> dict:
             errors.append(f"{path.name}: {e}")
             continue
         bad = [s for s, h in meta.get("sha256", {}).items()
-               if not (exp_dir / s / ADAPTER_WEIGHTS).is_file() or _sha256(exp_dir / s / ADAPTER_WEIGHTS) != h]
+               if not (exp_dir / s / ADAPTER_WEIGHTS).is_file() or file_sha256(exp_dir / s / ADAPTER_WEIGHTS) != h]
         if not bad:
             if path.name != BANK_FILE:  # crash after the experts swap, before bank.json: finish it
                 os.replace(path, folder / BANK_FILE)

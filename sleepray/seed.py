@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sleepray import pretrain_data
+from sleepray.checksum import file_sha256
 from sleepray.pretrain_data import EVAL_WORLD_SEED_MIN, Shape
 from sleepray.qa import evaluate_probes
 from sleepray.tokenizer import train_tokenizer
@@ -197,20 +198,11 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "seed_models"
 CHECKSUMS = "SHA256SUMS"
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_checksums(folder: Path) -> Path:
     """``SHA256SUMS`` (``sha256sum`` format) of every file of a built seed model."""
     files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name != CHECKSUMS)
     out = Path(folder) / CHECKSUMS
-    out.write_text("".join(f"{_sha256(p)}  {p.name}\n" for p in files))
+    out.write_text("".join(f"{file_sha256(p)}  {p.name}\n" for p in files))
     return out
 
 
@@ -228,7 +220,7 @@ def verify_seed_dir(folder: Path, profile: str) -> list[str]:
         listed[name] = digest
         if not (folder / name).is_file():
             problems.append(f"{name}: missing")
-        elif _sha256(folder / name) != digest:
+        elif file_sha256(folder / name) != digest:
             problems.append(f"{name}: checksum differs")
     for name in ("config.json", "model.safetensors", "seed_report.json"):
         if name not in listed:

@@ -9,9 +9,9 @@ from sleepray.experts import ExpertBank
 from sleepray.models import load_model
 from sleepray.losses import generalized_jsd
 from sleepray.nrem import _continuation_logits, gkd_loss, run_nrem
-from sleepray.prompts import consolidation_prompts
+from sleepray.prompts import consolidation_prompts, model_question_writer
 from sleepray.qa import evaluate_probes, generate_answers
-from sleepray.world import World
+from sleepray.world import Episode, World
 
 QUICK = ["world.people_per_episode=1", "world.orgs_per_episode=0", "world.places_per_episode=0",
          "world.phrasings_per_fact=1", "nrem.judge=exact", "nrem.batch_size=8"]
@@ -47,7 +47,10 @@ def test_nrem_trains_only_the_new_expert_and_moves_facts_into_it(seed_test_model
     bank.open_new_expert()
     slot = bank.training
     snapshot = {n: p.detach().clone() for n, p in bank.model.named_parameters()}
-    prompts = consolidation_prompts(episode, cfg.nrem.prompts_per_episode, random.Random(0))
+    memory = Episode(episode.episode_id, episode.documents, [], [])  # what a sleep gets: documents only
+    writer = model_question_writer(bank, tok, seed=0)  # the teacher writes its own questions
+    prompts = consolidation_prompts(memory, cfg.nrem.prompts_per_episode, random.Random(0), writer)
+    assert any(p.kind == "query" for p in prompts)
     fixed = _teacher_answers(bank, tok, prompts[:16])
     d_before = _divergence_on(bank, tok, fixed)
     res = run_nrem(bank, tok, prompts, cfg.nrem, seed=0, progress=False)

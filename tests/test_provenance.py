@@ -3,14 +3,15 @@ import subprocess
 import sys
 
 from sleepray import provenance as P
-from sleepray.splits import dev_world, test_world, world_split
+from sleepray.splits import dev_world, world_split
+from sleepray.splits import test_world as _test_world
 
 
 def test_provenance_names_revision_command_and_seeds(monkeypatch):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=P._ROOT, capture_output=True, text=True).stdout.strip()
-    rec = P.provenance([0, 1, 2], [test_world(5)], argv=["prog", "--seeds", "0,1,2"])
+    rec = P.provenance([0, 1, 2], [_test_world(5)], argv=["prog", "--seeds", "0,1,2"])
     assert rec["revision"] in (head, head + "-dirty")
-    assert rec["seeds"] == [0, 1, 2] and rec["world_seeds"] == [test_world(5)] and rec["world_split"] == ["test"]
+    assert rec["seeds"] == [0, 1, 2] and rec["world_seeds"] == [_test_world(5)] and rec["world_split"] == ["test"]
     assert "--seeds 0,1,2" in rec["command"] and rec["created_at"]
 
 
@@ -31,5 +32,5 @@ def test_a_job_run_with_dash_m_is_recorded_as_typed(tmp_path):
 
 
 def test_world_splits_are_disjoint():
-    assert world_split(dev_world(3)) == "dev" and world_split(test_world(3)) == "test"
+    assert world_split(dev_world(3)) == "dev" and world_split(_test_world(3)) == "test"
     assert world_split(5) == "pretrain" and world_split(10_000_900) == "other"

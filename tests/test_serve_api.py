@@ -184,7 +184,7 @@ def test_memory_goes_into_context_and_switches_turn_it_off(made):
     svc, client, store, engine = made()
     r = client.post("/v1/memories", json={"text": "Ann Lee was born in Paris.",
                                           "questions": ["Where was Ann Lee born?"], "id": "ann"})
-    assert r.status_code == 422 and "questions are evaluation data" in r.text  # memory is documents only
+    assert r.status_code == 400 and "questions are evaluation data" in r.text  # memory is documents only
     assert store.episodes("all") == []
     r = client.post("/v1/memories", json={"text": "Ann Lee was born in Paris.", "id": "ann"})
     assert r.status_code == 201 and r.json()["id"] == "ann" and r.json()["status"] == "short_term"

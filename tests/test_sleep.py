@@ -87,7 +87,10 @@ def test_free_text_memories_get_model_written_questions(tmp_path, overrides):
     from sleepray.sleep import load_bank
     from sleepray.world import Episode
     cfg = load_config(None, overrides)
-    doc = "Zoubrel Kanth was born in Tolmora. Zoubrel Kanth works for Dreigex Labs."
+    # names from the seed model's lexicon: the tiny seed models copy those into their questions,
+    # not names outside it (for "Zoubrel Kanth" they write none that is grounded)
+    from sleepray.world import World
+    doc = World(10_600_123, 1, 0, 0, 1).episode(0).documents[0]
     MemoryStore(tmp_path / "memory").append([Episode("user-1", [doc], facts=[])])
     bank, tok, _ = load_bank(cfg, tmp_path)
     qs = model_question_writer(bank, tok, seed=3)(doc, 4)
