@@ -32,7 +32,7 @@ class MemoryStoreActor:
         return self.store.delete(episode_ids, reason)
 
     def episodes(self, status: str = "short_term") -> list[dict]:
-        return self.store.episodes(status)          # never with the evaluation answers
+        return self.store.episodes(status)          # documents only: the store holds no evaluation data
 
     def status_of(self, episode_id: str):
         return self.store.status_of(episode_id)

@@ -30,7 +30,7 @@ def _comparable_config(cfg: dict) -> dict:
 
 def merge_results(parts: list[dict]) -> dict:
     """One results dict (the ``results.json`` schema) from several."""
-    from sleepray.provenance import provenance
+    from sleepray.provenance import common_revision, provenance
     if len(parts) < 2:
         raise ValueError("merge needs at least two results")
     first = parts[0]
@@ -59,6 +59,7 @@ def merge_results(parts: list[dict]) -> dict:
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "provenance": provenance(seeds=seeds, world_seeds=[world["seed"]] if world.get("source") == "builtin" else []),
         "provenance_parts": [p.get("provenance") for p in parts],
+        "measured_revision": common_revision([p.get("provenance") for p in parts]),
         "wall_seconds": round(sum(p["wall_seconds"] for p in parts), 2),
         "config": config, "methods": methods, "seeds": seeds, "baseline": first["baseline"], "runs": runs,
         "summary": {m: M.summarize([r for r in runs if r["method"] == m], RUN_METRICS) for m in methods},

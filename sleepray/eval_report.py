@@ -25,6 +25,8 @@ DESCRIPTIONS = {
     "no_sleep": "the base model, never trained (closed-book)",
     "in_context": "the base model with each seen episode's own documents in its context (upper reference)",
     "sft": "a fresh expert per sleep, SFT on the raw documents",
+    "sft_self_qa": "a fresh expert per sleep, SFT on the questions the model wrote about each episode, "
+                   "answered by it with the episode in context (the Q/A a sleep trains on)",
     "seal": "a fresh expert per sleep, SFT on every self-written dream (no selection, trials, ReST-EM, replay)",
     "distill_no_expansion": "on-policy GKD (no LTI) into all weights, teacher = the model before the sleep "
                             "with the episode in context",

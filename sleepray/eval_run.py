@@ -152,6 +152,9 @@ class Stream:
         empty = [e.episode_id for e in self.episodes if not e.probes]
         if empty:
             raise ValueError(f"episodes {empty[:5]} have no question/answer pairs to evaluate")
+        bare = [e.episode_id for e in self.episodes if not any(d.strip() for d in e.documents)]
+        if bare:
+            raise ValueError(f"episodes {bare[:5]} have questions but no document: nothing to learn them from")
         if len({e.episode_id for e in self.episodes}) != len(self.episodes):
             raise ValueError("episode ids repeat in the stream")
         self.parts = chunks(self.episodes, cfg.cycle.n_sleeps)

@@ -16,7 +16,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_model_path(path: str, progress: bool = True) -> str:
-    """'seed:test' / 'seed:small' -> the cached seed folder (built on first use); else unchanged."""
+    """'seed:test' / 'seed:small' -> the seed model's folder (shipped, else built once and cached);
+    else unchanged."""
     if path.startswith("seed:"):
         from sleepray.seed import PROFILES, seed_path
         profile = path.split(":", 1)[1]

@@ -24,21 +24,12 @@ from sleepray.anchor import AnchorBatch, anchor_batch, anchor_loss
 from sleepray.losses import generalized_jsd
 from sleepray.nrem_samplers import LocalSampler
 from sleepray.prompts import ConsolidationPrompt
-from sleepray.sampling import sample_ids
 from sleepray.rewards import ExactJudge, clipped_pg_loss, group_advantages, lti_reward
 
 log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------ sampling
-
-def sample(model, tok, prompts: list[str], max_new_tokens: int, temperature: float,
-           prefix_ids: list[list[int]] | None = None) -> list[list[int]]:
-    """Sampled continuations (token ids, cut after the first newline; never empty)."""
-    newline = tok.encode("\n", add_special_tokens=False)[-1]
-    return [ids or [newline] for ids in
-            sample_ids(model, tok, prompts, max_new_tokens, temperature, prefix_ids)]
-
 
 def _continuation_logits(model, tok, prompts: list[str], conts: list[list[int]]):
     """Logits predicting each continuation token: [B, L, V] and mask [B, L]."""

@@ -34,13 +34,12 @@ from sleepray.nrem import run_nrem
 from sleepray.prompts import consolidation_prompts, model_question_writer
 from sleepray.qa import evaluate_probes
 from sleepray.splits import DEV_WORLD_SEED, TEST_WORLD_SEED
-from sleepray.world import World
+from sleepray.world import PHRASINGS, World
 
 log = logging.getLogger(__name__)
 SPLITS = {"dev": DEV_WORLD_SEED, "test": TEST_WORLD_SEED}
 HELDOUT_WORLD_OFFSET = 50_000  # the drift documents' worlds, in the same split's range
 METHODS = ("nrem", "nrem_rem", "sft_raw", "sft_self_qa")
-PHRASINGS = ("seen", "unseen")
 
 
 def world_seed(split: str, seed: int) -> int:
@@ -57,7 +56,7 @@ def _world(wc, seed: int) -> World:
 def _scores(model, tok, ep, heldout, heldout_world) -> dict:
     out = {}
     for ph in PHRASINGS:
-        probes = [p for p in ep.probes if getattr(p, "phrasing", "seen") == ph]
+        probes = [p for p in ep.probes if p.phrasing == ph]
         if probes:
             out[f"closed_book_{ph}"] = evaluate_probes(model, tok, probes, None).accuracy
             out[f"in_context_{ph}"] = evaluate_probes(model, tok, probes, ep.context).accuracy
@@ -96,7 +95,7 @@ def run_seed(cfg, seed: int, split: str = "test", progress: bool = False) -> dic
     heldout_world = [d for e in _world(wc, ws + HELDOUT_WORLD_OFFSET).episodes(4) for d in e.documents]
     memory = type(ep)(ep.episode_id, list(ep.documents), [], [])  # what a sleep gets: the documents
     out = {"seed": seed, "world_seed": ws, "split": split, "episode": ep.episode_id,
-           "n_probes": {ph: sum(getattr(p, "phrasing", "seen") == ph for p in ep.probes) for ph in PHRASINGS}}
+           "n_probes": {ph: sum(p.phrasing == ph for p in ep.probes) for ph in PHRASINGS}}
 
     bank, tok = _fresh_bank(cfg, path, seed)
     with bank.teacher_mode():
@@ -190,9 +189,10 @@ def merge(parts: list[dict]) -> dict:
     seeds = [r["seed"] for r in runs]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"a seed is in two parts: {seeds}")
-    from sleepray.provenance import provenance
+    from sleepray.provenance import common_revision, provenance
     return {"model": first["model"], "split": first["split"], "seeds": seeds,
             "provenance": provenance(seeds, [r["world_seed"] for r in runs]),
             "provenance_parts": [p["provenance"] for p in parts],
+            "measured_revision": common_revision([p["provenance"] for p in parts]),
             "runs": runs, "summary": summarize(runs), "config": first["config"]}
 

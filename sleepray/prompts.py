@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 from sleepray.world import Episode, qa_prompt
 
-_SENTENCE = re.compile(r"[^.!?\n]+[.!?]")
+_SENTENCE = re.compile(r"[^.!?\n]+(?:[.!?]|$)", re.MULTILINE)  # a last fragment without a stop too
 _WORD = re.compile(r"[^\W_][\w'-]*")
 
 
@@ -47,12 +47,18 @@ def continuation_prefixes(documents: list[str], rng: random.Random) -> list[str]
 QuestionWriter = Callable[[str, int], list[str]]
 
 
+def _bare(word: str) -> str:
+    word = word.lower()
+    return word[:-2] if word.endswith("'s") else word
+
+
 def grounded(question: str, context: str) -> bool:
-    """Is the question about something in the context? Its names (capitalised words after the
-    first) must occur there, or, when it has none, one of its words of five letters or more.
-    A question about nothing in the episode would only distill the teacher's guess."""
-    words = {w.lower() for w in _WORD.findall(context)}
-    q = _WORD.findall(question)
+    """Is the question about something in the context? One of its names (capitalised words after
+    the first, a possessive 's dropped) must occur there, or, when it has none, one of its words
+    of five letters or more. A question about nothing in the episode would only distill the
+    teacher's guess."""
+    words = {_bare(w) for w in _WORD.findall(context)}
+    q = [_bare(w) if w[0].islower() else _bare(w).capitalize() for w in _WORD.findall(question)]
     names = [w for w in q[1:] if w[0].isupper()]
     keys = names or [w for w in q if len(w) >= 5]
     return any(w.lower() in words for w in keys)

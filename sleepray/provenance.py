@@ -55,3 +55,13 @@ def provenance(seeds: Sequence[int] = (), world_seeds: Sequence[int] = (),
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
             "machine": platform.machine()}
+
+
+def common_revision(parts: Sequence[Optional[dict]]) -> Optional[str]:
+    """The revision every part was measured at (None when no part recorded one); parts measured
+    at different revisions are not one measurement: ``ValueError``."""
+    revs = {p.get("revision") for p in parts if p}
+    revs.discard(None)
+    if len(revs) > 1:
+        raise ValueError(f"the parts were measured at different revisions {sorted(revs)}: not one measurement")
+    return revs.pop() if revs else None

@@ -4,7 +4,8 @@
 small Llama on "documents -> questions -> answers" examples from fresh random worlds,
 evaluates it on held-out worlds (in-context vs closed-book) and saves a Hugging Face
 folder (safetensors + tokenizer) that transformers, PEFT and vLLM load.
-``seed_path(profile)`` builds once per machine and caches the result.
+``seed_path(profile)`` is the model shipped in ``seed_models/`` for the current recipe
+(checked against its checksums on first use), else a build cached per machine.
 """
 from __future__ import annotations
 
@@ -195,6 +196,7 @@ def profile_hash(profile: str) -> str:
 
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "seed_models"
+_VERIFIED: set = set()  # shipped folders checked in this process
 CHECKSUMS = "SHA256SUMS"
 
 
@@ -216,6 +218,9 @@ def verify_seed_dir(folder: Path, profile: str) -> list[str]:
         return [f"{folder}: no {CHECKSUMS}"]
     listed = {}
     for line in sums.read_text().splitlines():
+        if "  " not in line:
+            problems.append(f"{CHECKSUMS}: malformed line {line[:60]!r}")
+            continue
         digest, name = line.split("  ", 1)
         listed[name] = digest
         if not (folder / name).is_file():
@@ -249,6 +254,12 @@ def seed_path(profile: str, progress: bool = True) -> Path:
         raise ValueError(f"unknown seed profile '{profile}' (choose from {sorted(PROFILES)})")
     shipped = shipped_path(profile)
     if shipped is not None and not os.environ.get("SLEEPRAY_NO_SHIPPED_SEED"):
+        if shipped not in _VERIFIED:
+            problems = verify_seed_dir(shipped, profile)
+            if problems:
+                raise ValueError(f"the shipped seed model {shipped} is damaged: {'; '.join(problems[:5])}. "
+                                 "Reinstall sleepray, or set SLEEPRAY_NO_SHIPPED_SEED=1 to build one")
+            _VERIFIED.add(shipped)
         return shipped
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)

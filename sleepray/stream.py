@@ -3,9 +3,12 @@
 An episode's documents are memory; its ``probes`` (questions with answers) are evaluation
 data: the MemoryStore keeps only documents, so no question reaches a sleep. For user
 files, ``world.qa_as_memory=true`` is the one opt-in that puts the question/answer records
-into memory too (then the evaluation refuses the stream: :func:`evaluation_episodes`).
+into memory too (their probes are then labelled phrasing ``"trained"``, and the
+evaluation refuses the stream: :func:`evaluation_episodes`).
 """
 from __future__ import annotations
+
+import dataclasses
 
 from sleepray.world import Episode, World, qa_prompt
 
@@ -21,9 +24,10 @@ def episodes_from_config(wc, n: int | None = None) -> list[Episode]:
         raise ValueError("world.source=file needs world.data_path (JSONL or Parquet)")
     from sleepray.userdata import load_episodes
     episodes = load_episodes(wc.data_path)[:n]
-    if wc.qa_as_memory:  # opted in by name: the pairs are memory too
+    if wc.qa_as_memory:  # opted in by name: the pairs are memory too, and graded as what they are
         episodes = [Episode(e.episode_id, e.documents + [f"{qa_prompt(p.question)} {p.answer}" for p in e.probes],
-                            e.facts, e.probes) for e in episodes]
+                            e.facts, [dataclasses.replace(p, phrasing="trained") for p in e.probes])
+                    for e in episodes]
     return episodes
 
 

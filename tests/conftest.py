@@ -1,4 +1,4 @@
-"""Shared fixtures: one seed model build per machine, vLLM kept small on CPU."""
+"""Shared fixtures: the shipped `test` seed model, vLLM kept small on CPU."""
 import os
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def seed_test_model() -> Path:
-    """The `test` seed model folder (built on first use, cached per machine)."""
+    """The `test` seed model folder (shipped with the package; verified on first use)."""
     from sleepray.seed import seed_path
     return seed_path("test", progress=False)
 

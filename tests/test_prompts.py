@@ -66,3 +66,10 @@ def test_a_question_must_name_something_of_the_episode():
     assert grounded("Who employs okoth?", context)  # case does not matter
     assert not grounded("Where was Zibber Plonk born?", context)
     assert not grounded("Who is it?", context)  # short words do not count
+    assert grounded("What is Okoth's birthplace?", context)  # a possessive names the same person
+
+
+def test_text_without_a_full_stop_still_gives_prefixes():
+    assert continuation_prefixes(["Ann Lee lives in Paris"], random.Random(0))
+    ep = Episode("m", ["Ann Lee lives in Paris"], [])
+    assert [p.kind for p in consolidation_prompts(ep, 3, random.Random(0))] == ["prefix"] * 3

@@ -34,3 +34,11 @@ def test_a_job_run_with_dash_m_is_recorded_as_typed(tmp_path):
 def test_world_splits_are_disjoint():
     assert world_split(dev_world(3)) == "dev" and world_split(_test_world(3)) == "test"
     assert world_split(5) == "pretrain" and world_split(10_000_900) == "other"
+
+
+def test_parts_measured_at_different_revisions_are_not_one_measurement():
+    import pytest
+    assert P.common_revision([{"revision": "a"}, {"revision": "a"}, None]) == "a"
+    assert P.common_revision([None, {}]) is None
+    with pytest.raises(ValueError, match="different revisions"):
+        P.common_revision([{"revision": "a"}, {"revision": "b"}])

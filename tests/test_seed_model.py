@@ -44,6 +44,9 @@ def test_shipped_seed_models_are_their_recipes_builds(tmp_path):
     raw[-1] ^= 1
     (copy / "model.safetensors").write_bytes(bytes(raw))
     assert seed.verify_seed_dir(copy, "test") == ["model.safetensors: checksum differs"]
+    with open(copy / seed.CHECKSUMS, "a") as f:
+        f.write("not a checksum line\n")
+    assert "SHA256SUMS: malformed line 'not a checksum line'" in seed.verify_seed_dir(copy, "test")
     old = seed.PROFILES["test"]
     try:
         seed.PROFILES["test"] = dataclasses.replace(old, steps=old.steps + 1)

@@ -115,18 +115,20 @@ def test_memory_then_sleep_swaps_without_failures_and_raises_closed_book_logprob
         listed = {m["id"]: m["status"] for m in h.get("/v1/memories").json()["data"]}
         assert listed == {"bio-1": "short_term"}
 
-    probes = EPISODE.probes
+    # the first question is asked while awake below and recorded as memory: the gain is graded on
+    # the others only, questions the sleep never saw
+    asked, probes = EPISODE.probes[0], EPISODE.probes[1:]
     before = [closed_book(oc, p.question, p.answer) for p in probes]
     in_ctx = [closed_book(oc, p.question, p.answer, context=True) for p in probes]
     assert sum(in_ctx) > sum(before), "the memory in context should make the answers likelier"
 
     # a served interaction is in the MemoryStore (on disk) by the time its response returns
-    c = oc.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": probes[0].question}],
+    c = oc.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": asked.question}],
                                    max_tokens=8, temperature=0)
     rec = c.model_extra["memory"]["recorded"]
     assert len(rec) == 1 and MemoryStore(storage / "memory").status_of(rec[0]) == "short_term"
     assert c.model_extra["memory"]["context"] == ["bio-1"] and c.system_fingerprint == "base"
-    ask = dict(model=MODEL, messages=[{"role": "user", "content": probes[0].question}], max_tokens=8,
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": asked.question}], max_tokens=8,
                temperature=0, extra_body={"memory": False})
     whole = oc.chat.completions.create(**ask).choices[0].message.content
     streamed = "".join(ch.choices[0].delta.content or ""

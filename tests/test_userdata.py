@@ -163,9 +163,21 @@ def test_question_answer_records_are_evaluation_only_unless_opted_in_by_name(tmp
     opted = load_config(None, ["world.source=file", f"world.data_path={path}", "world.qa_as_memory=true"])
     (mem,) = episodes_from_config(opted.world)
     assert mem.documents == ["Ann Lee was born in Paris.", "Q: Where was Ann Lee born?\nA: Paris"]
+    assert [p.phrasing for p in mem.probes] == ["trained"]  # never reported as an unseen question
     with pytest.raises(ValueError, match="qa_as_memory=true puts the question/answer records into memory"):
         evaluation_episodes(opted.world)
     with pytest.raises(ValueError, match="qa_as_memory"):
         Stream(opted)
     with pytest.raises(ValueError, match="world.source=file only"):
         episodes_from_config(load_config(None, ["world.qa_as_memory=true"]).world)
+
+
+def test_an_evaluation_refuses_questions_with_no_document_to_learn_them_from(tmp_path):
+    from sleepray.config import load_config
+    from sleepray.eval_run import Stream
+    path = tmp_path / "u.jsonl"
+    path.write_text('{"document": "Ann Lee was born in Paris.", "episode": "e"}\n'
+                    '{"question": "Where was Ann Lee born?", "answer": "Paris", "episode": "e"}\n'
+                    '{"question": "Where was Bo born?", "answer": "Rome", "episode": "f"}\n')
+    with pytest.raises(ValueError, match=r"\['f'\] have questions but no document"):
+        Stream(load_config(None, ["world.source=file", f"world.data_path={path}"]))
