@@ -216,6 +216,18 @@ def _matrix_md(R: list[list[float]], eps: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _where(results: dict, mins: float) -> str:
+    """Where and when it ran, from the provenance (a merge: its parts' machines and revision)."""
+    parts = [p for p in results.get("provenance_parts") or [results.get("provenance")] if p]
+    if not parts:
+        return f"Wall time {mins:.1f} min on {os.cpu_count()} CPU cores, created {results['created_at']}."
+    where = sorted({f"{p.get('host')} ({p.get('machine')}, torch {p.get('torch')})" for p in parts})
+    rev = results.get("measured_revision") or parts[0].get("revision")
+    runs = f", summed over {len(parts)} parts run apart" if len(parts) > 1 else ""
+    return (f"Measured at revision `{str(rev)[:12]}` on {', '.join(where)}; wall time {mins:.1f} min{runs}; "
+            f"created {results['created_at']}. Commands and seeds: `provenance` in results.json.")
+
+
 def render_report(results: dict) -> str:
     cfg = results["config"]
     w, base = cfg["world"], results["baseline"]
@@ -248,8 +260,7 @@ def render_report(results: dict) -> str:
         "",
         f"Model `{cfg['model']['path']}`; {world}; {E} episodes ({sum(results['n_probes'])} questions) in "
         f"{T} parts, one sleep after each part; seeds {seeds} (a seed sets `seed.seed`, the training "
-        f"randomness; the world is the same for every run). Wall time {mins:.1f} min on "
-        f"{os.cpu_count()} CPU cores, created {results['created_at']}.",
+        f"randomness; the world is the same for every run). {_where(results, mins)}",
         "",
         setup,
         "",
