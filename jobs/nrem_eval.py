@@ -10,7 +10,8 @@ import logging
 from pathlib import Path
 
 from sleepray.config import load_config
-from sleepray.nrem_eval import SPLITS, evaluate_nrem, merge
+from sleepray.nrem_eval import evaluate_nrem, merge
+from sleepray.splits import SPLITS
 
 
 def main() -> None:

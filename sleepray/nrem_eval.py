@@ -33,19 +33,12 @@ from sleepray.models import load_model, resolve_model_path
 from sleepray.nrem import run_nrem
 from sleepray.prompts import consolidation_prompts, model_question_writer
 from sleepray.qa import evaluate_probes
-from sleepray.splits import DEV_WORLD_SEED, TEST_WORLD_SEED
-from sleepray.world import PHRASINGS, World
+from sleepray.splits import world_seed
+from sleepray.world import PHRASINGS, World, qa_prompt
 
 log = logging.getLogger(__name__)
-SPLITS = {"dev": DEV_WORLD_SEED, "test": TEST_WORLD_SEED}
 HELDOUT_WORLD_OFFSET = 50_000  # the drift documents' worlds, in the same split's range
 METHODS = ("nrem", "nrem_rem", "sft_raw", "sft_self_qa")
-
-
-def world_seed(split: str, seed: int) -> int:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-    return SPLITS[split] + seed
 
 
 def _world(wc, seed: int) -> World:
@@ -101,9 +94,16 @@ def run_seed(cfg, seed: int, split: str = "test", progress: bool = False) -> dic
     with bank.teacher_mode():
         out["before"] = before = _scores(bank.model, tok, ep, heldout, heldout_world)
     t0 = time.time()
+    written: list[str] = []
     writer = model_question_writer(bank, tok, cfg.nrem.temperature, seed=seed)
-    prompts = consolidation_prompts(memory, cfg.nrem.prompts_per_episode, random.Random(seed), writer)
-    questions = list(dict.fromkeys(p.prompt for p in prompts if p.kind == "query"))
+
+    def recording_writer(context: str, k: int) -> list[str]:
+        qs = writer(context, k)
+        written.extend(qs)
+        return qs
+    prompts = consolidation_prompts(memory, cfg.nrem.prompts_per_episode, random.Random(seed), recording_writer)
+    by_prompt = {qa_prompt(q): q for q in written}  # in the order NREM asked them
+    questions = list(dict.fromkeys(by_prompt[p.prompt] for p in prompts if p.kind == "query"))
     out["self_written_questions"] = len(questions)
     res = run_nrem(bank, tok, prompts, cfg.nrem, seed=seed, progress=progress, anchor_texts=nrem_anchor(cfg))
     # scored with the new expert still open (it is on, as the student): REM goes on training it
@@ -119,17 +119,15 @@ def run_seed(cfg, seed: int, split: str = "test", progress: bool = False) -> dic
         out["nrem_rem"].update(seconds=round(out["nrem"]["seconds"] + time.time() - t0, 1),
                                rem={k: v for k, v in rem.items() if isinstance(v, (int, float))})
     # the teacher's answers to the questions NREM prompted with: the Q/A the sleep trains on
-    with bank.teacher_mode():
-        from sleepray.qa import generate_answers
-        answers = generate_answers(bank.model, tok, [f"{ep.context}\n{q}" for q in questions],
-                                   cfg.rem.probe_max_new_tokens)
-    self_qa = [(q, a) for q, a in zip(questions, answers) if a.strip()]
+    from sleepray.rem import teacher_probe_targets
+    self_qa = teacher_probe_targets(bank, tok, memory, len(questions), lambda context, k: questions,
+                                    cfg.rem.probe_max_new_tokens)
     out["self_qa_pairs"] = len(self_qa)
     del bank
 
     for name, texts, sft_prompts in (
             ("sft_raw", list(ep.documents), None),
-            ("sft_self_qa", [f"{q} {a}\n" for q, a in self_qa], [q for q, _ in self_qa])):
+            ("sft_self_qa", [t.text for t in self_qa], [t.prompt for t in self_qa])):
         if not texts:
             log.warning("seed %d: no texts for %s", seed, name)
             continue

@@ -236,14 +236,19 @@ def verify_seed_dir(folder: Path, profile: str) -> list[str]:
             problems.append(f"report version {report.get('version')} != {SEED_VERSION}")
         if report.get("profile_config") != json.loads(json.dumps(asdict(PROFILES[profile]))):
             problems.append("the report's recipe differs from PROFILES[profile]")
-    if folder.name != f"seed-{profile}-v{SEED_VERSION}-{profile_hash(profile)}":
+    if folder.name != folder_name(profile):
         problems.append(f"folder name {folder.name} does not match the recipe hash {profile_hash(profile)}")
     return problems
 
 
+def folder_name(profile: str) -> str:
+    """A seed model's folder name: profile, version and recipe hash (shipped and cached alike)."""
+    return f"seed-{profile}-v{SEED_VERSION}-{profile_hash(profile)}"
+
+
 def shipped_path(profile: str) -> Path | None:
     """The seed model shipped with the package for ``profile``'s current recipe, if any."""
-    d = SHIPPED_DIR / f"seed-{profile}-v{SEED_VERSION}-{profile_hash(profile)}"
+    d = SHIPPED_DIR / folder_name(profile)
     return d if (d / "seed_report.json").is_file() else None
 
 
@@ -263,7 +268,7 @@ def seed_path(profile: str, progress: bool = True) -> Path:
         return shipped
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"seed-{profile}-v{SEED_VERSION}-{profile_hash(profile)}"
+    final = root / folder_name(profile)
     if (final / "seed_report.json").exists():
         return final
     with open(root / f".seed-{profile}.lock", "w") as lock:

@@ -15,12 +15,22 @@ TEST_WORLD_SEED = 10_700_000
 _SPAN = 100_000
 
 
+SPLITS = {"dev": DEV_WORLD_SEED, "test": TEST_WORLD_SEED}
+
+
+def world_seed(split: str, k: int = 0) -> int:
+    """The k-th world of a split (``"dev"`` or ``"test"``)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    return SPLITS[split] + k
+
+
 def dev_world(k: int = 0) -> int:
-    return DEV_WORLD_SEED + k
+    return world_seed("dev", k)
 
 
 def test_world(k: int = 0) -> int:
-    return TEST_WORLD_SEED + k
+    return world_seed("test", k)
 
 
 def world_split(seed: int) -> str:
