@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from sleepray.cycle import SleepRecord, live_episodes, phase_seed, records, rng_for
 from sleepray.memory import MemoryStore
 
@@ -112,6 +114,7 @@ class LocalBackend:
         from sleepray.nrem import run_nrem
         bank, tok, _ = bank_from(cfg, storage, starting_bank_dir(cfg, storage))
         prompts = nrem_prompts(cfg, bank, tok, rec, episodes)
+        torch.manual_seed(phase_seed(cfg, rec, "nrem"))  # the fresh expert's initialisation
         slot = bank.open_new_expert()
         log.info("NREM %s: %d episodes, %d prompts, expert %s", rec.sleep_id, len(episodes), len(prompts), slot)
         result = run_nrem(bank, tok, prompts, cfg.nrem, seed=phase_seed(cfg, rec, "nrem"), progress=self.progress,
@@ -132,6 +135,7 @@ def rem_in_process(cfg, storage: Path, rec: SleepRecord, bank, tok, episodes: li
     from sleepray.prompts import model_question_writer
     from sleepray.rem import DreamWriter, run_rem
     from sleepray.replay import ReplayBuffer
+    torch.manual_seed(phase_seed(cfg, rec, "rem"))  # dream writer and random expert initialisations
     buffer = ReplayBuffer(storage / REPLAY_FILE, cfg.rem.buffer_size) if cfg.rem.replay else None
     if buffer is not None:
         buffer.drop_sleep(rec.sleep_id)  # a REM redone after a crash adds its rows again
