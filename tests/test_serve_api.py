@@ -8,6 +8,7 @@ unmodified ``openai`` client (over Starlette's TestClient transport). The real e
 Ray Serve and a real sleep are tested in ``tests/test_serve.py``.
 """
 import json
+import re
 import threading
 import time
 
@@ -232,11 +233,57 @@ def test_memories_list_delete_and_conflicts(made):
         assert r.status_code == 400, bad
 
 
+def _v1_routes() -> list[tuple[str, str]]:
+    """(method, concrete path) for every ``/v1`` route ``build_app`` defines, read from the app
+    itself (a stub service: building the app reads only ``scfg.api_key``), so that a route added
+    later is covered by the key check below without editing this test."""
+    from types import SimpleNamespace
+
+    from fastapi.routing import APIRoute
+    app = build_app(SimpleNamespace(scfg=SimpleNamespace(api_key=None)))
+    out = set()
+    for r in app.routes:
+        if isinstance(r, APIRoute) and r.path.startswith("/v1"):
+            path = re.sub(r"\{[^}]+\}", "some-id", r.path)   # path parameters get a value
+            out |= {(m, path) for m in r.methods if m not in ("HEAD", "OPTIONS")}
+    return sorted(out)
+
+
+V1_ROUTES = _v1_routes()
+
+
+def test_the_route_list_is_read_from_the_app():
+    """Guards the parametrisation below against silently covering nothing."""
+    assert {("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
+            ("GET", "/v1/models/some-id"), ("POST", "/v1/memories"), ("GET", "/v1/memories"),
+            ("DELETE", "/v1/memories/some-id"), ("GET", "/v1/sleep/status"), ("POST", "/v1/sleep")} \
+        <= set(V1_ROUTES)
+
+
+@pytest.mark.parametrize("method, path", V1_ROUTES)
+def test_every_v1_route_needs_the_api_key(made, method, path):
+    svc, client, store, engine = made("serve.api_key=sekret")
+    slept = []
+    svc.control.sleeper.request_sleep = lambda reason: slept.append(reason) or {"accepted": True}
+    body = {"model": "sleepray", "prompt": "Q: x\nA:", "max_tokens": 2,
+            "messages": [{"role": "user", "content": "x"}], "text": "Ann Lee was born in Paris."}
+    n_prompts = len(engine.prompts)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer "},
+                    {"x-api-key": "wrong"}, {"Authorization": "Basic sekret"}):
+        r = client.request(method, path, json=body if method == "POST" else None, headers=headers)
+        assert r.status_code == 401, (headers, r.status_code, r.text)
+        assert r.json()["error"]["code"] == "invalid_api_key"
+    # nothing behind the check ran: no generation, no memory, no sleep
+    assert len(engine.prompts) == n_prompts and store.episodes("all") == [] and slept == []
+    # the right key (either header) gets past the check (whatever the route then answers)
+    for headers in ({"Authorization": "Bearer sekret"}, {"x-api-key": "sekret"}):
+        r = client.request(method, path, json=body if method == "POST" else None, headers=headers)
+        assert r.status_code != 401, (headers, r.text)
+
+
 def test_limits_model_and_api_key(made):
     svc, client, _, _ = made("serve.api_key=sekret")
     body = {"model": "sleepray", "prompt": "Q: x\nA:", "max_tokens": 2}
-    assert client.post("/v1/completions", json=body).status_code == 401
-    assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
     h = {"Authorization": "Bearer sekret"}
     assert client.post("/v1/completions", json=body, headers=h).status_code == 200
     r = client.post("/v1/completions", json={**body, "max_tokens": 33}, headers=h)
