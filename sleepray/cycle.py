@@ -1,172 +1,97 @@
-"""The sleep state machine: NREM -> REM -> publish (-> deep sleep every K sleeps).
+"""The full loop over an episode stream: wake (episodes arrive), sleep, measure; repeat.
 
-One sleep is a folder ``storage/sleeps/sNNNN/`` with a phase record ``record.json``,
-written (atomically, fsynced) before the first phase and after each phase finishes:
-
-    {"sleep_id": "s0003", "version": "v0003", "parent": "v0002", "trigger": "pressure",
-     "episodes": [...], "phases": ["nrem", "rem", "publish"], "done": {"nrem": {...metrics}}}
-
-Each phase writes its outputs under the sleep folder first (``nrem/bank``, ``rem/bank``,
-``rem/dreams.parquet``), then marks itself done. A process that dies anywhere resumes at
-the first unfinished phase of the unfinished sleep: nothing finished is redone, and the
-episodes are marked consolidated only once their adapter version has landed (publish is
-idempotent). Deleted memories are dropped before every phase that reads them.
-
-Where a phase runs is the backend's business: ``LocalBackend`` runs it in this process;
-``actors.coordinator`` passes one that uses RolloutWorkers and a Ray Train learner.
+The stream is cut into ``cycle.n_sleeps`` chunks. While awake, a chunk's episodes go
+into the MemoryStore; then the Coordinator sleeps (on request, or by itself once the
+short-term memory reaches ``cycle.capacity_tokens`` with ``trigger="pressure"``). After
+every sleep the model answers every episode seen so far, closed-book: row i of the
+accuracy matrix R[i, j]. ``run_cycle`` takes the memory, the coordinator and the
+evaluator as plain callables, so it runs the same with Ray actors or in one process.
 """
 from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
-from sleepray.experts import _atomic_write_json
-from sleepray.memory import MemoryStore
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-SLEEPS_DIR = "sleeps"
-RECORD = "record.json"
+
+def chunks(items: list, n: int) -> list[list]:
+    """``items`` cut into ``n`` nearly equal, non-empty, ordered chunks (fewer if too few items)."""
+    n = max(1, min(n, len(items)))
+    k, r = divmod(len(items), n)
+    out, i = [], 0
+    for c in range(n):
+        size = k + (1 if c < r else 0)
+        out.append(items[i: i + size])
+        i += size
+    return out
 
 
-class SleepRecord:
-    def __init__(self, path: Path, data: dict):
-        self.path, self.data = Path(path), data
-
-    @property
-    def dir(self) -> Path:
-        return self.path.parent
-
-    @property
-    def sleep_id(self) -> str:
-        return self.data["sleep_id"]
-
-    @property
-    def version(self) -> str:
-        return self.data["version"]
-
-    @property
-    def number(self) -> int:
-        return int(self.version[1:])
-
-    @property
-    def episodes(self) -> list[str]:
-        return list(self.data["episodes"])
-
-    @property
-    def phases(self) -> list[str]:
-        return list(self.data["phases"])
-
-    def is_done(self, phase: str) -> bool:
-        return phase in self.data["done"]
-
-    @property
-    def complete(self) -> bool:
-        return all(self.is_done(p) for p in self.phases)
-
-    @property
-    def next_phase(self) -> Optional[str]:
-        return next((p for p in self.phases if not self.is_done(p)), None)
-
-    def metrics(self, phase: str) -> dict:
-        return dict(self.data["done"].get(phase, {}))
-
-    def finish(self, phase: str, metrics: dict) -> None:
-        self.data["done"][phase] = {**metrics, "finished_at": time.time()}
-        self.save()
-
-    def save(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_json(self.path, self.data)
-
-    @classmethod
-    def read(cls, path: Path) -> "SleepRecord":
-        return cls(path, json.loads(Path(path).read_text()))
+def accuracy_by_phrasing(probes: list, answers: list[str]) -> dict[str, float]:
+    """{phrasing: exact-match accuracy} of ``answers`` (aligned with ``probes``), per phrasing family."""
+    from sleepray.qa import exact_match
+    em: dict[str, list[float]] = {}
+    for p, a in zip(probes, answers):
+        em.setdefault(p.phrasing, []).append(exact_match(a, p.answer))
+    return {ph: sum(xs) / len(xs) for ph, xs in em.items()}
 
 
-def records(storage: str | Path) -> list[SleepRecord]:
-    d = Path(storage) / SLEEPS_DIR
-    if not d.is_dir():
-        return []
-    return [SleepRecord.read(p / RECORD) for p in sorted(d.iterdir()) if (p / RECORD).is_file()]
+def evaluate(cfg, storage: str | Path, episodes: list, in_context: bool = False) -> dict:
+    """Closed-book accuracy (and in-context, if asked) of the latest version on each episode.
+
+    ``closed_book``/``in_context``: {episode: accuracy over all its questions};
+    ``closed_book_by_phrasing``: {phrasing: {episode: accuracy over its questions of that
+    phrasing}} (``sleepray.world.Probe.phrasing``: "seen" or the evaluation-only "unseen").
+    """
+    from sleepray.qa import evaluate_probes
+    from sleepray.sleep import latest_version, load_bank
+    bank, tok, _ = load_bank(cfg, storage)
+    v = latest_version(storage)
+    out = {"version": v.name if v else None, "closed_book": {}, "in_context": {}, "closed_book_by_phrasing": {}}
+    for ep in episodes:
+        cb = evaluate_probes(bank.model, tok, ep.probes, None)
+        out["closed_book"][ep.episode_id] = cb.accuracy
+        for ph, a in accuracy_by_phrasing(ep.probes, cb.answers).items():
+            out["closed_book_by_phrasing"].setdefault(ph, {})[ep.episode_id] = a
+        if in_context:
+            with bank.teacher_mode():
+                out["in_context"][ep.episode_id] = evaluate_probes(bank.model, tok, ep.probes, ep.context).accuracy
+    return out
 
 
-def unfinished(storage: str | Path) -> Optional[SleepRecord]:
-    return next((r for r in records(storage) if not r.complete), None)
-
-
-def phases_for(cfg, number: int, only: Optional[list[str]] = None) -> list[str]:
-    phases = ["nrem"]
-    if cfg.rem.enabled and (only is None or "rem" in only):
-        phases.append("rem")
-    phases.append("publish")
-    if number % cfg.experts.deep_sleep_every == 0 and (only is None or "deep" in only):
-        phases.append("deep")
-    return phases
-
-
-def open_sleep(cfg, storage: str | Path, trigger: str = "request",
-               only: Optional[list[str]] = None) -> Optional[SleepRecord]:
-    """The unfinished sleep to resume, else a new one over the short-term memory (or None)."""
-    from sleepray.sleep import latest_version
-    storage = Path(storage)
-    rec = unfinished(storage)
-    if rec is not None:
-        log.info("resuming sleep %s at phase %s", rec.sleep_id, rec.next_phase)
-        return rec
-    store = MemoryStore(storage / "memory")
-    ids = [r["episode_id"] for r in store.episodes("short_term")]
-    if not ids:
-        log.info("short-term memory is empty: nothing to consolidate")
-        return None
-    prev = latest_version(storage)
-    n = max([int(prev.name[1:]) if prev else 0] + [r.number for r in records(storage)]) + 1
-    rec = SleepRecord(storage / SLEEPS_DIR / f"s{n:04d}" / RECORD, {
-        "sleep_id": f"s{n:04d}", "version": f"v{n:04d}", "parent": prev.name if prev else None,
-        "trigger": trigger, "episodes": ids, "phases": phases_for(cfg, n, only), "done": {},
-        "created_at": time.time()})
-    rec.save()
-    log.info("sleep %s (%s): %d episodes, phases %s", rec.sleep_id, trigger, len(ids), rec.phases)
-    return rec
-
-
-def live_episodes(storage: Path, rec: SleepRecord) -> list:
-    """The sleep's episodes that are still short-term (a deleted one is never consolidated)."""
-    want = set(rec.episodes)
-    return [e for e in MemoryStore(storage / "memory").export_episodes("short_term")
-            if e.episode_id in want]
-
-
-def phase_seed(cfg, rec: SleepRecord, phase: str) -> int:
-    return cfg.seed.seed + 1000 * rec.number + ["nrem", "rem", "publish", "deep"].index(phase)
-
-
-def run_sleep(cfg, storage: str | Path | None = None, backend=None, trigger: str = "request",
-              only: Optional[list[str]] = None, progress: bool = True,
-              on_phase: Optional[Callable[[SleepRecord, str], None]] = None) -> Optional[SleepRecord]:
-    """Run (or resume) one sleep to the end; returns its record, or None if nothing to do."""
-    from sleepray.sleep_phases import LocalBackend, PHASES
-    storage = Path(storage or cfg.cycle.storage)
-    backend = backend or LocalBackend(progress=progress)
-    rec = open_sleep(cfg, storage, trigger, only)
-    if rec is None:
-        return None
-    for phase in rec.phases:
-        if rec.is_done(phase):
-            continue
-        if on_phase:
-            on_phase(rec, phase)
+def run_cycle(cfg, episodes: list, append: Callable[[list], dict], sleep: Callable[[str], dict],
+              evaluate_fn: Callable[[list, bool], dict], trigger: str = "request",
+              progress: bool = True) -> dict:
+    """Wake/sleep over ``episodes``; returns R, the per-sleep statuses and timings."""
+    parts = chunks(episodes, cfg.cycle.n_sleeps)
+    base = evaluate_fn(episodes, True)
+    seen: list = []
+    rows, sleeps = [], []
+    bar = tqdm(parts, desc="cycle", unit="sleep", disable=not progress)
+    for i, part in enumerate(bar):
+        receipt = append(part)
+        seen += part
+        log.info("wake %d: %d episodes acknowledged (%s)", i + 1, len(part), receipt.get("segment"))
         t0 = time.time()
-        log.info("sleep %s: phase %s", rec.sleep_id, phase)
-        metrics = PHASES[phase](cfg, storage, rec, backend)
-        rec.finish(phase, {**metrics, "seconds": round(time.time() - t0, 2)})
-        log.info("sleep %s: phase %s done in %.1fs", rec.sleep_id, phase, time.time() - t0)
-    return rec
+        status = sleep(trigger)
+        if status.get("error"):
+            raise RuntimeError(f"sleep {i + 1} failed: {status['error']}")
+        sleeps.append({**status, "wall_seconds": round(time.time() - t0, 1)})
+        ev = evaluate_fn(seen, False)
+        rows.append([ev["closed_book"].get(e.episode_id) for e in episodes])
+        acc = sum(ev["closed_book"].values()) / len(ev["closed_book"])
+        bar.set_postfix(version=ev["version"], closed_book=f"{acc:.2f}")
+    return {"episodes": [e.episode_id for e in episodes], "parts": [[e.episode_id for e in p] for p in parts],
+            "before": base, "R": rows, "sleeps": sleeps}
 
 
-def rng_for(cfg, rec: SleepRecord, phase: str) -> random.Random:
-    return random.Random(phase_seed(cfg, rec, phase))
+def write_results(result: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str))
+    return path
