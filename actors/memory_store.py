@@ -11,6 +11,7 @@ from pathlib import Path
 import ray
 
 from sleepray.memory import MemoryStore
+from sleepray.storage import Storage
 
 NAME = "memory-store"
 
@@ -18,8 +19,8 @@ NAME = "memory-store"
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class MemoryStoreActor:
     def __init__(self, storage: str):
-        self.store = MemoryStore(Path(storage) / "memory")
-        self.report = self.store.verify()   # quarantines corrupt segments, keeps the rest
+        self.store = MemoryStore(Storage(storage).memory)
+        self.store.verify()   # quarantines corrupt segments, keeps the rest
 
     def append(self, records: list) -> dict:
         r = self.store.append(records)
@@ -39,9 +40,6 @@ class MemoryStoreActor:
 
     def pressure(self) -> dict:
         return self.store.pressure()
-
-    def verify_report(self) -> dict:
-        return {"ok": list(self.report.ok), "quarantined": list(self.report.quarantined)}
 
 
 def get_or_create(storage: str, namespace: str | None = None):

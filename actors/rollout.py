@@ -17,7 +17,7 @@ from typing import Optional
 import ray
 
 from sleepray.config import EngineConfig, ExpertConfig
-from sleepray.engines.base import make_engine
+from sleepray.engines.factory import make_engine
 
 log = logging.getLogger(__name__)
 

@@ -69,7 +69,7 @@ class RayControl:
     async def status(self) -> dict:
         coord = await asyncio.to_thread(self._coordinator)
         if coord is not None:
-            return {**await coord.status.remote(), "controller": COORDINATOR}
+            return await coord.status.remote()
         sleeper = await asyncio.to_thread(self._sleeper)
         return await sleeper.status.remote()
 

@@ -25,7 +25,8 @@ log = logging.getLogger("jobs.bench")
 
 
 def bench_rollout(cfg, batch: int, max_tokens: int, repeats: int) -> dict:
-    from sleepray.engines.base import GenRequest, make_engine, vllm_available
+    from sleepray.engines.base import GenRequest
+    from sleepray.engines.factory import make_engine, vllm_available
     from sleepray.models import resolve_model_path
     from sleepray.stream import episodes_from_config
     path = resolve_model_path(cfg.model.path)
@@ -84,6 +85,7 @@ def bench_publish(cfg, repeats: int) -> dict:
 
 def bench_sleep(cfg, sizes: list[int]) -> dict:
     from actors import coordinator
+    from sleepray.storage import Storage
     from sleepray.memory import MemoryStore
     from sleepray.raycluster import connect
     from sleepray.world import World
@@ -96,7 +98,7 @@ def bench_sleep(cfg, sizes: list[int]) -> dict:
             c.ray.namespace = f"bench-{n}-{time.time_ns()}"
             eps = World(c.world.seed + 7919, c.world.people_per_episode, c.world.orgs_per_episode,
                         c.world.places_per_episode, c.world.phrasings_per_fact).episodes(n)
-            MemoryStore(Path(tmp) / "memory").append(eps)
+            MemoryStore(Storage(tmp).memory).append(eps)
             coord = coordinator.start(c, watch=False)
             t0 = time.perf_counter()
             st = coordinator.sleep_and_wait(coord)

@@ -17,7 +17,7 @@ from pathlib import Path
 import ray
 
 from sleepray.config import load_config
-from sleepray.cycle_run import evaluate, run_cycle, write_results
+from sleepray.cycle import evaluate, run_cycle, write_results
 from sleepray.raycluster import connect
 from sleepray.stream import episodes_from_config
 

@@ -7,7 +7,7 @@ Same as ``sleepray eval``; see ``sleepray/eval_run.py`` for what it writes.
 """
 import sys
 
-from sleepray.cli import main
+from jobs.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["eval", *sys.argv[1:]]))

@@ -5,7 +5,7 @@ driver lands on.
 """
 import sys
 
-from sleepray.cli import main
+from jobs.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["seed", *sys.argv[1:]]))

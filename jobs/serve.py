@@ -4,7 +4,7 @@ Runs until interrupted (``ray job stop`` / Ctrl-C); see ``sleepray serve --help`
 """
 import sys
 
-from sleepray.cli import main
+from jobs.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["serve", *sys.argv[1:]]))

@@ -3,7 +3,7 @@
 :class:`AwakeService` is what the HTTP routes (``sleepray.serve_app``) call; the Ray
 Serve deployment (``actors/serve.py``) builds one per replica. It is plain Python:
 
-* **Adapter versions.** :class:`AdapterPointer` polls ``sleepray.sleep.latest_version``
+* **Adapter versions.** :class:`AdapterPointer` polls ``Storage.latest_version``
   every ``serve.poll_seconds`` in a thread; a new version is loaded into the engine
   under its own name (``engine.load_adapter("v0002", folder)``) while requests keep
   running, then the pointer switches. A request takes the pointer once, at its start,
@@ -42,7 +42,7 @@ from sleepray.serve_api import (APIError, ChatRequest, CompletionRequest, Memory
                                 chat_logprobs, chat_response, completion_logprobs, completion_response,
                                 memory_object, merge_logprobs, new_id, render_chat, select_context,
                                 usage, with_context)
-from sleepray.sleep import latest_version
+from sleepray.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class AdapterPointer:
 
     def poll_once(self) -> bool:
         """Load and switch to a newer published version; unload retired idle ones."""
-        latest = latest_version(self.storage)
+        latest = Storage(self.storage).latest_version()
         changed = False
         if latest is not None and latest.name != self._current and latest.name not in self._failed:
             t0 = time.time()
@@ -228,7 +228,7 @@ class LocalMemory:
 
 
 class LocalControl:
-    """The sleep control on a :class:`~sleepray.sleep_control.BackgroundSleeper` in this process."""
+    """The sleep control on a :class:`~sleepray.sleep_control.SleepController` in this process."""
 
     def __init__(self, sleeper):
         self.sleeper = sleeper

@@ -90,7 +90,6 @@ class NREMConfig(_Anchored):
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(24, ge=1)
     temperature: float = Field(1.0, gt=0)
-    logprobs_topk: int = Field(20, ge=1, description="top-k of the teacher distribution kept")
     prompts_per_episode: int = Field(48, ge=1)
     judge: Literal["embedding", "model", "exact"] = "embedding"
     judge_threshold: float = Field(0.8, ge=-1, le=1)
@@ -101,7 +100,6 @@ class NREMConfig(_Anchored):
     use_lti: bool = True
     anchor_path: Optional[str] = Field(None, description="anchor text file, one paragraph per line "
                                                          "(default: held-out world + general text)")
-    use_expansion: bool = Field(True, description="False: train the whole model (ablation)")
 
     @model_validator(mode="after")
     def _prefix_range(self):
@@ -233,6 +231,10 @@ class ServeConfig(_Section):
     num_cpus: float = Field(1.0, ge=0, description="logical CPUs of each replica")
     max_ongoing_requests: int = Field(32, ge=1, description="per replica, before Serve queues requests")
     max_batch_size: int = Field(16, ge=1, description="generation requests batched into one engine call")
+    auto_sleep: bool = Field(True, description="when no Coordinator runs, the endpoint's sleeper also falls "
+                                               "asleep by itself on memory pressure (cycle.capacity_tokens) "
+                                               "and on schedule (cycle.schedule_seconds), checked every "
+                                               "cycle.poll_seconds")
     chat_stop: list[str] = Field(default_factory=lambda: ["\n"],
                                  description="stop strings added to every chat completion (the seed "
                                              "model answers in one line; [] for multi-line models)")

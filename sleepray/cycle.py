@@ -17,6 +17,10 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
+from sleepray.banks import load_bank
+from sleepray.qa import evaluate_probes, exact_match
+from sleepray.storage import Storage
+
 log = logging.getLogger(__name__)
 
 
@@ -34,7 +38,6 @@ def chunks(items: list, n: int) -> list[list]:
 
 def accuracy_by_phrasing(probes: list, answers: list[str]) -> dict[str, float]:
     """{phrasing: exact-match accuracy} of ``answers`` (aligned with ``probes``), per phrasing family."""
-    from sleepray.qa import exact_match
     em: dict[str, list[float]] = {}
     for p, a in zip(probes, answers):
         em.setdefault(p.phrasing, []).append(exact_match(a, p.answer))
@@ -48,10 +51,8 @@ def evaluate(cfg, storage: str | Path, episodes: list, in_context: bool = False)
     ``closed_book_by_phrasing``: {phrasing: {episode: accuracy over its questions of that
     phrasing}} (``sleepray.world.Probe.phrasing``: "seen" or the evaluation-only "unseen").
     """
-    from sleepray.qa import evaluate_probes
-    from sleepray.sleep import latest_version, load_bank
     bank, tok, _ = load_bank(cfg, storage)
-    v = latest_version(storage)
+    v = Storage(storage).latest_version()
     out = {"version": v.name if v else None, "closed_book": {}, "in_context": {}, "closed_book_by_phrasing": {}}
     for ep in episodes:
         cb = evaluate_probes(bank.model, tok, ep.probes, None)

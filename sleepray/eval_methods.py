@@ -15,7 +15,7 @@ documents only), trains, and marks them consolidated. :meth:`Method.model` gives
 | ``seal`` | a fresh expert, SFT on self-edits: dreams the model writes with the episode in context (``eval.seal_formats``, default ``rem.formats``), every one used: no selection, no trials, no ReST-EM, no replay, no random expert, no NREM |
 | ``distill_no_expansion`` | on-policy distillation (NREM's GKD divergence, no Learning to Imitate) into ALL weights of the model, no expert: the teacher is a frozen copy of the model as it was before this sleep, with the episode in context |
 | ``no_expansion`` | the Sleep ablation without expansion: NREM as configured (GKD + Learning to Imitate) into all weights; REM is not run (dreaming needs expert slots: the random expert, isolated trials of the new expert, the dream writer) |
-| ``sleep`` | the method: ``sleepray.cycle.run_sleep`` with the in-process ``LocalBackend`` (NREM -> REM -> publish, deep sleep every K) |
+| ``sleep`` | the method: ``sleepray.sleep.run_sleep`` with the in-process ``LocalBackend`` (NREM -> REM -> publish, deep sleep every K) |
 | ``sleep_no_rem`` | ``sleep`` with ``rem.enabled=false`` |
 | ``sleep_no_lti`` | ``sleep`` with ``nrem.use_lti=false`` |
 | ``sleep_no_replay`` | ``sleep`` with ``rem.replay=false`` |
@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 
 from sleepray.memory import MemoryStore
+from sleepray.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class Method:
 
     def __init__(self, cfg, storage: Path, seed: int):
         self.cfg, self.storage, self.seed = cfg, Path(storage), seed
-        self.store = MemoryStore(self.storage / "memory")
+        self.store = MemoryStore(Storage(self.storage).memory)
         self.version = 0  # bumped whenever the weights change
 
     def append(self, episodes: list) -> None:
@@ -270,7 +271,7 @@ class _WholeModelNREM(Method):
     def _train(self, i: int) -> dict:
         from sleepray.nrem import run_nrem
         from sleepray.prompts import consolidation_prompts, model_question_writer
-        from sleepray.sleep_phases import nrem_anchor
+        from sleepray.nrem_step import nrem_anchor
         eps = self.short_term()
         ncfg = self.cfg.nrem.model_copy(update={
             "lr": self.cfg.eval.full_model_lr,
@@ -301,7 +302,7 @@ class NoExpansion(_WholeModelNREM):
 # ------------------------------------------------------------------ the method itself
 
 class Sleep(Method):
-    """``sleepray.cycle.run_sleep`` over this method's storage, with the in-process backend."""
+    """``sleepray.sleep.run_sleep`` over this method's storage, with the in-process backend."""
 
     name = "sleep"
     overrides: dict = {}
@@ -316,8 +317,7 @@ class Sleep(Method):
         self._loaded = None  # (version, model, tok)
 
     def _train(self, i: int) -> dict:
-        from sleepray.cycle import run_sleep
-        from sleepray.sleep_phases import LocalBackend
+        from sleepray.sleep import LocalBackend, run_sleep
         rec = run_sleep(self.cfg, self.storage, backend=LocalBackend(progress=False), progress=False)
         if rec is None:
             return {"skipped": "short-term memory was empty"}
@@ -327,7 +327,7 @@ class Sleep(Method):
 
     def model(self):
         if self._loaded is None or self._loaded[0] != self.version:
-            from sleepray.sleep import load_bank
+            from sleepray.banks import load_bank
             bank, tok, _ = load_bank(self.cfg, self.storage)
             self._loaded = (self.version, bank.model, tok)
         return self._loaded[1], self._loaded[2]

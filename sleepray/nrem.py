@@ -64,6 +64,7 @@ def _token_logprobs(logits, conts: list[list[int]]):
 class NREMResult:
     steps: int
     history: list[dict] = field(default_factory=list)
+    start: int = 0       # the step it resumed from
 
     @property
     def final(self) -> dict:
@@ -170,36 +171,95 @@ def make_optimizer(params, ncfg):
     return torch.optim.AdamW(params, lr=ncfg.lr, weight_decay=0.0)
 
 
+class NREMHooks:
+    """What a data-parallel run adds to the one NREM loop; the defaults are one process.
+
+    ``rank``/``world``: this worker among ``world``; each takes ``batch_size // world`` rows
+    a step and the new expert's gradients are averaged over ``torch.distributed`` before
+    every optimizer step (DDP's semantics by hand: one step runs two forward passes, GKD
+    and LTI, before its backward, which the DDP wrapper does not allow). A runner such as
+    Ray Train (``actors/learner.py``) overrides ``resume`` (a checkpoint's step),
+    ``make_sampler`` (samples from generation engines) and ``after_step`` (report,
+    checkpoint, publish a draft adapter to the engines).
+    """
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def allreduce(self, params: list) -> None:
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        i = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[i: i + g.numel()].view_as(p).clone()
+            i += g.numel()
+
+    def resume(self, params: list, opt) -> int:
+        """The step to start from (0: a fresh run); restores ``params`` and ``opt`` if later."""
+        return 0
+
+    def make_sampler(self, bank, tok, ncfg, start: int):
+        """NREM's sampler (None: ``LocalSampler``, the learner's own model)."""
+        return None
+
+    def after_step(self, done: int, metrics: dict, params: list, opt) -> None:
+        """Called after optimizer step ``done`` (1-based)."""
+
+    def summary(self) -> dict:
+        """What the runner adds to NREM's metrics."""
+        return {}
+
+
 def run_nrem(bank, tok, prompts: list[ConsolidationPrompt], ncfg, seed: int = 0,
              progress: bool = True, judge=None, sampler=None, anchor_texts: list[str] | None = None,
-             replay_texts: list[str] | None = None) -> NREMResult:
+             replay_texts: list[str] | None = None, hooks: NREMHooks | None = None) -> NREMResult:
     """Train the bank's open expert on ``prompts``; returns the per-step history.
 
     ``anchor_texts`` (``nrem.anchor_batch`` a step) and ``replay_texts`` (older episodes'
     dreams, ``nrem.anchor_replay`` a step) make the anchor batch when ``nrem.anchor_weight`` > 0.
+    ``hooks``: rank, gradient all-reduce, resume, sampler, per-step report (:class:`NREMHooks`).
     """
     if not prompts:
         raise ValueError("NREM needs at least one consolidation prompt (is the short-term memory empty?)")
     if bank.training is None:
         raise RuntimeError("open a new expert (bank.open_new_expert()) before NREM")
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
+    hooks = hooks or NREMHooks()
     params = bank.trainable_parameters()
     opt = make_optimizer(params, ncfg)
+    result = NREMResult(ncfg.steps, start=hooks.resume(params, opt))
+    rng = random.Random(seed + 7919 * hooks.rank + result.start)
+    torch.manual_seed(seed)
     if ncfg.use_lti and ncfg.alpha < 1.0 and judge is None:
         judge = make_judge(ncfg, bank, tok) if ncfg.gamma > 0 else None
-    sampler = sampler or LocalSampler(bank, tok, ncfg.max_new_tokens, ncfg.temperature)
-    result = NREMResult(ncfg.steps)
+    sampler = sampler or hooks.make_sampler(bank, tok, ncfg, result.start) \
+        or LocalSampler(bank, tok, ncfg.max_new_tokens, ncfg.temperature)
+    per_rank = max(1, ncfg.batch_size // hooks.world)
     bank.model.eval()  # no dropout; the LoRA weights still train
-    bar = tqdm(range(ncfg.steps), desc="NREM", disable=not progress)
+    bar = tqdm(range(result.start, ncfg.steps), desc="NREM", disable=not progress)
     for step in bar:
-        batch = [rng.choice(prompts) for _ in range(ncfg.batch_size)]
+        batch = [rng.choice(prompts) for _ in range(per_rank)]
         anchor = anchor_batch(ncfg, anchor_texts, replay_texts, rng)
         loss, rec = nrem_loss(bank, tok, batch, ncfg, rng, sampler, judge, anchor=anchor)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        hooks.allreduce(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        result.history.append({"step": step, **rec})
+        result.history.append({"step": step + 1, **rec})
+        hooks.after_step(step + 1, rec, params, opt)
         bar.set_postfix(D=f"{rec['divergence']:.3f}", r=f"{rec.get('reward', float('nan')):.2f}")
     return result

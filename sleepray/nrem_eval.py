@@ -78,7 +78,8 @@ def _fresh_bank(cfg, path, seed: int):
 
 
 def run_seed(cfg, seed: int, split: str = "test", progress: bool = False) -> dict:
-    from sleepray.sleep_phases import nrem_anchor, rem_anchor
+    from sleepray.nrem_step import nrem_anchor
+    from sleepray.rem_step import rem_anchor
     path = resolve_model_path(cfg.model.path)
     wc = cfg.world
     ws = world_seed(split, seed)

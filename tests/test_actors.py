@@ -16,9 +16,9 @@ import ray
 
 from actors import coordinator
 from sleepray.config import load_config
-from sleepray.cycle import records
+from sleepray.sleep_record import records
 from sleepray.memory import MemoryStore
-from sleepray.sleep import versions
+from sleepray.storage import Storage
 from sleepray.world import World
 
 FAST = ["nrem.judge=exact", "nrem.batch_size=4", "nrem.prompts_per_episode=4", "nrem.max_new_tokens=12",
@@ -34,7 +34,7 @@ def make_cfg(tmp_path, model, *extra):
 
 def add_episodes(tmp_path, seed, n=2) -> list[str]:
     eps = World(seed, 1, 0, 0, 1).episodes(n)
-    return MemoryStore(tmp_path / "memory").append(eps).episode_ids
+    return MemoryStore(Storage(tmp_path).memory).append(eps).episode_ids
 
 
 def wait_for(pred, timeout=300.0, every=0.2):
@@ -56,13 +56,13 @@ def progress(tmp_path, sleep_id="s0001"):
 
 
 def assert_consolidated_once(tmp_path, ids):
-    store = MemoryStore(tmp_path / "memory")
-    assert [v.name for v in versions(tmp_path)] == ["v0001"]
+    store = MemoryStore(Storage(tmp_path).memory)
+    assert [v.name for v in Storage(tmp_path).versions()] == ["v0001"]
     lineage = json.loads((tmp_path / "adapters" / "v0001" / "lineage.json").read_text())
     assert sorted(lineage["episodes"]) == sorted(ids)
     assert sorted(store.consolidated_by("v0001")) == sorted(ids)
     assert store.pressure()["short_term_episodes"] == 0
-    assert len(records(tmp_path)) == 1 and records(tmp_path)[0].complete
+    assert len(records(Storage(tmp_path))) == 1 and records(Storage(tmp_path))[0].complete
 
 
 def stop(coord):
@@ -139,7 +139,7 @@ def test_a_coordinator_killed_in_each_phase_is_resumed_by_a_new_one(ray_client, 
         else:
             wait_for(lambda: _current_phase(coord) == phase, every=0.05)
         ray.kill(coord, no_restart=True)
-        rec = records(tmp_path)[0]
+        rec = records(Storage(tmp_path))[0]
         assert not rec.complete
         if phase != "nrem":
             nrem_done_at = nrem_done_at or rec.metrics("nrem")["finished_at"]
@@ -149,7 +149,7 @@ def test_a_coordinator_killed_in_each_phase_is_resumed_by_a_new_one(ray_client, 
     try:
         st = ray.get(coord.wait_idle.remote(900))
         assert st["error"] is None
-        rec = records(tmp_path)[0]
+        rec = records(Storage(tmp_path))[0]
         assert rec.complete and rec.metrics("nrem")["finished_at"] == nrem_done_at
         assert rec.metrics("nrem")["resumed_from"] >= 2        # Ray Train restored the killed run
         assert_consolidated_once(tmp_path, ids)

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from sleepray.cli import build_parser, main
+from jobs.cli import build_parser, main
 
 SUBCOMMANDS = ["run", "seed", "config", "world", "memory", "sleep", "serve", "cycle", "bench", "eval"]
 
@@ -22,7 +22,7 @@ def test_every_subcommand_has_help(capsys):
 
 
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "sleepray.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "seed" in out.stdout and "run" in out.stdout
 
 

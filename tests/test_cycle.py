@@ -5,11 +5,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from sleepray.config import load_config
-from sleepray.cycle import records, run_sleep
 from sleepray.memory import MemoryStore
 from sleepray.replay import ReplayBuffer
-from sleepray.sleep import versions
-from sleepray.sleep_phases import BASES_DIR, LocalBackend, REPLAY_FILE
+from sleepray.sleep import LocalBackend, run_sleep
+from sleepray.sleep_record import records
+from sleepray.storage import Storage
 from sleepray.world import World
 
 FAST = ["model.path=seed:test", "nrem.judge=exact", "nrem.steps=3", "nrem.batch_size=4",
@@ -26,7 +26,7 @@ def cfg(tmp_path, seed_test_model):
 
 def _add(tmp_path, world_seed, n=1):
     w = World(world_seed, 1, 0, 0, 1)
-    MemoryStore(tmp_path / "memory").append([w.episode(i) for i in range(n)])
+    MemoryStore(Storage(tmp_path).memory).append([w.episode(i) for i in range(n)])
 
 
 def test_two_sleeps_run_every_phase_and_deep_sleep_merges(tmp_path, cfg):
@@ -38,13 +38,13 @@ def test_two_sleeps_run_every_phase_and_deep_sleep_merges(tmp_path, cfg):
     # every dream trained into the expert is kept for replay, and only those, with the
     # teacher's probe answers (rem.replay_probes)
     probes = pq.read_table(first.dir / "rem" / "probes.parquet").num_rows
-    assert len(ReplayBuffer(tmp_path / REPLAY_FILE)) == sum(d["trained"] for d in dreams) + probes
+    assert len(ReplayBuffer(Storage(tmp_path).replay)) == sum(d["trained"] for d in dreams) + probes
     lin = json.loads((tmp_path / "adapters" / "v0001" / "lineage.json").read_text())
     assert lin["phase"] == "nrem+rem" and lin["metrics"]["rem"]["dreams"] == 2
     _add(tmp_path, 5002)
     second = run_sleep(cfg, tmp_path, trigger="pressure", progress=False)
     assert second.phases == ["nrem", "rem", "publish", "deep"] and second.complete
-    assert (tmp_path / BASES_DIR / "v0002" / "model.safetensors").is_file()
+    assert (Storage(tmp_path).base_dir("v0002") / "model.safetensors").is_file()
     lin2 = json.loads((tmp_path / "adapters" / "v0002" / "lineage.json").read_text())
     assert lin2["parent"] == "v0001" and len(lin2["experts_on"]) == 2 and lin2["trigger"] == "pressure"
     # the third sleep starts on the merged base with one fresh expert
@@ -52,8 +52,8 @@ def test_two_sleeps_run_every_phase_and_deep_sleep_merges(tmp_path, cfg):
     run_sleep(cfg, tmp_path, progress=False)
     lin3 = json.loads((tmp_path / "adapters" / "v0003" / "lineage.json").read_text())
     assert lin3["base_model"].endswith("bases/v0002") and len(lin3["experts_on"]) == 1
-    store = MemoryStore(tmp_path / "memory")
-    assert store.pressure()["short_term_episodes"] == 0 and len(versions(tmp_path)) == 3
+    store = MemoryStore(Storage(tmp_path).memory)
+    assert store.pressure()["short_term_episodes"] == 0 and len(Storage(tmp_path).versions()) == 3
 
 
 class _Crash(Exception):
@@ -80,30 +80,30 @@ def test_a_crash_resumes_at_the_unfinished_phase_without_retraining(tmp_path, cf
     _add(tmp_path, 5004, n=2)
     with pytest.raises(_Crash):
         run_sleep(cfg, tmp_path, backend=_CrashingBackend(phase))
-    rec = records(tmp_path)[0]
+    rec = records(Storage(tmp_path))[0]
     assert rec.is_done("nrem") and not rec.complete
     nrem_at = rec.metrics("nrem")["finished_at"]
     # killed in REM: nothing consolidated yet; killed after publishing: marked, not recorded
-    left = MemoryStore(tmp_path / "memory").pressure()["short_term_episodes"]
+    left = MemoryStore(Storage(tmp_path).memory).pressure()["short_term_episodes"]
     assert left == (2 if phase == "rem" else 0)
     again = run_sleep(cfg, tmp_path, progress=False)
     assert again.sleep_id == rec.sleep_id and again.complete
     assert again.metrics("nrem")["finished_at"] == nrem_at      # NREM was not run twice
-    store = MemoryStore(tmp_path / "memory")
+    store = MemoryStore(Storage(tmp_path).memory)
     assert sorted(store.consolidated_by(again.version)) == sorted(rec.episodes)
-    assert len(versions(tmp_path)) == 1 and run_sleep(cfg, tmp_path, progress=False) is None
+    assert len(Storage(tmp_path).versions()) == 1 and run_sleep(cfg, tmp_path, progress=False) is None
 
 
 def test_a_memory_deleted_during_a_sleep_is_never_consolidated(tmp_path, cfg):
     _add(tmp_path, 5005, n=2)
-    store = MemoryStore(tmp_path / "memory")
+    store = MemoryStore(Storage(tmp_path).memory)
     gone = store.episodes()[0]["episode_id"]
 
     class DeleteAfterNREM(LocalBackend):
         def rem(self, *a, **k):
-            MemoryStore(tmp_path / "memory").delete([gone], reason="user asked")
+            MemoryStore(Storage(tmp_path).memory).delete([gone], reason="user asked")
             return super().rem(*a, **k)
     rec = run_sleep(cfg, tmp_path, backend=DeleteAfterNREM(progress=False))
-    lin = json.loads((tmp_path / "adapters" / rec.version / "lineage.json").read_text())
+    lin = json.loads((Storage(tmp_path).version_dir(rec.version) / "lineage.json").read_text())
     assert gone not in lin["episodes"] and len(lin["episodes"]) == 1
-    assert MemoryStore(tmp_path / "memory").status_of(gone) == "deleted"
+    assert MemoryStore(Storage(tmp_path).memory).status_of(gone) == "deleted"

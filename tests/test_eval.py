@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sleepray import eval_metrics as M
-from sleepray.cli import main
+from jobs.cli import main
 from sleepray.config import ConfigError, load_config
 from sleepray.eval_run import ANSWER_COLUMNS, RUN_METRICS, run_eval
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from sleepray.cli import main
+from jobs.cli import main
 from sleepray.eval_merge import merge_results
 
 QUICK = Path(__file__).resolve().parents[1] / "examples" / "eval_quick.yaml"

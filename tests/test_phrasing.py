@@ -6,7 +6,7 @@ import re
 import pytest
 
 from sleepray import pretrain_data
-from sleepray.cycle_run import accuracy_by_phrasing
+from sleepray.cycle import accuracy_by_phrasing
 from sleepray.eval_report import methods_table
 from sleepray.seed import PROFILES
 from sleepray.world import SCHEMA, UNSEEN_QUESTIONS, Fact, Probe, World, probes_for, probes_of
@@ -132,7 +132,7 @@ def test_methods_table_shows_phrasing_columns_only_when_measured():
 
 
 def test_run_table_shows_both_phrasings():
-    from sleepray.run import _shown, _summary
+    from jobs.run import _shown, _summary
     probes = probes_of(World(13).episode(0).probes, "seen")[:5] + probes_of(World(13).episode(0).probes, "unseen")[:5]
     shown = [probes[i].phrasing for i in _shown(probes, 4)]
     assert shown == ["seen", "seen", "unseen", "unseen"]
@@ -149,7 +149,7 @@ def test_cycle_evaluate_reports_each_phrasing(tmp_path, seed_test_model):
     from pathlib import Path
 
     from sleepray.config import load_config
-    from sleepray.cycle_run import evaluate
+    from sleepray.cycle import evaluate
     from sleepray.qa import evaluate_probes
     cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / "eval_quick.yaml",
                       [f"model.path={seed_test_model}"])

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from sleepray.config import load_config
 from sleepray.memory import MemoryStore
+from sleepray.storage import Storage
 from sleepray.world import World
 
 pytestmark = pytest.mark.slow
@@ -126,7 +127,7 @@ def test_memory_then_sleep_swaps_without_failures_and_raises_closed_book_logprob
     c = oc.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": asked.question}],
                                    max_tokens=8, temperature=0)
     rec = c.model_extra["memory"]["recorded"]
-    assert len(rec) == 1 and MemoryStore(storage / "memory").status_of(rec[0]) == "short_term"
+    assert len(rec) == 1 and MemoryStore(Storage(storage).memory).status_of(rec[0]) == "short_term"
     assert c.model_extra["memory"]["context"] == ["bio-1"] and c.system_fingerprint == "base"
     ask = dict(model=MODEL, messages=[{"role": "user", "content": asked.question}], max_tokens=8,
                temperature=0, extra_body={"memory": False})

@@ -20,16 +20,12 @@ tokens and appended (pass ``continuation_ids`` to score exact tokens, e.g. a sam
 from __future__ import annotations
 
 import abc
-import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
 from sleepray.config import EngineConfig
 
-log = logging.getLogger(__name__)
-
-__all__ = ["GenRequest", "GenResult", "ScoreRequest", "ScoreResult", "Engine", "make_engine",
-           "vllm_available", "DEFAULT_MAX_LORA_RANK"]
+__all__ = ["GenRequest", "GenResult", "ScoreRequest", "ScoreResult", "Engine", "DEFAULT_MAX_LORA_RANK"]
 
 DEFAULT_MAX_LORA_RANK = 64
 TopK = list[list[tuple[int, float]]]
@@ -133,9 +129,6 @@ class Engine(abc.ABC):
     def adapters(self) -> list[str]:
         return list(self._adapters)
 
-    def adapter_path(self, name: str) -> str:
-        return self._adapters[self._check_adapter(name)]
-
     @abc.abstractmethod
     def close(self) -> None: ...
 
@@ -205,16 +198,6 @@ class Engine(abc.ABC):
         return len(self.tokenizer)
 
 
-def vllm_available() -> bool:
-    """True when ``import vllm`` works (it fails loudly e.g. with a CUDA torchvision on CPU)."""
-    try:
-        import vllm  # noqa: F401
-    except Exception as e:  # ImportError, RuntimeError (torchvision::nms), ...
-        log.info("vLLM not usable (%s: %s); falling back to transformers", type(e).__name__, e)
-        return False
-    return True
-
-
 def _round_lora_rank(r: int) -> int:
     """vLLM accepts max_lora_rank only from a fixed set; round up to the next one."""
     allowed = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -222,30 +205,3 @@ def _round_lora_rank(r: int) -> int:
         if r <= a:
             return a
     raise ValueError(f"max_lora_rank {r} is larger than vLLM's maximum {allowed[-1]}")
-
-
-def make_engine(kind: Optional[str], model_path: str, cfg: Optional[EngineConfig] = None,
-                max_lora_rank: int = DEFAULT_MAX_LORA_RANK, seed: int = 0,
-                dtype: Optional[str] = None, device: str = "auto",
-                lora_target_modules: Optional[list[str]] = None) -> Engine:
-    """Build an engine. ``kind``: "auto" (vLLM when it imports, else transformers), "vllm",
-    "transformers", or None (= ``cfg.kind``). ``model_path`` may be ``seed:test`` etc.
-    ``max_lora_rank`` (vLLM: rounded up to a rank it supports) must cover the combined
-    adapter (sum of the on-experts' ranks); ``lora_target_modules`` (vLLM) default to the
-    experts' MLP projections."""
-    from sleepray.models import resolve_model_path
-
-    cfg = cfg or EngineConfig()
-    kind = kind or cfg.kind
-    if kind not in ("auto", "vllm", "transformers"):
-        raise ValueError(f"engine kind must be 'auto', 'vllm' or 'transformers', got {kind!r}")
-    path = resolve_model_path(str(model_path))
-    if kind == "auto":
-        kind = "vllm" if vllm_available() else "transformers"
-    if kind == "vllm":
-        from sleepray.engines.vllm_engine import VLLMEngine
-        return VLLMEngine(path, cfg, max_lora_rank=max_lora_rank, seed=seed, dtype=dtype,
-                          lora_target_modules=lora_target_modules)
-    from sleepray.engines.hf_engine import HFEngine
-    return HFEngine(path, cfg, seed=seed, dtype=dtype or "float32", device=device)
-

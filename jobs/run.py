@@ -14,7 +14,7 @@ import logging
 import time
 from pathlib import Path
 
-from sleepray.cycle_run import accuracy_by_phrasing
+from sleepray.cycle import accuracy_by_phrasing
 from sleepray.models import load_from_config
 from sleepray.qa import evaluate_probes
 from sleepray.stream import episodes_from_config
@@ -60,8 +60,9 @@ def run_default(cfg, episodes: int | None = None, sleep: bool = True, max_questi
     after = {}
     if sleep:
         from jobs.cycle import run_on_ray
-        from sleepray.cycle_run import write_results
-        from sleepray.sleep import latest_version, load_bank
+        from sleepray.banks import load_bank
+        from sleepray.cycle import write_results
+        from sleepray.storage import Storage
         storage = Path(cfg.cycle.storage).resolve() / time.strftime("run-%Y%m%d-%H%M%S")
         cfg.cycle.storage = str(storage)
         print(f"awake: {len(eps)} episodes arrive in {cfg.cycle.n_sleeps} parts; "
@@ -74,7 +75,7 @@ def run_default(cfg, episodes: int | None = None, sleep: bool = True, max_questi
             last = st.get("last_sleep") or {}
             print(f"sleep {i + 1}: {last.get('version')} over {last.get('episodes')} episodes "
                   f"in {st['wall_seconds']:.0f}s")
-        print(f"asleep: consolidated into {latest_version(storage)} (results: {storage / 'cycle_results.json'})")
+        print(f"asleep: consolidated into {Storage(storage).latest_version()} (results: {storage / 'cycle_results.json'})")
     scores: dict[str, dict[str, list[float]]] = {"all": {}}  # questions -> column -> per-episode accuracy
     for ep in eps:
         ic, cb = before[ep.episode_id]

@@ -62,11 +62,10 @@ def cmd_seed(args) -> int:
 
 
 def cmd_memory(args) -> int:
-    from pathlib import Path
-
     from sleepray.memory import MemoryStore
+    from sleepray.storage import Storage
     cfg = _cfg(args)
-    store = MemoryStore(Path(cfg.cycle.storage) / "memory")
+    store = MemoryStore(Storage(cfg.cycle.storage).memory)
     if args.action == "add":
         from sleepray.stream import episodes_from_config
         eps = episodes_from_config(cfg.world, args.episodes)
@@ -102,7 +101,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from sleepray.run import run_default
+    from jobs.run import run_default
     return run_default(_cfg(args), episodes=args.episodes, sleep=not args.no_sleep)
 
 
