@@ -1,14 +1,10 @@
 """Learner: the library's NREM and REM steps as Ray Train runs (``TorchTrainer``).
 
-NREM is data-parallel over ``ray.num_learner_workers`` workers (gloo on CPU, nccl on GPU):
-each runs ``sleepray.nrem_step.nrem_step`` with ``LearnerHooks`` (its rank, the gradient
-all-reduce, samples and draft adapters through the RolloutWorkers, checkpoints reported
-here). A worker that dies is replaced (``FailureConfig``) and the run goes on from the
-last checkpoint; a Coordinator that comes back re-creates the trainer with the same name
-and storage, and Ray Train restores the run. REM runs ``rem_step`` on one worker.
+NREM: data-parallel ``nrem_step`` with ``LearnerHooks`` (rank, gradient all-reduce, RolloutWorker
+samples and drafts, checkpoints reported here) on ``ray.num_learner_workers`` (gloo/nccl); REM:
+``rem_step`` on one worker. A dead worker resumes from the last checkpoint; a Coordinator that
+comes back re-creates the trainer (same name and storage) and Ray Train restores the run.
 """
-from __future__ import annotations
-
 import json
 from contextlib import contextmanager, nullcontext
 
@@ -34,13 +30,12 @@ def _report(metrics: dict, folder) -> None:
     train.report(metrics, checkpoint=train.Checkpoint.from_directory(folder) if folder else None)
 
 
-def _step_loop(config: dict) -> None:
+def _step_loop(config: dict):
     """``train_loop_per_worker`` of both runs."""
     cfg, store = Config.model_validate(config["cfg"]), Storage(config["storage"])
     rec, ctx = SleepRecord.read(config["record"]), train.get_context()
     if config["step"] == "rem":
-        rem_step(cfg, store, rec)
-        return
+        return rem_step(cfg, store, rec)
     hooks = LearnerHooks(cfg, rec, ctx.get_world_rank(), ctx.get_world_size(), config["pool"],
                          config["teacher"], _report, _last_checkpoint)
     nrem_step(cfg, store, rec, hooks, progress=False)
