@@ -15,7 +15,7 @@ from pathlib import Path
 from sleepray.banks import bank_from, last_bank_dir
 from sleepray.memory import MemoryStore
 from sleepray.sleep_record import SleepRecord, live_episodes
-from sleepray.storage import Storage, atomic_path, write_json
+from sleepray.storage import LINEAGE, Storage, atomic_path, write_json
 
 
 def write_version(bank, final: Path, lineage: dict) -> Path:
@@ -23,14 +23,14 @@ def write_version(bank, final: Path, lineage: dict) -> Path:
     with atomic_path(final) as tmp:
         bank.export_combined(tmp)
         bank.save(tmp / "bank", lineage=lineage)
-        write_json(tmp / "lineage.json", lineage)
+        write_json(tmp / LINEAGE, lineage)
     return final
 
 
 def publish(cfg, store: Storage, rec: SleepRecord) -> dict:
     """Land ``adapters/vNNNN`` (once), then mark the sleep's live episodes consolidated."""
     final = store.version_dir(rec.version)
-    if not (final / "lineage.json").is_file():
+    if not (final / LINEAGE).is_file():
         bank, _, base = bank_from(cfg, store, last_bank_dir(rec))
         slot = bank.freeze_current()
         lineage = {
@@ -43,7 +43,7 @@ def publish(cfg, store: Storage, rec: SleepRecord) -> dict:
             "created_at": time.time(),
         }
         write_version(bank, final, lineage)
-    lineage = json.loads((final / "lineage.json").read_text())
+    lineage = json.loads((final / LINEAGE).read_text())
     memory = MemoryStore(store.memory)
     live = [e for e in lineage["episodes"] if memory.status_of(e) == "short_term"]
     marked = memory.mark_consolidated(live, rec.version, adapter_version=rec.version) if live else []

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 from sleepray.memory import MemoryStore
 from sleepray.sleep_record import records, unfinished
-from sleepray.storage import PathLike, Storage
+from sleepray.storage import LINEAGE, PathLike, Storage
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def version_summary(version: Optional[Path]) -> Optional[dict]:
     if version is None:
         return None
     try:
-        lin = json.loads((version / "lineage.json").read_text())
+        lin = json.loads((version / LINEAGE).read_text())
     except (OSError, ValueError) as e:
         return {"version": version.name, "error": f"unreadable lineage.json: {e}"}
     return {"version": version.name, "sleep_id": lin.get("sleep_id"), "trigger": lin.get("trigger"),

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
+LINEAGE = "lineage.json"   # in every version folder: what it was trained on and how
 
 
 # ------------------------------------------------------------------ atomic writes
@@ -137,7 +138,7 @@ class Storage:
         d = self.adapters
         if not d.is_dir():
             return []
-        return sorted(p for p in d.iterdir() if p.name.startswith("v") and (p / "lineage.json").is_file())
+        return sorted(p for p in d.iterdir() if p.name.startswith("v") and (p / LINEAGE).is_file())
 
     def latest_version(self) -> Optional[Path]:
         v = self.versions()
