@@ -15,8 +15,9 @@ PEFT quirks handled here (peft 0.21):
 
 * ``save_pretrained`` writes an adapter whose name is not ``"default"`` into a
   *subfolder* named after the adapter (``out/<name>/adapter_config.json``); the
-  top-level folder only gets a README. :meth:`ExpertBank.export_combined` moves the
-  files up so ``out/adapter_config.json`` is at the top level.
+  top-level folder only gets a README. :meth:`ExpertBank.export_combined` saves through
+  :func:`sleepray.storage.save_peft_adapter`, which moves the files up so
+  ``out/adapter_config.json`` is at the top level.
 * ``add_weighted_adapter(..., combination_type="cat")`` folds each expert's
   scaling (``lora_alpha / r``) and weight into the A rows and sets the new adapter's
   ``r = lora_alpha = sum of ranks`` (scaling 1), so the result is the exact sum.
@@ -25,7 +26,8 @@ PEFT quirks handled here (peft 0.21):
   alpha/sqrt(r)); the bank never uses rslora, and the check after export verifies.
 * ``set_adapter`` / ``add_adapter`` / ``inject_adapter`` mark active adapters
   trainable, so after every PEFT call the bank re-applies its own activation and
-  ``requires_grad`` state (:meth:`ExpertBank._apply`).
+  ``requires_grad`` state (:meth:`ExpertBank.reactivate`; code outside the bank that
+  calls PEFT on ``bank.model`` calls it too).
 """
 from __future__ import annotations
 
@@ -43,6 +45,9 @@ from torch import nn
 
 from sleepray.config import ExpertConfig
 from sleepray.checksum import file_sha256
+from sleepray.storage import save_peft_adapter
+# the old names, kept importable from here for now (nothing in this tree imports them from here any more)
+from sleepray.storage import replace_dir, write_json as _atomic_write_json  # noqa: F401
 
 SLOT_PREFIX = "expert_"
 BANK_FILE = "bank.json"
@@ -60,30 +65,6 @@ __all__ = [
 
 def slot_name(i: int) -> str:
     return f"{SLOT_PREFIX}{i}"
-
-
-def _slot_index(name: str) -> int:
-    return int(name[len(SLOT_PREFIX):])
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move folder ``src`` to ``dst``, replacing an existing ``dst`` (renames, no copy)."""
-    if dst.exists():
-        aside = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex}"
-        os.replace(dst, aside)
-        os.replace(src, dst)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(src, dst)
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _alpha(value: float) -> Union[int, float]:
@@ -160,12 +141,14 @@ class ExpertBank:
             if isinstance(m, LoraLayer):
                 yield m
 
-    def _slot_params(self, slot: str) -> list[nn.Parameter]:
+    def slot_parameters(self, name: str) -> list[nn.Parameter]:
+        """The LoRA A and B tensors of adapter ``name`` on ``bank.model``: an expert slot, or
+        another LoRA adapter the bank does not manage (the dream writer)."""
         out = []
         for layer in self._lora_layers():
-            if slot in layer.lora_A:
-                out.append(layer.lora_A[slot].weight)
-                out.append(layer.lora_B[slot].weight)
+            if name in layer.lora_A:
+                out.append(layer.lora_A[name].weight)
+                out.append(layer.lora_B[name].weight)
         return out
 
     def _apply(self, extra_active: Iterable[str] = ()) -> None:
@@ -176,8 +159,14 @@ class ExpertBank:
         for p in self.model.parameters():
             p.requires_grad_(False)
         if self.training is not None:
-            for p in self._slot_params(self.training):
+            for p in self.slot_parameters(self.training):
                 p.requires_grad_(True)
+
+    def reactivate(self) -> None:
+        """Give the bank its own state back after a PEFT call that changed it (``add_adapter``,
+        ``set_adapter``, loading tensors): exactly the on-experts and the training one switched
+        on, and only the training one trainable."""
+        self._apply()
 
     def _reinit_slot(self, slot: str) -> None:
         for layer in self._lora_layers():
@@ -213,7 +202,7 @@ class ExpertBank:
         self._check_open()
         if self.training is None:
             raise RuntimeError("no expert is training; call open_new_expert() first")
-        return self._slot_params(self.training)
+        return self.slot_parameters(self.training)
 
     def scale_training(self, factor: float) -> None:
         """Multiply the training expert's lora_B by ``factor``: its weight delta B A scales exactly."""
@@ -278,7 +267,7 @@ class ExpertBank:
         slot = free[idx]
         gen = torch.Generator().manual_seed(seed)
         grads = {id(p): p.requires_grad for p in self.model.parameters()}
-        saved = [(p, p.detach().clone()) for p in self._slot_params(slot)]
+        saved = [(p, p.detach().clone()) for p in self.slot_parameters(slot)]
         self._borrowed.add(slot)
         try:
             with torch.no_grad():
@@ -393,27 +382,17 @@ class ExpertBank:
         name = "combined"
         while name in self.model.peft_config:
             name = f"combined_{uuid.uuid4().hex[:8]}"
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
         try:
             self.model.add_weighted_adapter(
                 adapters, weights=[1.0] * len(adapters), adapter_name=name, combination_type="cat")
             cfg = self.model.peft_config[name]
             cfg.target_modules = sorted(cfg.target_modules) if isinstance(cfg.target_modules, set) \
                 else cfg.target_modules
-            self.model.save_pretrained(str(tmp), selected_adapters=[name], safe_serialization=True)
+            save_peft_adapter(self.model, name, out_dir)
         finally:
             if name in self.model.peft_config:
                 self.model.delete_adapter(name)
             self._apply()
-        # PEFT nests non-"default" adapters under a subfolder named after them: move it up.
-        src = tmp / name
-        if not (src / ADAPTER_CONFIG).is_file():
-            raise RuntimeError(f"unexpected PEFT layout in {tmp}: {sorted(os.listdir(tmp))}")
-        if (tmp / "README.md").exists():
-            os.replace(tmp / "README.md", src / "README.md")
-        replace_dir(src, out_dir)
-        shutil.rmtree(tmp, ignore_errors=True)
         return out_dir
 
     def deep_sleep(self) -> nn.Module:

@@ -265,7 +265,7 @@ def test_scale_training_scales_the_weight_delta_exactly():
     for layer in bank._lora_layers():
         if bank.training in layer.lora_B:
             deltas[id(layer)] = (layer.lora_B[bank.training].weight @ layer.lora_A[bank.training].weight).clone()
-    frozen = [p.detach().clone() for p in bank._slot_params(bank.on[0])]
+    frozen = [p.detach().clone() for p in bank.slot_parameters(bank.on[0])]
     bank.scale_training(0.25)
     for layer in bank._lora_layers():
         if bank.training in layer.lora_B:
@@ -274,7 +274,7 @@ def test_scale_training_scales_the_weight_delta_exactly():
     assert not torch.allclose(logits(bank.model), before, atol=ATOL)
     bank.scale_training(0.0)
     assert torch.allclose(logits(bank.model), before, atol=ATOL)
-    assert all(torch.equal(a, b) for a, b in zip(frozen, bank._slot_params(bank.on[0])))
+    assert all(torch.equal(a, b) for a, b in zip(frozen, bank.slot_parameters(bank.on[0])))
     bank.freeze_current()
     with pytest.raises(RuntimeError, match="no expert is training"):
         bank.scale_training(0.5)

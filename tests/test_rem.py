@@ -10,7 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import sleepray.dreams as dreams_mod
 import sleepray.rem as rem
+import sleepray.retention as retention
 from sleepray import lm
 from sleepray.config import load_config
 from sleepray.experts import ExpertBank
@@ -87,13 +89,13 @@ def test_dreams_are_not_cut_at_the_first_newline(bank_tok, episode, rcfg, monkey
     test-model build happens to write a newline depends on the build, so the call is checked.)"""
     bank, tok = bank_tok
     calls = []
-    real = rem.sample_ids
+    real = dreams_mod.sample_ids
 
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(rem, "sample_ids", spy)
+    monkeypatch.setattr(dreams_mod, "sample_ids", spy)
     dreams = rem.write_dreams(bank, tok, episode, rcfg, random.Random(0))
     assert calls and all(c["stop_at_newline"] is False for c in calls) and len(dreams) == 4
 
@@ -454,7 +456,7 @@ def test_the_sleep_is_scaled_down_until_every_older_episode_is_back_to_its_own_f
     older = [rem.ProbeTarget("first", f"q{i}", "a") for i in range(2)]
     older += [rem.ProbeTarget("later", f"q{i}", "a") for i in range(10)]
     # the first episode comes back only at half the expert; the later one is kept at any scale
-    monkeypatch.setattr(rem, "probe_hits", lambda bank_, tok, targets, n: [
+    monkeypatch.setattr(retention, "probe_hits", lambda bank_, tok, targets, n: [
         t.episode_id == "later" or bank_.scale <= 0.5 for t in targets])
     unscaled = {"first": 0.0, "later": 1.0}  # 10 of 12 probes right: 0.83 over the mix
     scale, acc = rem.shrink_to_retain(bank, None, older, {"first": 0.95, "later": 0.95}, [0.75, 0.5, 0.0], unscaled)
@@ -481,6 +483,8 @@ def test_replay_buffer_round_trip_cap_and_exclusion(tmp_path):
 
 
 SENTINEL = "Zqxsentinel"
+REM_MODULES = ("rem.py", "dreams.py", "dream_writer.py", "rem_probes.py", "rem_trials.py", "dream_sft.py",
+               "retention.py", "replay.py")
 
 
 @pytest.fixture(scope="module")
@@ -561,7 +565,7 @@ def test_ground_truth_answers_never_leak(sentinel_run):
     assert sentinel_run["targets"] and sentinel_run["seen"]
     assert not [t for t in texts if SENTINEL.lower() in t.lower()]
     # and the REM code never reads a Probe's answer at all
-    for mod in ("rem.py", "replay.py"):
+    for mod in REM_MODULES:
         tree = ast.parse((Path(rem.__file__).parent / mod).read_text())
         assert not [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "answer"], mod
         assert not [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value == "answer"], mod
