@@ -154,9 +154,8 @@ def _as_str_list(v: Any, where: str) -> list[str]:
     return list(v)
 
 
-def _normalize(i: int, rec: Any) -> dict:
-    """Validate one input record and return a row of ``EPISODE_SCHEMA``."""
-    where = f"record {i}"
+def _as_record(where: str, rec: Any) -> dict:
+    """The record as a dict of known, non-evaluation fields (an Episode: its documents only)."""
     if isinstance(rec, Episode):  # its probes and facts are evaluation data: only the documents are memory
         rec = {"episode_id": rec.episode_id, "kind": "episode", "text": rec.context,
                "documents": list(rec.documents), "source": "world"}
@@ -171,14 +170,21 @@ def _normalize(i: int, rec: Any) -> dict:
         raise ValueError(f"{where}: field(s) {held} hold evaluation data (questions, answers, facts), "
                          "which never enter memory: a sleep writes its own questions about the documents. "
                          "Give documents only")
+    return rec
 
+
+def _episode_id_and_kind(where: str, rec: dict) -> tuple[str, str]:
     eid = rec.get("episode_id")
     if not isinstance(eid, str) or not eid.strip():
         raise ValueError(f"{where}: field 'episode_id' must be a non-empty string, got {eid!r}")
     kind = rec.get("kind", "episode")
     if kind not in KINDS:
         raise ValueError(f"{where}: field 'kind' must be one of {KINDS}, got {kind!r}")
+    return eid, kind
 
+
+def _text_and_documents(where: str, rec: dict, kind: str) -> tuple[str, list[str]]:
+    """The text (by default the documents, one a line) and the documents (a document: its text)."""
     docs = rec.get("documents")
     docs = [] if docs is None else _as_str_list(docs, f"{where}: field 'documents'")
     text = rec.get("text")
@@ -190,11 +196,11 @@ def _normalize(i: int, rec: Any) -> dict:
         raise ValueError(f"{where}: field 'text' is empty (give 'text' or 'documents')")
     if kind == "document" and not docs:
         docs = [text]
+    return text, docs
 
-    source = rec.get("source") or ""
-    if not isinstance(source, str):
-        raise ValueError(f"{where}: field 'source' must be a string")
-    created = rec.get("created_at")
+
+def _created_at(where: str, created: Any) -> _dt.datetime:
+    """A timezone-aware creation time (now when not given; naive times are UTC)."""
     if created is None:
         created = _now()
     elif isinstance(created, str):
@@ -208,11 +214,28 @@ def _normalize(i: int, rec: Any) -> dict:
                          f"got {type(created).__name__}")
     if created.tzinfo is None:
         created = created.replace(tzinfo=_dt.timezone.utc)
-    n_tok = rec.get("n_tokens")
+    return created
+
+
+def _n_tokens(where: str, n_tok: Any, text: str) -> int:
     if n_tok is None:
         n_tok = len(text.split())
     if isinstance(n_tok, bool) or not isinstance(n_tok, int) or not 0 <= n_tok < 2**31:
         raise ValueError(f"{where}: field 'n_tokens' must be a non-negative int, got {n_tok!r}")
+    return n_tok
+
+
+def _normalize(i: int, rec: Any) -> dict:
+    """Validate one input record and return a row of ``EPISODE_SCHEMA``."""
+    where = f"record {i}"
+    rec = _as_record(where, rec)
+    eid, kind = _episode_id_and_kind(where, rec)
+    text, docs = _text_and_documents(where, rec, kind)
+    source = rec.get("source") or ""
+    if not isinstance(source, str):
+        raise ValueError(f"{where}: field 'source' must be a string")
+    created = _created_at(where, rec.get("created_at"))
+    n_tok = _n_tokens(where, rec.get("n_tokens"), text)
     return {"episode_id": eid, "kind": kind, "text": text, "documents": docs,
             "probes": [], "eval_answers": None, "eval_facts": [],
             "source": source, "created_at": created, "n_tokens": n_tok}
