@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import random
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Union
@@ -24,6 +23,7 @@ from typing import Iterable, Optional, Union
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sleepray.storage import atomic_path
 from sleepray.world import qa_prompt
 
 __all__ = ["BUFFER_COLUMNS", "BUFFER_SCHEMA", "Dream", "ReplayBuffer", "probe_dream", "probe_row",
@@ -85,18 +85,10 @@ def probe_row(episode_id: str, question: str, answer: str, sleep_id: str,
 
 
 def write_table_atomic(table: pa.Table, path: Union[str, os.PathLike]) -> Path:
-    """Write ``table`` to ``path`` via a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
+    """Write ``table`` to ``path`` through :func:`sleepray.storage.atomic_path`."""
+    with atomic_path(path) as tmp:
         pq.write_table(table, str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 class ReplayBuffer:

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from sleepray import pretrain_data
 from sleepray.checksum import file_sha256
 from sleepray.pretrain_data import EVAL_WORLD_SEED_MIN, Shape
 from sleepray.qa import evaluate_probes
+from sleepray.storage import atomic_path
 from sleepray.tokenizer import train_tokenizer
 from sleepray.world import World, chance_accuracy, probes_of
 
@@ -275,9 +275,6 @@ def seed_path(profile: str, progress: bool = True) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / "seed_report.json").exists():
             return final
-        tmp = root / f".seed-{profile}-building-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        build_seed(profile, tmp, progress=progress)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with atomic_path(final) as tmp:
+            build_seed(profile, tmp, progress=progress)
     return final
