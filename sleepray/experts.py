@@ -47,7 +47,6 @@ from sleepray.config import ExpertConfig
 from sleepray.checksum import file_sha256
 from sleepray.storage import save_peft_adapter
 # the old names, kept importable from here for now (nothing in this tree imports them from here any more)
-from sleepray.storage import replace_dir, write_json as _atomic_write_json  # noqa: F401
 
 SLOT_PREFIX = "expert_"
 BANK_FILE = "bank.json"
