@@ -46,7 +46,6 @@ from torch import nn
 from sleepray.config import ExpertConfig
 from sleepray.checksum import file_sha256
 from sleepray.storage import save_peft_adapter
-# the old names, kept importable from here for now (nothing in this tree imports them from here any more)
 
 SLOT_PREFIX = "expert_"
 BANK_FILE = "bank.json"
