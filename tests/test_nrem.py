@@ -190,23 +190,25 @@ def test_nrem_rehearses_older_episodes_from_the_replay_buffer(tmp_path):
 
     from sleepray.anchor import anchor_batch
     from sleepray.replay import ReplayBuffer
-    from sleepray.sleep_phases import REPLAY_FILE, nrem_replay
+    from sleepray.nrem_step import nrem_replay
+    from sleepray.storage import Storage
+    store = Storage(tmp_path)
     old, new = World(10_000_777, 1, 0, 0, 1).episodes(2)
-    ReplayBuffer(tmp_path / REPLAY_FILE).append([
+    ReplayBuffer(store.replay).append([
         {"episode_id": old.episode_id, "format": "qa", "text": " Where was A born?\nA: Kledil"},
         {"episode_id": new.episode_id, "format": "rewrite", "text": " about the new episode"},
         {"episode_id": old.episode_id, "format": "rewrite", "text": "   "}])
     cfg = load_config(None, ["nrem.anchor_weight=1.0", "nrem.anchor_replay=3", "nrem.anchor_batch=2"])
-    replay = nrem_replay(cfg, tmp_path, [new])
+    replay = nrem_replay(cfg, store, [new])
     assert replay == ["Q: Where was A born?\nA: Kledil\n"]
     batch = anchor_batch(cfg.nrem, ["unrelated text"], replay, _random.Random(0))
     assert batch.texts == ["unrelated text"] * 2 and batch.rehearse == replay * 3
     alone = load_config(None, ["nrem.anchor_weight=0", "nrem.rehearsal_weight=2.0", "nrem.anchor_replay=3"])
-    assert nrem_replay(alone, tmp_path, [new]) == replay  # rehearsal without the drift anchor
+    assert nrem_replay(alone, store, [new]) == replay  # rehearsal without the drift anchor
     batch = anchor_batch(alone.nrem, ["unrelated text"], replay, _random.Random(0))
     assert batch.texts == [] and batch.rehearse == replay * 3
     for off in (["nrem.anchor_weight=0"], ["nrem.anchor_weight=1.0", "nrem.rehearsal_weight=0"],
                 ["nrem.anchor_weight=1.0", "nrem.anchor_replay=0"],
                 ["nrem.anchor_weight=1.0", "rem.replay=false"]):
-        assert nrem_replay(load_config(None, off), tmp_path, [new]) == []
+        assert nrem_replay(load_config(None, off), store, [new]) == []
     assert anchor_batch(load_config(None, []).nrem, ["x"], replay, _random.Random(0)) is None

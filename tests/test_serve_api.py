@@ -3,7 +3,7 @@
 These are the only tests that use a FAKE engine (``FakeEngine`` below: the seed model's
 real tokenizer, canned generations and scores), so that the FastAPI app, validation and
 the adapter pointer can be driven in milliseconds. Everything else here is real: the
-MemoryStore on a tmp folder, the BackgroundSleeper running the real ``sleep_nrem``, the
+MemoryStore on a tmp folder, the SleepController running a real NREM-only sleep, the
 unmodified ``openai`` client (over Starlette's TestClient transport). The real engine,
 Ray Serve and a real sleep are tested in ``tests/test_serve.py``.
 """
@@ -24,7 +24,8 @@ from sleepray.memory import MemoryStore
 from sleepray.serve_api import (APIError, ChatMessage, CompletionRequest, MemoryItem, parse_body,
                                 render_chat, select_context, text_pieces)
 from sleepray.serve_app import build_app
-from sleepray.sleep_control import BackgroundSleeper
+from sleepray.sleep_control import SleepController
+from sleepray.storage import Storage
 
 MAX_LEN = 128
 
@@ -93,9 +94,8 @@ def made(tmp_path, seed_test_model):
     def make(*extra):
         cfg = _cfg(tmp_path, *extra)
         engine = FakeEngine(seed_test_model, cfg.engine)
-        store = MemoryStore(tmp_path / "memory")
-        sleeper = BackgroundSleeper(tmp_path, cfg.cycle.capacity_tokens,
-                                    lambda reason: _real_sleep(cfg, tmp_path))
+        store = MemoryStore(Storage(tmp_path).memory)
+        sleeper = SleepController(cfg, tmp_path, lambda reason: _real_sleep(cfg, tmp_path, reason), name="serve")
         svc = AwakeService(cfg, engine, LocalMemory(store), LocalControl(sleeper), tmp_path)
         svc.pointer.poll_once()
         client = TestClient(build_app(svc), raise_server_exceptions=False)
@@ -103,10 +103,10 @@ def made(tmp_path, seed_test_model):
     return make
 
 
-def _real_sleep(cfg, storage):
-    from sleepray.sleep import sleep_nrem
-    out = sleep_nrem(cfg, storage, progress=False)
-    return str(out) if out else None
+def _real_sleep(cfg, storage, trigger):
+    from sleepray.sleep import run_sleep
+    rec = run_sleep(cfg, storage, trigger=trigger, only=["nrem"], progress=False)
+    return rec.data if rec is not None else None
 
 
 # ----------------------------------------------------------------------------- library
