@@ -41,9 +41,17 @@ class WorldConfig(_Section):
 
 class ModelConfig(_Section):
     path: str = Field("seed:small", description="'seed:test', 'seed:small', a local HF folder or a hub id")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on a GPU with bf16 support, else float32 (learner and engines alike)")
     trust_remote_code: bool = False
     device: str = "auto"
+    chat_template: Literal["auto", "on", "off"] = Field(
+        "auto", description="render questions through the tokenizer's chat template (auto: when it has one); "
+                            "the teacher's prompt carries the memory and is otherwise the same text")
+    stop: Optional[list[str]] = Field(
+        None, description="stop strings that end an answer, besides EOS and the template's end of turn "
+                          "(None: a newline for plain Q:/A: prompts; the seed models' template ends a turn "
+                          "with one)")
     cache_dir: Optional[str] = Field(None, description="where seed models are built; default ~/.cache/sleepray")
 
 
@@ -59,7 +67,10 @@ class ExpertConfig(_Section):
     rank: int = Field(8, ge=1, description="rank r of each expert (paper default 64; smaller for tiny models)")
     lora_alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["auto"],
+        description="module names the experts sit on; 'auto' = the MLP projection linears the model has "
+                    "(gate_proj/up_proj/down_proj, Phi-3's gate_up_proj, fc1/fc2, ...)")
     max_slots: int = Field(8, ge=1, description="pre-allocated expert slots")
     deep_sleep_every: int = Field(4, ge=1, description="K: merge L1 experts into L2 every K sleeps")
 
