@@ -13,13 +13,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from tqdm.auto import tqdm
 
 from sleepray.banks import load_bank
 from sleepray.qa import evaluate_probes, exact_match
 from sleepray.storage import Storage
+from sleepray.tb import CycleCurves
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,16 @@ def evaluate(cfg, storage: str | Path, episodes: list, in_context: bool = False)
 
 def run_cycle(cfg, episodes: list, append: Callable[[list], dict], sleep: Callable[[str], dict],
               evaluate_fn: Callable[[list, bool], dict], trigger: str = "request",
-              progress: bool = True) -> dict:
-    """Wake/sleep over ``episodes``; returns R, the per-sleep statuses and timings."""
+              progress: bool = True, on_sleep: Optional[Callable[[int, dict, dict], None]] = None) -> dict:
+    """Wake/sleep over ``episodes``; returns R, the per-sleep statuses and timings.
+
+    The accuracies before and after every sleep also go to TensorBoard
+    (``<storage>/tensorboard/cycle``, ``sleepray.tb.CycleCurves``); ``on_sleep(i, status,
+    evaluation)`` is called after sleep ``i`` (0-based) is measured."""
     parts = chunks(episodes, cfg.cycle.n_sleeps)
+    curves = CycleCurves(Storage(cfg.cycle.storage))
     base = evaluate_fn(episodes, True)
+    curves.after(0, base)
     seen: list = []
     rows, sleeps = [], []
     bar = tqdm(parts, desc="cycle", unit="sleep", disable=not progress)
@@ -87,6 +94,10 @@ def run_cycle(cfg, episodes: list, append: Callable[[list], dict], sleep: Callab
         rows.append([ev["closed_book"].get(e.episode_id) for e in episodes])
         acc = sum(ev["closed_book"].values()) / len(ev["closed_book"])
         bar.set_postfix(version=ev["version"], closed_book=f"{acc:.2f}")
+        curves.after(i + 1, ev, sleeps[-1]["wall_seconds"])
+        if on_sleep is not None:
+            on_sleep(i, sleeps[-1], ev)
+    curves.close()
     return {"episodes": [e.episode_id for e in episodes], "parts": [[e.episode_id for e in p] for p in parts],
             "before": base, "R": rows, "sleeps": sleeps}
 

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from sleepray import nrem
+from sleepray import nrem, tb
 from sleepray.anchor import anchor_texts, rehearses
 from sleepray.banks import bank_from
 from sleepray.nrem_samplers import AdapterRef, EngineSampler
@@ -50,7 +50,7 @@ def nrem_replay(cfg, store: Storage, episodes: list) -> list[str]:
 def nrem_step(cfg, store: Storage, rec: SleepRecord, hooks: nrem.NREMHooks | None = None,
               progress: bool = True) -> dict:
     """Open a fresh expert on the starting bank and train it on the sleep's live episodes."""
-    hooks = hooks or nrem.NREMHooks()
+    hooks = StepRecorder(hooks or nrem.NREMHooks(), store, rec)
     out = rec.dir / "nrem"
     bank, tok, _ = bank_from(cfg, store, store.starting_bank())
     episodes = live_episodes(store, rec)
@@ -62,12 +62,36 @@ def nrem_step(cfg, store: Storage, rec: SleepRecord, hooks: nrem.NREMHooks | Non
     result = nrem.run_nrem(bank, tok, prompts, cfg.nrem, seed=seed, progress=progress and hooks.rank == 0,
                            anchor_texts=nrem_anchor(cfg), replay_texts=nrem_replay(cfg, store, episodes),
                            hooks=hooks)
+    hooks.close()
     metrics = {**result.final, "step": cfg.nrem.steps, "steps": cfg.nrem.steps, "prompts": len(prompts),
                "expert": slot, "resumed_from": result.start, "learner_workers": hooks.world, **hooks.summary()}
     if hooks.rank == 0:
         bank.save(out / "bank")
         write_json(out / "metrics.json", metrics)
     return metrics
+
+
+class StepRecorder:
+    """``hooks``, and on rank 0 after every step: ``nrem/progress.json`` (the step and its
+    metrics: what a driver draws NREM's progress line from) and the step's metrics as
+    TensorBoard scalars (``sleepray.tb.NREMCurves``). Everything else is ``hooks``'."""
+
+    def __init__(self, hooks: nrem.NREMHooks, store: Storage, rec: SleepRecord):
+        self.hooks, self.out = hooks, rec.dir / "nrem"
+        self.curves = tb.NREMCurves(store, rec.sleep_id) if hooks.rank == 0 else None
+
+    def __getattr__(self, name):
+        return getattr(self.hooks, name)
+
+    def after_step(self, done: int, metrics: dict, params: list, opt) -> None:
+        if self.curves is not None:
+            write_json(self.out / "progress.json", {"step": done, "pid": os.getpid(), **metrics})
+            self.curves.step(done, metrics)
+        self.hooks.after_step(done, metrics, params, opt)
+
+    def close(self) -> None:
+        if self.curves is not None:
+            self.curves.close()
 
 
 class LearnerHooks(nrem.NREMHooks):
@@ -123,8 +147,6 @@ class LearnerHooks(nrem.NREMHooks):
             if self.rank == 0 and (done % ray_cfg.checkpoint_every == 0 or done == steps):
                 folder = str(save_train_state(tmp, params, opt, {"step": done, "sleep_id": self.rec.sleep_id}))
             self.report({**metrics, "step": done}, folder)
-        if self.rank == 0:
-            write_json(self.out / "progress.json", {"step": done, "pid": os.getpid(), **metrics})
         if done % ray_cfg.publish_every == 0 and done < steps:
             self.sampler.student_ref = self.draft(done)
 

@@ -46,7 +46,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import pyarrow as pa
 
@@ -320,9 +320,11 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
             rng: Optional[random.Random] = None, buffer: Optional[ReplayBuffer] = None,
             writer: Optional[DreamWriter] = None, sleep_id: Optional[str] = None,
             question_writer: Optional[QuestionWriter] = None,
-            anchor_texts: Optional[list[str]] = None) -> dict:
+            anchor_texts: Optional[list[str]] = None,
+            on_stage: Optional[Callable[[str, dict], None]] = None) -> dict:
     """REM for one sleep on the bank's open expert; writes ``out_dir/dreams.parquet`` and
     ``out_dir/probes.parquet`` (and ``out_dir/dream_writer/`` when a writer is given).
+    ``on_stage(name, counts)`` is called after each stage: dreams, trials, sft, retention, outputs.
 
     Returns metrics: dream/kept/rewarded counts, reward rate, closed-book probe loss vs
     the teacher's answers before and after the dream SFT, replay and SFT numbers, seconds.
@@ -341,9 +343,16 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
     if question_writer is None:  # the frozen model writes the probe questions itself
         question_writer = model_question_writer(bank, tok, seed=seed)
 
+    stage = on_stage or (lambda name, counts: None)
     dreamt = _write_and_select(bank, tok, episodes, rcfg, rng, writer, question_writer, t0)
+    stage("dreams", {"dreams": len(dreamt.dreams), "kept": len(dreamt.selected_by)})
     tried = _trials_and_restem(bank, tok, dreamt, rcfg, writer, seed)
+    stage("trials", {"dreams": len(dreamt.dreams), "kept": len(dreamt.selected_by),
+                     "rewarded": len(tried.rewarded_idx)})
     sft = _guarded_sft(bank, tok, episodes, dreamt, tried, rcfg, buffer, rng, seed, anchor_texts)
+    stage("sft", {"rewarded": len(tried.rewarded_idx), "reverted": sft.reverted})
     retained = _check_retention(bank, tok, episodes, dreamt.targets, sft, rcfg, buffer, rng, anchor_texts)
+    stage("retention", {"repairs": retained.repairs})
     learned = _write_outputs(bank, tok, out_dir, sleep_id, dreamt, tried, sft, rcfg, buffer, writer)
+    stage("outputs", {"learned": sum(learned)})
     return _metrics(dreamt, tried, sft, retained, learned, buffer, t0)

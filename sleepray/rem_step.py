@@ -4,6 +4,7 @@ dreams, dream writer) and ``rem/metrics.json``; the in-process backend and the R
 learner both run :func:`rem_step`."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +32,17 @@ def writer_dir(store: Storage, rec: SleepRecord) -> Optional[Path]:
     return None
 
 
+def stage_writer(out: Path):
+    """``run_rem``'s ``on_stage``: ``rem/progress.json`` says the stage done and its counts
+    (what a driver draws REM's progress line from, ``sleepray.console.SleepBars``)."""
+    done = [0]
+
+    def stage(name: str, counts: dict) -> None:
+        done[0] += 1
+        write_json(out / "progress.json", {"stage": name, "done": done[0], "time": time.time(), **counts})
+    return stage
+
+
 def rem_step(cfg, store: Storage, rec: SleepRecord) -> dict:
     """REM on the expert NREM left open, over the sleep's live episodes."""
     out = rec.dir / "rem"
@@ -47,7 +59,7 @@ def rem_step(cfg, store: Storage, rec: SleepRecord) -> dict:
                           buffer=buffer, writer=writer, sleep_id=rec.sleep_id,
                           question_writer=model_question_writer(bank, tok, cfg.nrem.temperature,
                                                                 seed=phase_seed(cfg, rec, "rem")),
-                          anchor_texts=rem_anchor(cfg))
+                          anchor_texts=rem_anchor(cfg), on_stage=stage_writer(out))
     bank.save(out / "bank")
     write_json(out / "metrics.json", metrics)
     return metrics

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from sleepray import tb
 from sleepray.memory import MemoryStore
 from sleepray.nrem_step import nrem_step
 from sleepray.publish import deep_sleep, publish
@@ -84,17 +85,18 @@ def run_sleep(cfg, storage: PathLike | None = None, backend=None, trigger: str =
     rec = open_sleep(cfg, store, trigger, only)
     if rec is None:
         return None
-    step(rec, "nrem", on_phase, lambda: nrem(cfg, store, rec, backend))
+    step(store, rec, "nrem", on_phase, lambda: nrem(cfg, store, rec, backend))
     if "rem" in rec.phases:
-        step(rec, "rem", on_phase, lambda: rem(cfg, store, rec, backend))
-    step(rec, "publish", on_phase, lambda: publish_and_tell(cfg, store, rec, backend))
+        step(store, rec, "rem", on_phase, lambda: rem(cfg, store, rec, backend))
+    step(store, rec, "publish", on_phase, lambda: publish_and_tell(cfg, store, rec, backend))
     if "deep" in rec.phases:
-        step(rec, "deep", on_phase, lambda: deep_sleep(cfg, store, rec))
+        step(store, rec, "deep", on_phase, lambda: deep_sleep(cfg, store, rec))
     return rec
 
 
-def step(rec: SleepRecord, name: str, on_phase: OnStep, run: Callable[[], dict]) -> None:
-    """Run step ``name`` unless the record says it is done; record its metrics and time."""
+def step(store: Storage, rec: SleepRecord, name: str, on_phase: OnStep, run: Callable[[], dict]) -> None:
+    """Run step ``name`` unless the record says it is done; record its metrics and time (in the
+    record, then as TensorBoard scalars at the sleep's number: ``sleepray.tb``)."""
     if rec.is_done(name):
         return
     if on_phase:
@@ -103,6 +105,7 @@ def step(rec: SleepRecord, name: str, on_phase: OnStep, run: Callable[[], dict])
     log.info("sleep %s: %s", rec.sleep_id, name)
     metrics = run()
     rec.finish(name, {**metrics, "seconds": round(time.time() - t0, 2)})
+    tb.sleep_step(store, rec.number, name, rec.metrics(name))
     log.info("sleep %s: %s done in %.1fs", rec.sleep_id, name, time.time() - t0)
 
 

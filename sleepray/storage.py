@@ -8,6 +8,8 @@
                              lineage.json (episodes, config, metrics, parent)
     bases/vNNNN/             a deep sleep's merged base model
     ray_train/               Ray Train's run folders (checkpoints of the learner)
+    logs/                    run.log (the driver), coordinator.log, learner-*.log; ray/: Ray's session logs
+    tensorboard/             TensorBoard event files of every sleep and of the cycle (sleepray.tb)
 
 Nothing else spells a storage path. Whatever is written is written under a temporary
 name beside its final one and renamed into place (:func:`atomic_path`): a reader sees
@@ -132,6 +134,14 @@ class Storage:
     @property
     def ray_train(self) -> Path:
         return self.root / "ray_train"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
 
     def versions(self) -> list[Path]:
         """Published adapter versions (those with a lineage.json), oldest first."""
