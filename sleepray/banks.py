@@ -6,6 +6,7 @@ from typing import Optional
 
 from sleepray.experts import ExpertBank
 from sleepray.models import load_model, resolve_model_path
+from sleepray.prompt_format import attach
 from sleepray.sleep_record import SleepRecord
 from sleepray.storage import PathLike, Storage
 
@@ -20,6 +21,7 @@ def bank_from(cfg, store: Storage, folder: Optional[Path]):
     """(bank, tokenizer, base path): the bank saved in ``folder`` (None: fresh) on the current base."""
     base = current_base(cfg, store)
     model, tok = load_model(base, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
+    attach(tok, cfg.model)
     bank = ExpertBank.load(model, folder) if folder else ExpertBank(model, cfg.experts)
     return bank, tok, base
 

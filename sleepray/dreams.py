@@ -37,7 +37,7 @@ def sample_text(model, tok, prompts: list[str], max_new_tokens: int, temperature
                 seed: int) -> list[str]:
     """Sampled continuations of ``prompts`` (several lines: stops at EOS or the length only),
     seeded by ``seed`` without touching the global torch RNG state."""
-    outs = sample_ids(model, tok, prompts, max_new_tokens, temperature, stop_at_newline=False, seed=seed)
+    outs = sample_ids(model, tok, prompts, max_new_tokens, temperature, stop=(), seed=seed)
     return [tok.decode(ids, skip_special_tokens=True).rstrip() for ids in outs]
 
 

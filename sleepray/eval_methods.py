@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 
 from sleepray.memory import MemoryStore
+from sleepray.prompt_format import format_of
 from sleepray.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -279,7 +280,8 @@ class _WholeModelNREM(Method):
         self.bank.snapshot()
         rng = random.Random(_sleep_seed(self.seed, i, 3))
         writer = model_question_writer(self.bank, self.tok, ncfg.temperature, seed=_sleep_seed(self.seed, i, 5))
-        prompts = [p for ep in eps for p in consolidation_prompts(ep, ncfg.prompts_per_episode, rng, writer)]
+        prompts = [p for ep in eps for p in consolidation_prompts(ep, ncfg.prompts_per_episode, rng, writer,
+                                                                     fmt=format_of(self.tok))]
         result = run_nrem(self.bank, self.tok, prompts, ncfg, seed=_sleep_seed(self.seed, i, 4),
                           progress=False, anchor_texts=nrem_anchor(self.cfg))
         self.bank.freeze()

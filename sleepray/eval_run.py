@@ -103,11 +103,12 @@ def heldout_texts(cfg) -> tuple[list[str], list[str]]:
 
 def answer_episode(model, tok, episode, in_context: bool, max_new_tokens: int = 12) -> list[dict]:
     """Greedy answers to every probe of ``episode``: phrasing, question, gold, prediction, em, f1."""
+    from sleepray.prompt_format import format_of
     from sleepray.qa import exact_match, generate_answers, token_f1
-    from sleepray.world import qa_prompt
     if not episode.probes:
         return []
-    prompts = [qa_prompt(p.question, episode.context if in_context else None) for p in episode.probes]
+    fmt = format_of(tok)
+    prompts = [fmt.question(p.question, episode.context if in_context else None) for p in episode.probes]
     preds = generate_answers(model, tok, prompts, max_new_tokens)
     return [{"phrasing": p.phrasing, "question": p.question, "gold": p.answer, "prediction": a,
              "em": exact_match(a, p.answer), "f1": token_f1(a, p.answer)} for p, a in zip(episode.probes, preds)]

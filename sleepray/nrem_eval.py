@@ -31,10 +31,11 @@ from sleepray.experts import ExpertBank
 from sleepray.lm import perplexity, sft
 from sleepray.models import load_model, resolve_model_path
 from sleepray.nrem import run_nrem
+from sleepray.prompt_format import attach, format_of
 from sleepray.prompts import consolidation_prompts, model_question_writer
 from sleepray.qa import evaluate_probes
 from sleepray.splits import world_seed
-from sleepray.world import PHRASINGS, World, qa_prompt
+from sleepray.world import PHRASINGS, World
 
 log = logging.getLogger(__name__)
 HELDOUT_WORLD_OFFSET = 50_000  # the drift documents' worlds, in the same split's range
@@ -71,6 +72,7 @@ def _after(before: dict, after: dict) -> dict:
 
 def _fresh_bank(cfg, path, seed: int):
     model, tok = load_model(path)
+    attach(tok, cfg.model)
     torch.manual_seed(seed)  # the fresh expert's initialisation
     bank = ExpertBank(model, cfg.experts)
     bank.open_new_expert()
@@ -102,8 +104,10 @@ def run_seed(cfg, seed: int, split: str = "test", progress: bool = False) -> dic
         qs = writer(context, k)
         written.extend(qs)
         return qs
-    prompts = consolidation_prompts(memory, cfg.nrem.prompts_per_episode, random.Random(seed), recording_writer)
-    by_prompt = {qa_prompt(q): q for q in written}  # in the order NREM asked them
+    fmt = format_of(tok)
+    prompts = consolidation_prompts(memory, cfg.nrem.prompts_per_episode, random.Random(seed), recording_writer,
+                                    fmt=fmt)
+    by_prompt = {fmt.question(q): q for q in written}  # in the order NREM asked them
     questions = list(dict.fromkeys(by_prompt[p.prompt] for p in prompts if p.kind == "query"))
     out["self_written_questions"] = len(questions)
     res = run_nrem(bank, tok, prompts, cfg.nrem, seed=seed, progress=progress, anchor_texts=nrem_anchor(cfg))

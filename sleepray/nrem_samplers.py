@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from sleepray.engines.base import GenRequest
+from sleepray.prompt_format import format_of
 
 Samples = list[list[int]]
 
@@ -34,11 +35,12 @@ class LocalSampler:
         self.bank, self.tok = bank, tok
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.newline = tok.encode("\n", add_special_tokens=False)[-1]
+        self.stop = format_of(tok).stop
 
     def _sample(self, prompts, prefixes=None) -> Samples:
         from sleepray.sampling import sample_ids
         return [_nonempty(ids, self.newline) for ids in sample_ids(
-            self.bank.model, self.tok, prompts, self.max_new_tokens, self.temperature, prefixes)]
+            self.bank.model, self.tok, prompts, self.max_new_tokens, self.temperature, prefixes, self.stop)]
 
     def teacher(self, prompts: list[str]) -> Samples:
         with self.bank.teacher_mode():
@@ -65,6 +67,7 @@ class EngineSampler:
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.teacher_ref, self.student_ref = teacher, student
         self.newline = tok.encode("\n", add_special_tokens=False)[-1]
+        self.stop = list(format_of(tok).stop)
         self._seed = seed
 
     def _adapters(self, ref: AdapterRef) -> dict:
@@ -75,7 +78,7 @@ class EngineSampler:
         for p in prompts:
             self._seed += 1
             reqs.append(GenRequest(prompt=p, max_tokens=self.max_new_tokens, temperature=self.temperature,
-                                   adapter=ref.name, seed=self._seed, stop=["\n"]))
+                                   adapter=ref.name, seed=self._seed, stop=self.stop))
         return self.generate(reqs, self._adapters(ref))
 
     def _ids(self, res) -> list[int]:

@@ -33,6 +33,8 @@ class PromptFormat:
     student: str = ""                   # chat: the rendered prompt, the question as _QUESTION
     teacher: str = ""                   # chat: the same with the memory (as _MEMORY) in it
     stop: tuple[str, ...] = ("\n",)     # an answer ends at the first of these (or EOS)
+    end: str = "\n"                     # plain: what ends an answer in a training text
+    turn: str = ""                      # chat: a whole exchange, the answer as _ANSWER
 
     def question(self, question: str, context: Optional[str] = None) -> str:
         """The prompt asking ``question``; the teacher's carries ``context`` (the memory) too."""
@@ -41,6 +43,12 @@ class PromptFormat:
         if not context:
             return self.student.replace(_QUESTION, question)
         return self.teacher.replace(_MEMORY, context).replace(_QUESTION, question)
+
+    def answered(self, question: str, answer: str) -> str:
+        """A training text: the question's prompt, the answer, the end of the turn."""
+        if not self.chat:
+            return f"{qa_prompt(question)} {answer}{self.end}"
+        return self.turn.replace(_QUESTION, question).replace(_ANSWER, answer)
 
     def cut(self, text: str) -> str:
         """An answer: ``text`` up to the first stop string, stripped."""
@@ -70,11 +78,11 @@ def chat_format(tok, stop: Optional[Sequence[str]] = None) -> PromptFormat:
         teacher = ""
     if _MEMORY not in teacher or _QUESTION not in teacher:
         teacher = _render(tok, [{"role": "user", "content": f"{_MEMORY}\n\n{_QUESTION}"}])
-    turn = _render(tok, [{"role": "user", "content": "x"}, {"role": "assistant", "content": _ANSWER}], False)
+    turn = _render(tok, [{"role": "user", "content": _QUESTION}, {"role": "assistant", "content": _ANSWER}], False)
     end = turn.split(_ANSWER, 1)[1]
     end = end.strip() or end       # "<|im_end|>\n" -> "<|im_end|>"; a bare newline stays
     stops = tuple(s for s in (stop or ()) if s) + ((end,) if end else ())
-    return PromptFormat(chat=True, student=student, teacher=teacher, stop=stops)
+    return PromptFormat(chat=True, student=student, teacher=teacher, stop=stops, end=end, turn=turn)
 
 
 def make_format(tok, chat_template: str = "auto", stop: Optional[Sequence[str]] = None) -> PromptFormat:

@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from sleepray.world import Episode, qa_prompt
+from sleepray.prompt_format import PLAIN, PromptFormat
+from sleepray.world import Episode
 
 _SENTENCE = re.compile(r"[^.!?\n]+(?:[.!?]|$)", re.MULTILINE)  # a last fragment without a stop too
 _WORD = re.compile(r"[^\W_][\w'-]*")
@@ -26,10 +27,11 @@ class ConsolidationPrompt:
     context: str
     prompt: str
     kind: str  # "query" (a question the model wrote) | "prefix" (a document's sentence, cut)
+    teacher: str = ""  # the teacher's prompt (the same with the memory in it); default: context first
 
     @property
     def teacher_prompt(self) -> str:
-        return f"{self.context}\n{self.prompt}"
+        return self.teacher or f"{self.context}\n{self.prompt}"
 
 
 def continuation_prefixes(documents: list[str], rng: random.Random) -> list[str]:
@@ -93,12 +95,13 @@ def model_question_writer(bank, tok, temperature: float = 1.0, max_new_tokens: i
 
 def consolidation_prompts(episode: Episode, n: int, rng: random.Random,
                           write_questions: Optional[QuestionWriter] = None,
-                          query_fraction: float = 0.5) -> list[ConsolidationPrompt]:
+                          query_fraction: float = 0.5, fmt: PromptFormat = PLAIN) -> list[ConsolidationPrompt]:
     """``n`` prompts about one episode: self-written questions and continuation prefixes.
 
     ``write_questions(context, k)`` gives up to ``k`` questions (the model, with the episode in
     context); without it, or when it writes none, every prompt is a prefix. The episode's
-    ``probes`` are never read.
+    ``probes`` are never read. A question is asked in ``fmt`` (the model's chat template, when
+    it has one: ``sleepray.prompt_format``); a prefix is plain text after the documents.
     """
     context = episode.context
     n_q = round(n * query_fraction) if write_questions is not None else 0
@@ -108,7 +111,7 @@ def consolidation_prompts(episode: Episode, n: int, rng: random.Random,
         n_q = n
     if not questions:
         n_q = 0
-    chosen = [ConsolidationPrompt(episode.episode_id, context, qa_prompt(q), "query")
+    chosen = [ConsolidationPrompt(episode.episode_id, context, fmt.question(q), "query", fmt.question(q, context))
               for q in _covering(questions, n_q, rng)]
     chosen += [ConsolidationPrompt(episode.episode_id, context, p, "prefix")
                for p in _covering(prefixes, n - n_q, rng)]

@@ -1,6 +1,7 @@
 """Answering probe questions and scoring the answers (normalised exact match, token F1)."""
 from __future__ import annotations
 
+import itertools
 import re
 import string
 from collections import Counter
@@ -8,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sleepray.world import Probe, qa_prompt
+from sleepray.prompt_format import format_of, stop_token_ids
+from sleepray.world import Probe
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -32,31 +34,37 @@ def token_f1(pred: str, gold: str) -> float:
     return 2 * prec * rec / (prec + rec)
 
 
-def first_line(text: str) -> str:
-    return text.strip().split("\n", 1)[0].strip()
-
-
 @torch.no_grad()
 def generate_answers(model, tok, prompts: list[str], max_new_tokens: int = 12,
                      batch_size: int = 32) -> list[str]:
-    """Greedy answers (first line of the continuation) with a transformers model."""
+    """Greedy answers with a transformers model, each cut at the tokenizer's format's stop
+    strings (``sleepray.prompt_format``: the first newline for plain prompts)."""
     model.eval()
     device = next(model.parameters()).device
     old_side = tok.padding_side
     tok.padding_side = "left"
-    newline = tok.encode("\n", add_special_tokens=False)
+    fmt = format_of(tok)
+    stop_ids, stop_texts = stop_token_ids(tok, fmt.stop)
+    extra = {"stop_strings": stop_texts, "tokenizer": tok} if stop_texts else {}
     out: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
             enc = tok(prompts[i: i + batch_size], return_tensors="pt", padding=True).to(device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id,
-                                 eos_token_id=[tok.eos_token_id] + newline[-1:])
-            for row in gen[:, enc["input_ids"].shape[1]:]:
-                out.append(first_line(tok.decode(row, skip_special_tokens=True)))
+                                 eos_token_id=[tok.eos_token_id] + stop_ids, **extra)
+            for row in gen[:, enc["input_ids"].shape[1]:].tolist():
+                out.append(_answer(tok, fmt, row, stop_ids))
     finally:
         tok.padding_side = old_side
     return out
+
+
+def _answer(tok, fmt, row: list[int], stop_ids: list[int]) -> str:
+    if fmt.chat:   # up to the end of the turn (special tokens would vanish in the decoded text)
+        ends = {tok.eos_token_id, tok.pad_token_id, *stop_ids}
+        row = list(itertools.takewhile(lambda t: t not in ends, row))
+    return fmt.cut(tok.decode(row, skip_special_tokens=True))
 
 
 @dataclass
@@ -69,7 +77,8 @@ class QAResult:
 def evaluate_probes(model, tok, probes: list[Probe], context: str | None,
                     max_new_tokens: int = 12) -> QAResult:
     """Accuracy on probes, with ``context`` in the prompt (in-context) or without (closed-book)."""
-    prompts = [qa_prompt(p.question, context) for p in probes]
+    fmt = format_of(tok)
+    prompts = [fmt.question(p.question, context) for p in probes]
     answers = generate_answers(model, tok, prompts, max_new_tokens)
     em = [exact_match(a, p.answer) for a, p in zip(answers, probes)]
     f1 = [token_f1(a, p.answer) for a, p in zip(answers, probes)]

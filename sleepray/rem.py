@@ -54,6 +54,7 @@ from sleepray.dream_formats import FORMAT_CUES, dream_prompt
 from sleepray.dream_sft import dream_difficulty, sft_made_worse, train_dreams
 from sleepray.dream_writer import WRITER_ADAPTER, DreamWriter, restem_update
 from sleepray.dreams import sample_text, score_dreams, select, select_indices, write_dreams
+from sleepray.prompt_format import format_of
 from sleepray.prompts import QuestionWriter, model_question_writer
 from sleepray.rem_probes import (ProbeTarget, accuracy_by_episode, older_probe_targets, probe_accuracy,
                                  probe_hits, probe_loss, teacher_probe_targets)
@@ -215,7 +216,7 @@ def _guarded_sft(bank, tok, episodes: list[Episode], dreamt: _Dreamt, tried: _Tr
     probes, by their loss or by how many of the teacher's answers it gives closed-book, or on
     what it answered about older episodes."""
     checks = rcfg.revert_if_worse or rcfg.retention_scales or rcfg.repair_steps
-    older = older_probe_targets(buffer, episodes, rcfg, seed) if checks else []
+    older = older_probe_targets(buffer, episodes, rcfg, seed, format_of(tok)) if checks else []
     before = _probe(bank, tok, dreamt.targets, older, rcfg)
     saved = snapshot(bank.trainable_parameters())
     info = train_dreams(bank, tok, [dreamt.dreams[i] for i in tried.rewarded_idx], rcfg, buffer, rng,

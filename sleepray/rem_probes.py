@@ -6,7 +6,7 @@ Every probe, trial, revert check, retention check and repair of REM is measured 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -14,7 +14,8 @@ import torch
 from sleepray import lm
 from sleepray.prompts import QuestionWriter
 from sleepray.replay import ReplayBuffer
-from sleepray.world import Episode, qa_prompt
+from sleepray.prompt_format import PLAIN, PromptFormat, format_of
+from sleepray.world import Episode
 
 __all__ = ["ProbeTarget", "accuracy_by_episode", "by_episode", "mean_nll", "older_probe_targets",
            "probe_accuracy", "probe_hits", "probe_loss", "teacher_probe_targets"]
@@ -26,14 +27,15 @@ class ProbeTarget:
     episode_id: str
     question: str
     target: str
+    fmt: PromptFormat = field(default=PLAIN, compare=False, repr=False)
 
     @property
     def prompt(self) -> str:
-        return qa_prompt(self.question)
+        return self.fmt.question(self.question)
 
     @property
-    def text(self) -> str:  # the pretraining format: "Q: ...\nA: answer\n"
-        return f"{self.prompt} {self.target}\n"
+    def text(self) -> str:  # plain: the pretraining format "Q: ...\nA: answer\n"
+        return self.fmt.answered(self.question, self.target)
 
 
 def teacher_probe_targets(bank, tok, episode: Episode, n: int, question_writer: QuestionWriter,
@@ -46,10 +48,11 @@ def teacher_probe_targets(bank, tok, episode: Episode, n: int, question_writer: 
     questions = list(dict.fromkeys(question_writer(episode.context, n)))[:n]
     if not questions:
         return []
+    fmt = format_of(tok)
     with bank.teacher_mode():
-        answers = generate_answers(bank.model, tok, [qa_prompt(q, episode.context) for q in questions],
+        answers = generate_answers(bank.model, tok, [fmt.question(q, episode.context) for q in questions],
                                    max_new_tokens)
-    return [ProbeTarget(episode.episode_id, q, a) for q, a in zip(questions, answers) if a.strip()]
+    return [ProbeTarget(episode.episode_id, q, a, fmt) for q, a in zip(questions, answers) if a.strip()]
 
 
 def mean_nll(model, tok, texts: list[str], prompts: Optional[list[str]] = None):
@@ -98,7 +101,7 @@ def by_episode(targets: list[ProbeTarget]) -> dict[str, list[ProbeTarget]]:
 
 
 def older_probe_targets(buffer: Optional[ReplayBuffer], episodes: Sequence[Episode], rcfg,
-                        seed: int = 0) -> list[ProbeTarget]:
+                        seed: int = 0, fmt: PromptFormat = PLAIN) -> list[ProbeTarget]:
     """Up to ``rcfg.retention_probes`` probe answers about older episodes from the buffer (the
     teacher's, written by earlier sleeps): the retention check. Only those the model gave
     closed-book after their own sleep (what it had learned), spread evenly over the older
@@ -108,7 +111,7 @@ def older_probe_targets(buffer: Optional[ReplayBuffer], episodes: Sequence[Episo
     rng = random.Random(seed)
     pools: dict[str, list[ProbeTarget]] = {}
     for e, q, a in buffer.probe_answers([ep.episode_id for ep in episodes], learned_only=True):
-        pools.setdefault(e, []).append(ProbeTarget(e, q, a))
+        pools.setdefault(e, []).append(ProbeTarget(e, q, a, fmt))
     for pool in pools.values():
         rng.shuffle(pool)
     picked: list[ProbeTarget] = []

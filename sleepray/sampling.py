@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Sequence
 
 import torch
+
+from sleepray.prompt_format import stop_token_ids
 
 
 def _seeded(device: torch.device, seed: int | None):
@@ -25,14 +28,14 @@ def _seeded(device: torch.device, seed: int | None):
 
 @torch.no_grad()
 def sample_ids(model, tok, prompts: list[str], max_new_tokens: int, temperature: float,
-               prefix_ids: list[list[int]] | None = None, stop_at_newline: bool = True,
+               prefix_ids: list[list[int]] | None = None, stop: Sequence[str] = ("\n",),
                seed: int | None = None) -> list[list[int]]:
     """Sampled continuations (token ids) of ``prompts`` (+ optional forced ``prefix_ids``).
 
     Left-padded batch, plain ancestral sampling (no top-k/top-p). Each continuation ends
-    before EOS/padding, or just after the first newline when ``stop_at_newline``.
+    before EOS/padding, or just after the first of the ``stop`` strings (its tokens kept).
     """
-    newline = tok.encode("\n", add_special_tokens=False)[-1]
+    stop_ids, stop_texts = stop_token_ids(tok, stop)
     rows = [tok.encode(p) + (prefix_ids[i] if prefix_ids else []) for i, p in enumerate(prompts)]
     n = max(len(r) for r in rows)
     ids = torch.full((len(rows), n), tok.pad_token_id, dtype=torch.long)
@@ -41,19 +44,22 @@ def sample_ids(model, tok, prompts: list[str], max_new_tokens: int, temperature:
         ids[i, n - len(r):] = torch.tensor(r)
         attn[i, n - len(r):] = 1
     device = next(model.parameters()).device
-    eos = [tok.eos_token_id, newline] if stop_at_newline else tok.eos_token_id
+    eos = [tok.eos_token_id, *stop_ids] if stop_ids else tok.eos_token_id
+    extra = {"stop_strings": stop_texts, "tokenizer": tok} if stop_texts else {}
     with _seeded(device, seed):
         out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
                              max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                             top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id, eos_token_id=eos)
-    res = []
-    for row in out[:, n:].tolist():
-        cut = []
-        for t in row:
-            if t in (tok.pad_token_id, tok.eos_token_id):
-                break
-            cut.append(t)
-            if stop_at_newline and t == newline:
-                break
-        res.append(cut)
-    return res
+                             top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id, eos_token_id=eos, **extra)
+    return [_cut(tok, row, stop_ids, stop_texts) for row in out[:, n:].tolist()]
+
+
+def _cut(tok, row: list[int], stop_ids: list[int], stop_texts: list[str]) -> list[int]:
+    """``row`` before EOS/padding, or through the token that completes a stop string."""
+    cut: list[int] = []
+    for t in row:
+        if t in (tok.pad_token_id, tok.eos_token_id):
+            break
+        cut.append(t)
+        if t in stop_ids or (stop_texts and any(s in tok.decode(cut[-8:]) for s in stop_texts)):
+            break
+    return cut
