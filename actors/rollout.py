@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 
 class RolloutWorker:
-    def __init__(self, model_path: str, engine: dict, experts: dict, kind: str = "auto", seed: int = 0):
-        self.engine_cfg, self.kind, self.seed = EngineConfig(**engine), kind, seed
+    def __init__(self, model_path: str, engine: dict, experts: dict, kind: str = "auto", seed: int = 0,
+                 dtype: str = "auto"):
+        self.engine_cfg, self.kind, self.seed, self.dtype = EngineConfig(**engine), kind, seed, dtype
         ecfg = ExpertConfig(**experts)
         self.max_rank = ecfg.rank * ecfg.max_slots          # the combined (cat) adapter's rank
         self.targets = list(ecfg.target_modules)
@@ -38,7 +39,7 @@ class RolloutWorker:
             self.engine.close()
         self.model_path = model_path
         self.engine = make_engine(self.kind, model_path, self.engine_cfg, max_lora_rank=self.max_rank,
-                                  seed=self.seed, lora_target_modules=self.targets)
+                                  seed=self.seed, dtype=self.dtype, lora_target_modules=self.targets)
         self.paths = {}
         log.info("rollout engine %s on %s ready in %.1fs (pid %d)", type(self.engine).__name__,
                  model_path, time.time() - t0, os.getpid())
@@ -94,7 +95,7 @@ class RolloutPool:
             num_cpus=1, num_gpus=1 if cfg.ray.use_gpu else 0, max_restarts=cfg.ray.actor_max_restarts,
             max_task_retries=-1, resources=dict(cfg.ray.rollout_resources) or None)
         self.workers = [cls.remote(model_path, cfg.engine.model_dump(), cfg.experts.model_dump(),
-                                   cfg.ray.rollout_engine, cfg.seed.seed + i)
+                                   cfg.ray.rollout_engine, cfg.seed.seed + i, cfg.model.dtype)
                         for i in range(n or cfg.ray.num_rollout_workers)]
         ray.get([w.info.remote() for w in self.workers])     # engines are up
 

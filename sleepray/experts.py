@@ -57,8 +57,62 @@ BANK_FORMAT = 1
 __all__ = [
     "ExpertBank",
     "check_adapter_compatible",
+    "mlp_projection_names",
+    "resolve_target_modules",
     "slot_name",
+    "target_modules_for_path",
 ]
+
+AUTO_TARGETS = "auto"
+# a linear layer is an MLP projection when one of its parent modules has one of these names
+_MLP_PARENTS = {"mlp", "feed_forward", "ffn", "block_sparse_moe"}
+_ROUTERS = {"gate", "router"}  # MoE routers sit under the MLP too; they are not projections
+
+
+def mlp_projection_names(model: nn.Module) -> list[str]:
+    """The names of the MLP projection linear layers in ``model`` (sorted), e.g.
+    ['down_proj', 'gate_proj', 'up_proj'] (Llama, Qwen, Gemma, Mistral) or
+    ['down_proj', 'gate_up_proj'] (Phi-3)."""
+    names = set()
+    for name, mod in model.named_modules():
+        if name.endswith(".base_layer") or ".lora_" in name:
+            continue
+        parts = name.split(".")
+        if len(parts) < 2 or not _MLP_PARENTS & set(parts[:-1]):
+            continue
+        target = mod.get_base_layer() if hasattr(mod, "get_base_layer") else mod
+        if isinstance(target, nn.Linear) or type(target).__name__ == "Conv1D":
+            names.add(parts[-1])
+    return sorted(names - _ROUTERS)
+
+
+def resolve_target_modules(targets: Iterable[str], model: nn.Module) -> list[str]:
+    """``experts.target_modules`` for ``model``: 'auto' becomes :func:`mlp_projection_names`;
+    other names are kept as given."""
+    targets = list(targets)
+    if AUTO_TARGETS not in targets:
+        return targets
+    found = mlp_projection_names(model)
+    if not found:
+        raise ValueError(f"experts.target_modules=auto found no MLP projection linear layers in "
+                         f"{type(model).__name__}; list the module names in experts.target_modules")
+    return sorted(set(found) | {t for t in targets if t != AUTO_TARGETS})
+
+
+def target_modules_for_path(targets: Iterable[str], model_path: str,
+                            trust_remote_code: bool = False) -> list[str]:
+    """:func:`resolve_target_modules` for a model folder or hub id, without loading its
+    weights (the model is built on the meta device from its config): what vLLM's
+    ``lora_target_modules`` get, so that the engine and the learner's experts agree."""
+    targets = list(targets)
+    if AUTO_TARGETS not in targets:
+        return targets
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return resolve_target_modules(targets, model)
 
 
 def slot_name(i: int) -> str:
@@ -96,6 +150,8 @@ class ExpertBank:
 
         if isinstance(model, PeftModel):
             raise TypeError("ExpertBank wants a plain base model, not a PeftModel")
+        # 'auto' resolves to this model's MLP projections; the bank keeps the resolved names
+        cfg = cfg.model_copy(update={"target_modules": resolve_target_modules(cfg.target_modules, model)})
         self.cfg = cfg
         self.max_slots = int(cfg.max_slots)
         self.slots: list[str] = [slot_name(i) for i in range(self.max_slots)]

@@ -40,12 +40,29 @@ def pick_device(device: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(path: str, dtype: str = "float32", device: str = "auto",
-               trust_remote_code: bool = False):
-    """(model, tokenizer) from a resolved path or hub id, safetensors only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def resolve_dtype(dtype: str | None = "auto", device: str = "auto") -> str:
+    """The one place ``model.dtype`` is resolved (learner and engines call it, so they agree):
+    'auto' (or None) is bfloat16 where the model runs on a GPU with bf16 support, else
+    float32 (CPU); an explicit 'float32' / 'bfloat16' / 'float16' is kept."""
+    if dtype is None or dtype == "auto":
+        on_gpu = pick_device(device).startswith("cuda") and torch.cuda.is_available()
+        return "bfloat16" if on_gpu and torch.cuda.is_bf16_supported() else "float32"
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+def torch_dtype(dtype: str | None = "auto", device: str = "auto") -> torch.dtype:
+    """:func:`resolve_dtype` as a ``torch.dtype``."""
+    return _DTYPES[resolve_dtype(dtype, device)]
+
+
+def load_model(path: str, dtype: str = "auto", device: str = "auto",
+               trust_remote_code: bool = False):
+    """(model, tokenizer) from a resolved path or hub id, safetensors only; ``dtype`` as
+    :func:`resolve_dtype` resolves it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    dtype = resolve_dtype(dtype, device)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

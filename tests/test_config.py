@@ -9,7 +9,8 @@ def test_defaults_validate_and_hold_every_method_knob():
     # the defaults DESIGN.md names where the paper is silent
     assert (cfg.nrem.lam, cfg.nrem.beta, cfg.nrem.alpha, cfg.nrem.gamma) == (1.0, 0.5, 0.5, 0.5)
     assert cfg.nrem.z0 is None  # half the length
-    assert cfg.experts.target_modules == ["gate_proj", "up_proj", "down_proj"]
+    assert cfg.experts.target_modules == ["auto"]  # the model's MLP projections (ExpertBank resolves)
+    assert cfg.model.dtype == "auto"
     assert cfg.rem.selection == "grad_align" and cfg.rem.curriculum == "easy_to_hard"
 
 

@@ -30,7 +30,8 @@ def make_engine(kind: Optional[str], model_path: str, cfg: Optional[EngineConfig
     "transformers", or None (= ``cfg.kind``). ``model_path`` may be ``seed:test`` etc.
     ``max_lora_rank`` (vLLM: rounded up to a rank it supports) must cover the combined
     adapter (sum of the on-experts' ranks); ``lora_target_modules`` (vLLM) default to the
-    experts' MLP projections."""
+    experts' MLP projections ('auto' resolves to the model's); ``dtype`` None / 'auto' resolves
+    as the learner's (:func:`sleepray.models.resolve_dtype`)."""
     cfg = cfg or EngineConfig()
     kind = kind or cfg.kind
     if kind not in ("auto", "vllm", "transformers"):
@@ -42,5 +43,5 @@ def make_engine(kind: Optional[str], model_path: str, cfg: Optional[EngineConfig
         from sleepray.engines.vllm_engine import VLLMEngine
         return VLLMEngine(path, cfg, max_lora_rank=max_lora_rank, seed=seed, dtype=dtype,
                           lora_target_modules=lora_target_modules)
-    return HFEngine(path, cfg, seed=seed, dtype=dtype or "float32", device=device)
+    return HFEngine(path, cfg, seed=seed, dtype=dtype or "auto", device=device)
 

@@ -44,7 +44,7 @@ def _group(requests: list, key) -> "OrderedDict[Optional[str], list[int]]":
 class HFEngine(Engine):
     kind = "transformers"
 
-    def __init__(self, model_path: str, cfg: EngineConfig, seed: int = 0, dtype: str = "float32",
+    def __init__(self, model_path: str, cfg: EngineConfig, seed: int = 0, dtype: str = "auto",
                  device: str = "auto", batch_size: int = 32):
         super().__init__(model_path, cfg)
         from sleepray.models import load_model

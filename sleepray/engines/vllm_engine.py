@@ -95,9 +95,11 @@ class VLLMEngine(Engine):
         if lora_target_modules is None:
             from sleepray.config import ExpertConfig
             lora_target_modules = list(ExpertConfig().target_modules)
-        self.lora_target_modules = list(lora_target_modules)
-        if dtype is None:
-            dtype = "float32" if self._cpu else "auto"
+        from sleepray.experts import target_modules_for_path
+        from sleepray.models import resolve_dtype
+        # 'auto' -> the model's MLP projections, as the learner's ExpertBank resolves them
+        self.lora_target_modules = target_modules_for_path(lora_target_modules, self.model_path)
+        dtype = resolve_dtype(dtype, "cpu" if self._cpu else "auto")
         kwargs = dict(
             model=self.model_path, tokenizer=self.model_path, enforce_eager=cfg.enforce_eager,
             max_model_len=cfg.max_model_len, enable_lora=True,
