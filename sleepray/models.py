@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from sleepray.prompt_format import attach
+
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,7 +75,9 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto",
 
 
 def load_from_config(cfg, progress: bool = True):
-    """(model, tokenizer, resolved_path) for ``cfg.model``."""
+    """(model, tokenizer, resolved_path) for ``cfg.model``; the tokenizer carries the prompt
+    format ``cfg.model`` asks for (``sleepray.prompt_format``)."""
     path = resolve_model_path(cfg.model.path, progress=progress)
     model, tok = load_model(path, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
+    attach(tok, cfg.model)
     return model, tok, path
