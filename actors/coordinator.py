@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import ray
 
 from sleepray.banks import current_base
 from sleepray.config import Config
+from sleepray.console import log_to_file
 from sleepray.sleep import run_sleep
 from sleepray.sleep_control import SleepController
 from sleepray.storage import Storage
@@ -62,6 +64,7 @@ class Coordinator:
     def __init__(self, cfg: dict, watch: bool = True):
         self.cfg = Config.model_validate(cfg)
         self.storage = Path(self.cfg.cycle.storage).resolve()
+        log_to_file(Storage(self.storage).logs / "coordinator.log")
         self.backend = RayBackend(self.cfg)
         self.control = SleepController(self.cfg, self.storage, self._sleep, name=NAME, watch=watch)
 
@@ -98,9 +101,12 @@ def start(cfg, watch: bool = True):
     return Coordinator.options(**opts).remote(cfg.model_dump(mode="json"), watch)
 
 
-def sleep_and_wait(coord, trigger: str = "request", timeout: float = 3600.0) -> dict:
+def sleep_and_wait(coord, trigger: str = "request", timeout: float = 3600.0,
+                   on_status: Optional[Callable[[dict], None]] = None) -> dict:
     """Ask for a sleep (or, with ``trigger="pressure"``, wait for the Coordinator to fall
-    asleep by itself) and return its status once it is awake again."""
+    asleep by itself) and return its status once it is awake again. ``on_status`` sees the
+    status about once a second meanwhile (``sleepray.console.SleepBars.update``)."""
+    poll = 5.0 if on_status is None else 1.0
     before = ray.get(coord.status.remote())["wakes"]
     if trigger == "request":
         while not ray.get(coord.request_sleep.remote("request"))["accepted"]:
@@ -108,7 +114,9 @@ def sleep_and_wait(coord, trigger: str = "request", timeout: float = 3600.0) -> 
             before = ray.get(coord.status.remote())["wakes"]
     deadline = time.time() + timeout
     while time.time() < deadline:
-        st = ray.get(coord.wait_idle.remote(5.0))
+        st = ray.get(coord.wait_idle.remote(poll))
+        if on_status is not None:
+            on_status(st)
         if st["wakes"] > before and st["phase"] == "wake":
             return st
         time.sleep(0.5)

@@ -13,6 +13,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from sleepray.config import Config
+from sleepray.console import log_to_file
 from sleepray.nrem_step import LearnerHooks, nrem_step
 from sleepray.rem_step import rem_step
 from sleepray.sleep_record import SleepRecord
@@ -34,6 +35,7 @@ def _step_loop(config: dict):
     """``train_loop_per_worker`` of both runs."""
     cfg, store = Config.model_validate(config["cfg"]), Storage(config["storage"])
     rec, ctx = SleepRecord.read(config["record"]), train.get_context()
+    log_to_file(store.logs / f"learner-{rec.sleep_id}-{config['step']}-rank{ctx.get_world_rank()}.log")
     if config["step"] == "rem":
         return rem_step(cfg, store, rec)
     hooks = LearnerHooks(cfg, rec, ctx.get_world_rank(), ctx.get_world_size(), config["pool"],

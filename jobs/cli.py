@@ -91,7 +91,7 @@ def cmd_cycle(args) -> int:
     from jobs.cycle import main as cycle_main
     return cycle_main(([] if args.config is None else ["--config", args.config])
                       + (["--out", args.out] if args.out else []) + ["--trigger", args.trigger]
-                      + args.overrides)
+                      + (["--verbose"] if args.verbose else []) + args.overrides)
 
 
 def cmd_bench(args) -> int:
@@ -102,7 +102,8 @@ def cmd_bench(args) -> int:
 
 def cmd_run(args) -> int:
     from jobs.run import run_default
-    return run_default(_cfg(args), episodes=args.episodes, sleep=not args.no_sleep)
+    return run_default(_cfg(args), episodes=args.episodes, sleep=not args.no_sleep, verbose=args.verbose,
+                       log_level=args.log_level)
 
 
 def cmd_serve(args) -> int:
@@ -147,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--episodes", type=int, default=None, help="episodes to use (default: world.n_episodes)")
     p.add_argument("--no-sleep", action="store_true", help="only show the answers before any sleep")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="also print the driver's INFO logs and every Ray worker's output (Ray Train's per-step "
+                        "reports and checkpoints, vLLM) on the console; without it they go to <run>/logs only")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("seed", help="build the seed model (tokenizer + small Llama, pretrained)",
@@ -197,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", help="results JSON (default: <storage>/cycle_results.json)")
     p.add_argument("--trigger", choices=["request", "pressure"], default="request")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="Ray workers' output and INFO logs on the console too (else: <storage>/logs)")
     p.set_defaults(func=cmd_cycle)
 
     p = sub.add_parser("bench", help="benchmark rollouts, adapter publishing and sleeps (jobs.bench)",

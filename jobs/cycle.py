@@ -6,6 +6,11 @@
 Joins ``ray.address`` / ``RAY_ADDRESS`` or starts an embedded local Ray; starts the
 MemoryStore and Coordinator actors; feeds the stream in ``cycle.n_sleeps`` parts; after
 each sleep measures every episode so far, closed-book (a Ray task); writes JSON.
+
+The console shows one progress line per step of each sleep (``sleepray.console.SleepBars``)
+and warnings; the driver's log is ``<storage>/logs/run.log``, Ray's workers' output stays in
+``<storage>/logs/ray`` (the Ray session's logs) unless ``--verbose``; TensorBoard event
+files go to ``<storage>/tensorboard``.
 """
 from __future__ import annotations
 
@@ -17,8 +22,10 @@ from pathlib import Path
 import ray
 
 from sleepray.config import load_config
+from sleepray.console import SleepBars, link_ray_logs, setup_logging
 from sleepray.cycle import evaluate, run_cycle, write_results
 from sleepray.raycluster import connect
+from sleepray.storage import Storage
 from sleepray.stream import episodes_from_config
 
 log = logging.getLogger("jobs.cycle")
@@ -31,26 +38,37 @@ def parse(argv):
     p.add_argument("--trigger", choices=["request", "pressure"], default="request",
                    help="sleep when asked after each part, or when the memory pressure says so")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="the driver's INFO logs and every Ray worker's output (Ray Train's per-step reports, "
+                        "checkpoints, vLLM) on the console too")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     return p.parse_args(argv)
 
 
-def run_on_ray(cfg, trigger: str = "request", progress: bool = True) -> dict:
-    """The cycle with the MemoryStore and Coordinator actors; evaluation as Ray tasks."""
+def run_on_ray(cfg, trigger: str = "request", progress: bool = True, verbose: bool = True) -> dict:
+    """The cycle with the MemoryStore and Coordinator actors; evaluation as Ray tasks.
+
+    Not ``verbose``: Ray's workers' output stays out of this console (``<storage>/logs/ray``)
+    and the sleeps show as progress lines instead (``progress``)."""
     from actors import coordinator, memory_store
     cfg.cycle.storage = str(Path(cfg.cycle.storage).resolve())
-    connect(cfg.ray)
+    store = Storage(cfg.cycle.storage)
+    connect(cfg.ray, log_to_driver=verbose, own_logging=not verbose)
+    ray_logs = link_ray_logs(store.logs)
+    log.info("logs: %s; Ray's workers: %s; TensorBoard: %s", store.logs, ray_logs, store.tensorboard)
     memory = memory_store.get_or_create(cfg.cycle.storage, cfg.ray.namespace)
     coord = coordinator.start(cfg)
     eval_task = ray.remote(num_cpus=1)(evaluate)
+    bars = SleepBars(cfg, store.root, enabled=progress)
     try:
         result = run_cycle(
             cfg, episodes_from_config(cfg.world),
             append=lambda eps: ray.get(memory.append.remote(eps)),
-            sleep=lambda trig: coordinator.sleep_and_wait(coord, trig),
+            sleep=lambda trig: coordinator.sleep_and_wait(coord, trig, on_status=bars.update),
             evaluate_fn=lambda eps, ic: ray.get(eval_task.remote(cfg, cfg.cycle.storage, eps, ic)),
-            trigger=trigger, progress=progress)
+            trigger=trigger, progress=False, on_sleep=bars.sleep_done)
     finally:
+        bars.close()
         ray.get(coord.shutdown.remote())
         ray.kill(coord)
     result["config"] = cfg.model_dump(mode="json")
@@ -58,10 +76,12 @@ def run_on_ray(cfg, trigger: str = "request", progress: bool = True) -> dict:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse(sys.argv[1:] if argv is None else argv)
     cfg = load_config(args.config, args.overrides)
-    result = run_on_ray(cfg, args.trigger, progress=not args.no_progress)
+    run_log = setup_logging(Storage(Path(cfg.cycle.storage).resolve()).logs, args.verbose)
+    print(f"logs: {run_log.parent}/ (run.log, coordinator.log, learner-*.log, ray/: Ray's workers); "
+          f"curves: tensorboard --logdir {Storage(Path(cfg.cycle.storage).resolve()).tensorboard}", flush=True)
+    result = run_on_ray(cfg, args.trigger, progress=not args.no_progress, verbose=args.verbose)
     out = write_results(result, args.out or Path(cfg.cycle.storage) / "cycle_results.json")
     R = result["R"]
     print(f"results: {out}")

@@ -7,6 +7,9 @@ each part goes into the MemoryStore actor and the Coordinator sleeps (NREM on a 
 Train learner fed by a vLLM RolloutWorker, REM, publish). Then closed-book again. Every
 number printed is computed here, over all questions and apart for each phrasing family
 (``sleepray.world``: "seen" templates met in pretraining, evaluation-only "unseen" ones).
+
+The console shows one progress line per step of each sleep and warnings; everything else
+goes to ``<run>/logs`` (``run.log``: this process; ``ray``: Ray's workers) unless ``verbose``.
 """
 from __future__ import annotations
 
@@ -14,9 +17,11 @@ import logging
 import time
 from pathlib import Path
 
+from sleepray.console import setup_logging
 from sleepray.cycle import accuracy_by_phrasing
 from sleepray.models import load_from_config
 from sleepray.qa import evaluate_probes
+from sleepray.storage import Storage
 from sleepray.stream import episodes_from_config
 from sleepray.world import chance_accuracy
 
@@ -51,7 +56,10 @@ def _summary(scores: dict[str, dict[str, list[float]]]) -> str:
     return "\n".join(lines)
 
 
-def run_default(cfg, episodes: int | None = None, sleep: bool = True, max_questions: int = 8) -> int:
+def run_default(cfg, episodes: int | None = None, sleep: bool = True, max_questions: int = 8,
+                verbose: bool = False, log_level: str = "INFO") -> int:
+    storage = Path(cfg.cycle.storage).resolve() / time.strftime("run-%Y%m%d-%H%M%S")
+    run_log = setup_logging(Storage(storage).logs if sleep else None, verbose, log_level)
     model, tok, path = load_from_config(cfg)
     log.info("model: %s", path)
     eps = episodes_from_config(cfg.world, episodes)
@@ -62,12 +70,12 @@ def run_default(cfg, episodes: int | None = None, sleep: bool = True, max_questi
         from jobs.cycle import run_on_ray
         from sleepray.banks import load_bank
         from sleepray.cycle import write_results
-        from sleepray.storage import Storage
-        storage = Path(cfg.cycle.storage).resolve() / time.strftime("run-%Y%m%d-%H%M%S")
         cfg.cycle.storage = str(storage)
         print(f"awake: {len(eps)} episodes arrive in {cfg.cycle.n_sleeps} parts; "
               f"each goes to the short-term memory ({storage / 'memory'}), then a sleep on a local Ray...")
-        result = run_on_ray(cfg)
+        print(f"logs: {run_log.parent}/ (run.log, coordinator.log, learner-*.log, ray/: Ray's workers); "
+              f"curves: tensorboard --logdir {Storage(storage).tensorboard}", flush=True)
+        result = run_on_ray(cfg, verbose=verbose)
         write_results(result, storage / "cycle_results.json")
         bank, tok, _ = load_bank(cfg, storage)
         after = {ep.episode_id: evaluate_probes(bank.model, tok, ep.probes, None) for ep in eps}

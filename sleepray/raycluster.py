@@ -32,13 +32,19 @@ def ensure_token() -> None:
     log.info("generated a Ray auth token at %s", token_path())
 
 
-def connect(rcfg, log_to_driver: bool = True) -> dict:
-    """``ray.init`` per the config; returns ``ray.cluster_resources()``. Idempotent."""
+def connect(rcfg, log_to_driver: bool = True, own_logging: bool = False) -> dict:
+    """``ray.init`` per the config; returns ``ray.cluster_resources()``. Idempotent.
+
+    ``log_to_driver=False``: the output of Ray's workers and actors stays in the session's log
+    folder instead of this console. ``own_logging``: Ray leaves the driver's ``ray`` logger to
+    the root logger's handlers (``sleepray.console.setup_logging``)."""
     import ray
     if ray.is_initialized():
         return ray.cluster_resources()
     address = rcfg.address or os.environ.get("RAY_ADDRESS")
     kwargs = dict(namespace=rcfg.namespace, log_to_driver=log_to_driver)
+    if own_logging:
+        kwargs["configure_logging"] = False
     if address:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
         ensure_token()

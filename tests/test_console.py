@@ -14,7 +14,7 @@ from sleepray.sleep import run_sleep
 from sleepray.sleep_record import SleepRecord
 from sleepray.storage import Storage, write_json
 from sleepray.world import World
-from tests.test_cycle import FAST
+from test_cycle import FAST  # tests/ is on sys.path (pytest prepend import mode)
 
 
 def _scalars(logdir) -> dict[str, list[tuple[int, float]]]:

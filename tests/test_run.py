@@ -22,7 +22,14 @@ def test_run_starts_a_local_ray_and_prints_before_and_after_a_sleep(tmp_path, se
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
     assert "truth" in out and "after sleep" in out and "consolidated into" in out
-    assert "embedded local cluster" in r.stderr                       # its own Ray
+    # the console: a progress line per step of the sleep, none of Ray's per-step reports;
+    # the driver's log (its own Ray included) and the learner's are files of the run
+    assert "s0001 NREM" in r.stderr and "s0001 publish" in r.stderr and "D=" in r.stderr
+    assert "Reporting training result" not in r.stderr + out and "(RayTrainWorker" not in r.stderr + out
+    (logs,) = tmp_path.glob("run-*/logs")
+    assert "embedded local cluster" in (logs / "run.log").read_text()   # its own Ray
+    assert "NREM s0001" in (logs / "learner-s0001-nrem-rank0.log").read_text()
+    assert list(tmp_path.glob("run-*/tensorboard/s0001/events.out.tfevents.*"))
     printed = re.search(r"accuracy: in context ([0-9.]+), closed book ([0-9.]+), closed book after sleep", out)
     assert printed, out
     cfg = load_config(args[1], args[2:])
