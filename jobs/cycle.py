@@ -45,8 +45,10 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def run_on_ray(cfg, trigger: str = "request", progress: bool = True, verbose: bool = True) -> dict:
+def run_on_ray(cfg, trigger: str = "request", progress: bool = True, verbose: bool = True,
+               episodes: list | None = None) -> dict:
     """The cycle with the MemoryStore and Coordinator actors; evaluation as Ray tasks.
+    ``episodes``: the stream (default: the configured world's).
 
     Not ``verbose``: Ray's workers' output stays out of this console (``<storage>/logs/ray``)
     and the sleeps show as progress lines instead (``progress``)."""
@@ -62,7 +64,7 @@ def run_on_ray(cfg, trigger: str = "request", progress: bool = True, verbose: bo
     bars = SleepBars(cfg, store.root, enabled=progress)
     try:
         result = run_cycle(
-            cfg, episodes_from_config(cfg.world),
+            cfg, episodes if episodes is not None else episodes_from_config(cfg.world),
             append=lambda eps: ray.get(memory.append.remote(eps)),
             sleep=lambda trig: coordinator.sleep_and_wait(coord, trig, on_status=bars.update),
             evaluate_fn=lambda eps, ic: ray.get(eval_task.remote(cfg, cfg.cycle.storage, eps, ic)),

@@ -75,7 +75,7 @@ def run_default(cfg, episodes: int | None = None, sleep: bool = True, max_questi
               f"each goes to the short-term memory ({storage / 'memory'}), then a sleep on a local Ray...")
         print(f"logs: {run_log.parent}/ (run.log, coordinator.log, learner-*.log, ray/: Ray's workers); "
               f"curves: tensorboard --logdir {Storage(storage).tensorboard}", flush=True)
-        result = run_on_ray(cfg, verbose=verbose)
+        result = run_on_ray(cfg, verbose=verbose, episodes=eps)
         write_results(result, storage / "cycle_results.json")
         bank, tok, _ = load_bank(cfg, storage)
         after = {ep.episode_id: evaluate_probes(bank.model, tok, ep.probes, None) for ep in eps}
