@@ -1,9 +1,8 @@
 """Learner: the library's NREM and REM steps as Ray Train runs (``TorchTrainer``).
 
-NREM: data-parallel ``nrem_step`` with ``LearnerHooks`` (rank, gradient all-reduce, RolloutWorker
-samples and drafts, checkpoints reported here) on ``ray.num_learner_workers`` (gloo/nccl); REM:
-``rem_step`` on one worker. A dead worker resumes from the last checkpoint; a Coordinator that
-comes back re-creates the trainer (same name and storage) and Ray Train restores the run.
+NREM: ``nrem_step`` data-parallel on ``ray.num_learner_workers`` with ``LearnerHooks`` (rank, all-reduce,
+rollout samples and drafts, checkpoints reported here); REM: ``rem_step`` on one worker. A dead worker
+resumes from the last checkpoint; a Coordinator that comes back re-creates the same trainer.
 """
 import json
 from contextlib import contextmanager, nullcontext
