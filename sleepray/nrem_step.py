@@ -86,10 +86,10 @@ class StepRecorder:
         return getattr(self.hooks, name)
 
     def after_step(self, done: int, metrics: dict, params: list, opt) -> None:
-        if self.curves is not None:
+        self.hooks.after_step(done, metrics, params, opt)   # reported (and checkpointed) first:
+        if self.curves is not None:                         # progress never runs ahead of it
             write_json(self.out / "progress.json", {"step": done, "pid": os.getpid(), **metrics})
             self.curves.step(done, metrics)
-        self.hooks.after_step(done, metrics, params, opt)
 
     def close(self) -> None:
         if self.curves is not None:
