@@ -145,7 +145,7 @@ class Stream:
     """The episodes, their parts and the held-out texts: the same for every method and seed."""
 
     def __init__(self, cfg, episodes: Optional[list] = None):
-        from sleepray.cycle_run import chunks
+        from sleepray.cycle import chunks
         from sleepray.stream import evaluation_episodes
         self.episodes = list(episodes if episodes is not None else evaluation_episodes(cfg.world))
         if not self.episodes:
