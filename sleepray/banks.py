@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Optional
 
 from sleepray.experts import ExpertBank
-from sleepray.models import load_model, resolve_model_path
+from sleepray import models
 from sleepray.prompt_format import attach
 from sleepray.sleep_record import SleepRecord
 from sleepray.storage import PathLike, Storage
@@ -14,13 +14,13 @@ from sleepray.storage import PathLike, Storage
 def current_base(cfg, store: Storage) -> str:
     """The base model: the latest deep-sleep merge of ``store``, else ``cfg.model``."""
     merged = store.latest_base()
-    return str(merged) if merged else resolve_model_path(cfg.model.path)
+    return str(merged) if merged else models.resolve_model_path(cfg.model.path)
 
 
 def bank_from(cfg, store: Storage, folder: Optional[Path]):
     """(bank, tokenizer, base path): the bank saved in ``folder`` (None: fresh) on the current base."""
     base = current_base(cfg, store)
-    model, tok = load_model(base, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
+    model, tok = models.load_model(base, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
     attach(tok, cfg.model)
     bank = ExpertBank.load(model, folder) if folder else ExpertBank(model, cfg.experts)
     return bank, tok, base

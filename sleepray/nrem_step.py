@@ -15,12 +15,11 @@ from typing import Callable, Optional
 
 import torch
 
-from sleepray import nrem, tb
+from sleepray import nrem, prompts, tb   # called through their modules (the leak guard wraps them)
 from sleepray.anchor import anchor_texts, rehearses
 from sleepray.banks import bank_from
 from sleepray.nrem_samplers import AdapterRef, EngineSampler
 from sleepray.prompt_format import format_of
-from sleepray.prompts import consolidation_prompts, model_question_writer
 from sleepray.replay import ReplayBuffer
 from sleepray.sleep_record import SleepRecord, live_episodes, phase_seed, rng_for
 from sleepray.storage import Storage, write_json
@@ -32,9 +31,9 @@ log = logging.getLogger(__name__)
 def nrem_prompts(cfg, bank, tok, rec: SleepRecord, episodes: list) -> list:
     """Self-written questions and document prefixes for each episode (``sleepray.prompts``)."""
     rng = rng_for(cfg, rec, "nrem")
-    writer = model_question_writer(bank, tok, cfg.nrem.temperature, seed=phase_seed(cfg, rec, "nrem"))
+    writer = prompts.model_question_writer(bank, tok, cfg.nrem.temperature, seed=phase_seed(cfg, rec, "nrem"))
     return [p for ep in episodes
-            for p in consolidation_prompts(ep, cfg.nrem.prompts_per_episode, rng, writer, fmt=format_of(tok))]
+            for p in prompts.consolidation_prompts(ep, cfg.nrem.prompts_per_episode, rng, writer, fmt=format_of(tok))]
 
 
 def nrem_anchor(cfg) -> list[str] | None:

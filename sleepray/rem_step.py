@@ -13,7 +13,6 @@ import torch
 from sleepray import rem
 from sleepray.anchor import anchor_texts
 from sleepray.banks import bank_from
-from sleepray.prompts import model_question_writer
 from sleepray.replay import ReplayBuffer
 from sleepray.sleep_record import SleepRecord, live_episodes, phase_seed, records, rng_for
 from sleepray.storage import Storage, write_json
@@ -57,8 +56,8 @@ def rem_step(cfg, store: Storage, rec: SleepRecord) -> dict:
         writer = rem.DreamWriter.load(bank, tok, prev) if prev else rem.DreamWriter.from_config(bank, tok, cfg.rem)
     metrics = rem.run_rem(bank, tok, live_episodes(store, rec), cfg.rem, out, rng=rng_for(cfg, rec, "rem"),
                           buffer=buffer, writer=writer, sleep_id=rec.sleep_id,
-                          question_writer=model_question_writer(bank, tok, cfg.nrem.temperature,
-                                                                seed=phase_seed(cfg, rec, "rem")),
+                          question_writer=rem.model_question_writer(bank, tok, cfg.nrem.temperature,
+                                                                    seed=phase_seed(cfg, rec, "rem")),
                           anchor_texts=rem_anchor(cfg), on_stage=stage_writer(out))
     bank.save(out / "bank")
     write_json(out / "metrics.json", metrics)
