@@ -100,7 +100,7 @@ def test_dreams_are_not_cut_at_the_first_newline(bank_tok, episode, rcfg, monkey
 
     monkeypatch.setattr(dreams_mod, "sample_ids", spy)
     dreams = rem.write_dreams(bank, tok, episode, rcfg, random.Random(0))
-    assert calls and all(c["stop_at_newline"] is False for c in calls) and len(dreams) == 4
+    assert calls and all(c["stop"] == () for c in calls) and len(dreams) == 4
 
 
 def test_scores_and_selection(bank_tok, episode):
