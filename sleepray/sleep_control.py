@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from sleepray.memory import MemoryStore
-from sleepray.sleep_record import records, unfinished
+from sleepray.sleep_record import records, summary, unfinished
 from sleepray.storage import LINEAGE, PathLike, Storage
 
 log = logging.getLogger(__name__)
@@ -113,9 +113,7 @@ class SleepController:
             if data is None:
                 last["message"] = "short-term memory is empty: nothing to consolidate"
             else:
-                last.update({k: data[k] for k in ("sleep_id", "version", "parent", "trigger")})
-                last["episodes"] = len(data["episodes"])
-                last["metrics"] = {p: dict(data["done"].get(p, {})) for p in data["phases"]}
+                last.update(summary(data))
                 self.sleeps_done += 1
         except Exception as e:  # the sleep failed: report it, stay awake
             log.exception("sleep failed")
@@ -129,11 +127,12 @@ class SleepController:
         log.info("sleep finished in %.1fs: version %s%s", last["seconds"], last.get("version"),
                  f" (error: {last['error']})" if "error" in last else "")
 
-    def phase(self) -> str:
-        """``wake``, or the step the running sleep is in, from its record on disk."""
+    def phase(self, rec=None) -> str:
+        """``wake``, or the step the running sleep is in, from its record on disk (``rec``: the
+        unfinished record, when the caller has read it already)."""
         if not self.sleeping:
             return "wake"
-        rec = unfinished(self.store)
+        rec = rec or unfinished(self.store)
         if rec is not None:
             return rec.next_phase or "publish"
         started = (self._current or {}).get("started_at", 0)
@@ -145,11 +144,11 @@ class SleepController:
     # ------------------------------------------------------------------- status
     def status(self) -> dict:
         latest = self.store.latest_version()
-        phase = self.phase()
+        rec = unfinished(self.store) if self.sleeping else None
+        phase = self.phase(rec)
         with self._lock:
             last = dict(self._last) if self._last else version_summary(latest)
             current = dict(self._current) if self._current and phase != "wake" else None
-        rec = unfinished(self.store) if current else None
         if current is not None and rec is not None:
             current["sleep_id"] = rec.sleep_id
         return {"controller": self.name, "phase": phase, "sleep_id": (current or {}).get("sleep_id"),

@@ -71,12 +71,6 @@ class SleepRecord:
     def save(self) -> None:
         write_json(self.path, self.data)
 
-    def summary(self) -> dict:
-        """What a sleep controller reports about this sleep."""
-        return {"sleep_id": self.sleep_id, "version": self.version, "parent": self.data.get("parent"),
-                "trigger": self.data.get("trigger"), "episodes": len(self.episodes),
-                "metrics": {p: self.metrics(p) for p in self.phases}}
-
     @classmethod
     def read(cls, path: Path) -> "SleepRecord":
         return cls(path, json.loads(Path(path).read_text()))
@@ -88,6 +82,13 @@ class SleepRecord:
                                                   "done": {}, "created_at": time.time()})
         rec.save()
         return rec
+
+
+def summary(data: dict) -> dict:
+    """What a sleep controller reports about a finished sleep, from its record's data."""
+    return {"sleep_id": data["sleep_id"], "version": data["version"], "parent": data.get("parent"),
+            "trigger": data.get("trigger"), "episodes": len(data["episodes"]),
+            "metrics": {p: dict(data["done"].get(p, {})) for p in data["phases"]}}
 
 
 def records(store: Storage) -> list[SleepRecord]:
