@@ -62,13 +62,18 @@ def setup_logging(logs: Optional[PathLike], verbose: bool = False, level: str = 
     path = None
     if logs is not None:
         path = Path(logs) / RUN_LOG
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(path)
-        fh.setLevel(logging.INFO)
-        fh.setFormatter(logging.Formatter(FORMAT))
+        fh = _file_handler(path, logging.INFO)
         fh._sleepray = True
         root.addHandler(fh)
     return path
+
+
+def _file_handler(path: Path, level: int) -> logging.FileHandler:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = logging.FileHandler(path)
+    fh.setLevel(level)
+    fh.setFormatter(logging.Formatter(FORMAT))
+    return fh
 
 
 def _ray_joins_root() -> None:
@@ -87,11 +92,7 @@ def log_to_file(path: PathLike, level: int = logging.INFO) -> Path:
     path = Path(path).resolve()
     root = logging.getLogger()
     if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path for h in root.handlers):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(path)
-        fh.setLevel(level)
-        fh.setFormatter(logging.Formatter(FORMAT))
-        root.addHandler(fh)
+        root.addHandler(_file_handler(path, level))
     if root.level == logging.NOTSET or root.level > level:
         root.setLevel(level)
     return path
