@@ -140,6 +140,10 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["learner"]:       # the learner benchmark: jobs/bench_learner.py
+        from jobs.bench_learner import main as learner_main
+        return learner_main(argv[1:])
     from sleepray.config import load_config
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.split("\n\n")[0])
@@ -151,7 +155,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sizes", default="1,2,4")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     which = set(args.only.split(","))
     result: dict = {"config": cfg.model_dump(mode="json"), "started": time.strftime("%Y-%m-%d %H:%M:%S")}

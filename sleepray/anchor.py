@@ -48,14 +48,17 @@ def anchor_texts(cfg, n: int = 64) -> list[str]:
     return docs[: n // 2] + general_text.corpus(ANCHOR_TEXT_SEED, n - min(len(docs), n // 2))
 
 
-def anchor_kl(bank, tok, texts: list[str], student=None) -> torch.Tensor:
-    """Mean per-token KL(frozen model || student) on ``texts`` (gradient into the student)."""
-    student = student if student is not None else bank.model
+def anchor_kl(bank, tok, texts: list[str], scorer=None) -> torch.Tensor:
+    """Mean per-token KL(frozen model || student) on ``texts`` (gradient into the student).
+
+    ``scorer``: NREM's ``nrem_forward.Scorer`` (fused head and loss); None: full logits."""
+    if scorer is not None:
+        return scorer.anchor_kl(texts)
     device = next(bank.model.parameters()).device
     ids, attn, mask = _batch(tok, texts, device)
     with torch.no_grad(), bank.teacher_mode():
         ref = torch.log_softmax(bank.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
-    cur = torch.log_softmax(student(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+    cur = torch.log_softmax(bank.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
     kl = (ref.exp() * (ref - cur)).sum(-1)
     m = mask[:, 1:]
     return (kl * m).sum() / m.sum().clamp_min(1.0)
@@ -92,7 +95,7 @@ def anchor_batch(pcfg, anchor_texts: list[str] | None, replay_texts: list[str] |
     return AnchorBatch(texts, rehearse) if texts or rehearse else None
 
 
-def anchor_loss(bank, tok, pcfg, batch: AnchorBatch | None, student=None) -> tuple[torch.Tensor | float, dict]:
+def anchor_loss(bank, tok, pcfg, batch: AnchorBatch | None, scorer=None) -> tuple[torch.Tensor | float, dict]:
     """``anchor_weight`` * KL on the unrelated texts + rehearsal weight * KL on the older
     dreams, and the two KLs for the step's record (0 and {} without a batch)."""
     loss, rec = 0.0, {}
@@ -101,7 +104,7 @@ def anchor_loss(bank, tok, pcfg, batch: AnchorBatch | None, student=None) -> tup
     for key, texts, weight in (("anchor_kl", batch.texts, pcfg.anchor_weight),
                                ("rehearsal_kl", batch.rehearse, rehearsal_weight(pcfg))):
         if texts and weight > 0:
-            kl = anchor_kl(bank, tok, texts, student)
+            kl = anchor_kl(bank, tok, texts, scorer)
             loss = loss + weight * kl
             rec[key] = kl.item()
     return loss, rec

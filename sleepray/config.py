@@ -72,6 +72,9 @@ class ExpertConfig(_Section):
         description="module names the experts sit on; 'auto' = the MLP projection linears the model has "
                     "(gate_proj/up_proj/down_proj, Phi-3's gate_up_proj, fc1/fc2, ...)")
     max_slots: int = Field(8, ge=1, description="pre-allocated expert slots")
+    adapter_dtype: Literal["model", "float32"] = Field(
+        "model", description="the experts' LoRA weights in the model's dtype (bf16 on GPU: no casts in every "
+                             "layer) or float32 (PEFT's default for half-precision models)")
     deep_sleep_every: int = Field(4, ge=1, description="K: merge L1 experts into L2 every K sleeps")
 
 
@@ -104,6 +107,8 @@ class NREMConfig(_Anchored):
     prompts_per_episode: int = Field(48, ge=1)
     judge: Literal["embedding", "model", "exact"] = "embedding"
     judge_threshold: float = Field(0.8, ge=-1, le=1)
+    judge_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="the embedding judge's dtype (auto: bfloat16 on a GPU or a CPU with AMX/AVX512-BF16)")
     lti_group_size: int = Field(4, ge=1, description="completions per prefix (group baseline)")
     lti_clip: float = Field(0.2, gt=0, description="clip epsilon of the importance ratio")
     prefix_min_frac: float = Field(0.2, ge=0, lt=1)
@@ -111,6 +116,15 @@ class NREMConfig(_Anchored):
     use_lti: bool = True
     anchor_path: Optional[str] = Field(None, description="anchor text file, one paragraph per line "
                                                          "(default: held-out world + general text)")
+    # how fast the learner runs it (each has a test that it matches the plain path)
+    teacher_samples: int = Field(4, ge=0, description="teacher samples per prompt, drawn in one batched pass "
+                                                      "before the first step and reused (the teacher is frozen "
+                                                      "and its context fixed); 0 = sample the teacher every step")
+    fused_loss: bool = Field(True, description="losses from hidden states at the scored positions, the LM head "
+                                               "and the loss fused a chunk at a time; false: full logits")
+    loss_chunk: int = Field(1024, ge=1, description="positions per chunk of the fused losses")
+    reuse_context_kv: bool = Field(True, description="the teacher's episode context is run once per NREM and its "
+                                                     "keys/values reused by every teacher forward")
 
     @model_validator(mode="after")
     def _prefix_range(self):

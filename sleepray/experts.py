@@ -160,9 +160,10 @@ class ExpertBank:
                    if not any(n == t or n.endswith("." + t) for n, _ in model.named_modules())]
         if missing:
             raise ValueError(f"target modules {missing} not found in the base model")
-        peft_model = get_peft_model(model, lcfg, adapter_name=self.slots[0])
+        cast = cfg.adapter_dtype == "float32"   # PEFT's default upcasts LoRA weights of bf16/fp16 models
+        peft_model = get_peft_model(model, lcfg, adapter_name=self.slots[0], autocast_adapter_dtype=cast)
         for s in self.slots[1:]:
-            peft_model.add_adapter(s, _lora_config(cfg))
+            peft_model.add_adapter(s, _lora_config(cfg), autocast_adapter_dtype=cast)
         self.model = peft_model
         self.on: list[str] = []            # frozen on-experts, in the order they were opened
         self.training: Optional[str] = None
@@ -170,6 +171,9 @@ class ExpertBank:
         self._borrowed: set[str] = set()   # slots temporarily used by random_free_slot_context
         self._closed = False
         self.lineage: dict = {}
+        self._layers: Optional[list] = None          # LoRA layers and slot tensors, found once
+        self._params: dict[str, list[nn.Parameter]] = {}
+        self._trainable: Optional[str] = ""          # the slot whose tensors require grad now
         self._apply()
 
     # ------------------------------------------------------------------ state
@@ -188,39 +192,53 @@ class ExpertBank:
             raise RuntimeError("this ExpertBank was deep-slept (its experts were merged into the base); "
                                "wrap the returned base model in a new ExpertBank")
 
-    def _lora_layers(self) -> Iterator[nn.Module]:
-        from peft.tuners.lora import LoraLayer
-
-        for m in self.model.modules():
-            if isinstance(m, LoraLayer):
-                yield m
+    def _lora_layers(self) -> list[nn.Module]:
+        """The model's LoRA layers, found once (a module walk over a large model takes
+        milliseconds; a mode switch must not)."""
+        if self._layers is None:
+            from peft.tuners.lora import LoraLayer
+            self._layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+        return self._layers
 
     def slot_parameters(self, name: str) -> list[nn.Parameter]:
         """The LoRA A and B tensors of adapter ``name`` on ``bank.model``: an expert slot, or
         another LoRA adapter the bank does not manage (the dream writer)."""
-        out = []
+        if name not in self._params:
+            self._params[name] = [t for layer in self._lora_layers() if name in layer.lora_A
+                                  for t in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
+        return self._params[name]
+
+    def _switch(self, names: list[str]) -> None:
+        """Exactly ``names`` switched on, by setting each cached LoRA layer's active list
+        (what PEFT's ``set_adapter`` does, without its walk over every module and parameter).
+        ``[]``: the base model alone. ``requires_grad`` is left as it is."""
+        names = list(names)
         for layer in self._lora_layers():
-            if name in layer.lora_A:
-                out.append(layer.lora_A[name].weight)
-                out.append(layer.lora_B[name].weight)
-        return out
+            layer._active_adapter = names
+        self.model.base_model.active_adapter = names
 
     def _apply(self, extra_active: Iterable[str] = ()) -> None:
-        """Activate exactly the on-experts (+ extra) and make only the training one trainable."""
-        active = self.active_slots + [s for s in extra_active if s not in self.active_slots]
-        # inference_mode=True: PEFT would otherwise flag every active adapter trainable.
-        self.model.base_model.set_adapter(list(active), inference_mode=True)
+        """Activate exactly the on-experts (+ extra); make only the training one trainable
+        when the trainable expert changed since the last call."""
+        self._switch(self.active_slots + [s for s in extra_active if s not in self.active_slots])
+        if self._trainable != self.training:
+            self._set_trainable()
+
+    def _set_trainable(self) -> None:
         for p in self.model.parameters():
             p.requires_grad_(False)
         if self.training is not None:
             for p in self.slot_parameters(self.training):
                 p.requires_grad_(True)
+        self._trainable = self.training
 
     def reactivate(self) -> None:
         """Give the bank its own state back after a PEFT call that changed it (``add_adapter``,
         ``set_adapter``, loading tensors): exactly the on-experts and the training one switched
         on, and only the training one trainable."""
-        self._apply()
+        self._layers, self._params = None, {}
+        self._switch(self.active_slots)
+        self._set_trainable()
 
     def _reinit_slot(self, slot: str) -> None:
         for layer in self._lora_layers():
@@ -295,12 +313,8 @@ class ExpertBank:
         """The model before expansion: the frozen on-experts only, the training expert off."""
         self._check_open()
         try:
-            if self.on:
-                self.model.base_model.set_adapter(list(self.on), inference_mode=True)
-                yield
-            else:
-                with self.model.disable_adapter():
-                    yield
+            self._switch(self.on)   # microseconds: flags on cached layers, no grad flags touched
+            yield
         finally:
             self._apply()
 
@@ -446,7 +460,7 @@ class ExpertBank:
         finally:
             if name in self.model.peft_config:
                 self.model.delete_adapter(name)
-            self._apply()
+            self.reactivate()   # PEFT's add/delete touched the active lists and grad flags
         return out_dir
 
     def deep_sleep(self) -> nn.Module:

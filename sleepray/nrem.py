@@ -10,6 +10,14 @@ lambda) or the teacher (1 - lambda); no gradient through sampling.
 r: Learning to Imitate: a teacher sample cut at a random prefix and completed by the
 student, rewarded gamma * r_sem + (1 - gamma) * r_abs, trained by policy gradient with
 a group baseline and a clipped importance ratio.
+
+How a step runs (``NREMTrainer.step``; each choice has a config switch and a test that it
+matches the plain path): the teacher's samples come from a pool drawn in one batched pass
+before the first step (``nrem.teacher_samples``); every student sequence of the step --
+GKD's samples and LTI's completions -- comes from one sampler call, and goes through one
+forward pass; the teacher reads each episode's context once per run (``nrem.reuse_context_kv``);
+the LM head and the losses are fused a chunk of positions at a time (``nrem.fused_loss``,
+``sleepray.nrem_forward``).
 """
 from __future__ import annotations
 
@@ -21,41 +29,12 @@ import torch
 from tqdm.auto import tqdm
 
 from sleepray.anchor import AnchorBatch, anchor_batch, anchor_loss
-from sleepray.losses import generalized_jsd
-from sleepray.nrem_samplers import LocalSampler
+from sleepray.nrem_forward import Scorer, padded
+from sleepray.nrem_samplers import LocalSampler, TeacherPool
 from sleepray.prompts import ConsolidationPrompt
 from sleepray.rewards import ExactJudge, clipped_pg_loss, group_advantages, lti_reward
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------ sampling
-
-def _continuation_logits(model, tok, prompts: list[str], conts: list[list[int]]):
-    """Logits predicting each continuation token: [B, L, V] and mask [B, L]."""
-    rows = [tok.encode(p) for p in prompts]
-    seqs = [r + c for r, c in zip(rows, conts)]
-    n = max(len(s) for s in seqs)
-    device = next(model.parameters()).device
-    ids = torch.full((len(seqs), n), tok.pad_token_id, dtype=torch.long, device=device)
-    attn = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):  # right padding keeps positions as in sampling without context
-        ids[i, : len(s)] = torch.tensor(s, device=device)
-        attn[i, : len(s)] = 1
-    logits = model(input_ids=ids, attention_mask=attn).logits
-    L = max(len(c) for c in conts)
-    out = logits.new_zeros((len(seqs), L, logits.shape[-1]))
-    mask = torch.zeros((len(seqs), L), dtype=torch.bool, device=device)
-    for i, (r, c) in enumerate(zip(rows, conts)):
-        out[i, : len(c)] = logits[i, len(r) - 1: len(r) - 1 + len(c)]
-        mask[i, : len(c)] = True
-    return out, mask
-
-
-def _token_logprobs(logits, conts: list[list[int]]):
-    L = logits.shape[1]
-    target = torch.tensor([c + [0] * (L - len(c)) for c in conts], device=logits.device)
-    return torch.log_softmax(logits.float(), -1).gather(-1, target[..., None])[..., 0]
 
 
 # ------------------------------------------------------------------------ training
@@ -77,7 +56,7 @@ def make_judge(ncfg, bank=None, tok=None):
         return ExactJudge()
     if ncfg.judge == "embedding":
         from sleepray.rewards import EmbeddingJudge
-        return EmbeddingJudge(ncfg.judge_threshold)
+        return EmbeddingJudge(ncfg.judge_threshold, dtype=ncfg.judge_dtype)
     from sleepray.rewards import ModelJudge
 
     class _FrozenModelJudge:  # the frozen model before expansion is asked
@@ -95,76 +74,94 @@ def _old_logprobs(lp, old: list | None):
     out = lp.detach().clone()
     for i, row in enumerate(old or []):
         if row is not None:
-            out[i, : len(row)] = torch.tensor(row, dtype=out.dtype, device=out.device)
+            out[i, : len(row)] = torch.tensor(row[: out.shape[1]], dtype=out.dtype, device=out.device)
     return out
 
 
-def _lti_loss(student, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Random, judge, sampler):
-    """Learning to Imitate: policy gradient on student completions of teacher-sample prefixes."""
-    d = sampler.teacher([p.teacher_prompt for p in batch])
-    G = ncfg.lti_group_size
-    prompts, prefixes, refs = [], [], []
-    for p, di in zip(batch, d):
-        k = int(len(di) * rng.uniform(ncfg.prefix_min_frac, ncfg.prefix_max_frac))
-        for _ in range(G):
-            prompts.append(p.prompt)
-            prefixes.append(di[:k])
-            refs.append(tok.decode(di, skip_special_tokens=True).strip())
-    comps, old = sampler.complete(prompts, prefixes)
+def _draw_samples(batch: list[ConsolidationPrompt], ncfg, rng: random.Random, sampler, use_lti: bool, tok):
+    """One step's sequences: GKD's (a lambda mix of student and teacher samples) and LTI's
+    (teacher samples cut at a random prefix, completed ``lti_group_size`` times by the
+    student). The teacher's come from the sampler (a ``TeacherPool`` by default); every
+    student sequence of the step comes from ONE sampler call."""
+    from_student = [rng.random() < ncfg.lam for _ in batch]
+    wanted = [p.teacher_prompt for p, s in zip(batch, from_student) if not s]
+    n_tea = len(wanted)
+    wanted += [p.teacher_prompt for p in batch] if use_lti else []
+    drawn = sampler.teacher(wanted) if wanted else []
+    tea, refs = iter(drawn[:n_tea]), drawn[n_tea:]
+    lti_prompts, prefixes, ref_texts = [], [], []
+    for p, d in zip(batch, refs):
+        k = int(len(d) * rng.uniform(ncfg.prefix_min_frac, ncfg.prefix_max_frac))
+        text = tok.decode(d, skip_special_tokens=True).strip()
+        for _ in range(ncfg.lti_group_size):
+            lti_prompts.append(p)
+            prefixes.append(d[:k])
+            ref_texts.append(text)
+    stu = [p.prompt for p, s in zip(batch, from_student) if s]
+    comps, old = sampler.complete(stu + [p.prompt for p in lti_prompts], [[]] * len(stu) + prefixes) \
+        if stu or lti_prompts else ([], None)
+    stu_ys = iter(comps[: len(stu)])
+    ys = [next(stu_ys) if s else next(tea) for s in from_student]
+    lti = (lti_prompts, prefixes, comps[len(stu):], (old or [None] * len(comps))[len(stu):], ref_texts)
+    return ys, lti
+
+
+def _lti_loss(scorer: Scorer, s_states, lti, ncfg, judge, batch_size: int, tok):
+    """Learning to Imitate's clipped policy gradient on the student's completions of prefixes."""
+    _, prefixes, comps, old, refs = lti
     preds = [tok.decode(pre + c, skip_special_tokens=True).strip() for pre, c in zip(prefixes, comps)]
-    rewards = torch.tensor(lti_reward(preds, refs, judge, ncfg.gamma, ncfg.z0)).view(len(batch), G)
+    rewards = torch.tensor(lti_reward(preds, refs, judge, ncfg.gamma, ncfg.z0)).view(batch_size, -1)
     adv = group_advantages(rewards).view(-1)
-    full_prompts = [p + tok.decode(pre) if pre else p for p, pre in zip(prompts, prefixes)]
-    logits, mask = _continuation_logits(student, tok, full_prompts, comps)
-    lp = _token_logprobs(logits, comps)
+    lp, mask = padded(scorer.token_logprobs(s_states, comps), [len(c) for c in comps])
     loss = clipped_pg_loss(lp, _old_logprobs(lp, old), adv.to(lp.device), mask, ncfg.lti_clip)
     return loss, rewards.mean().item()
 
 
-def gkd_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Random,
-             sampler=None, student=None):
-    """Generalized distillation on a lambda mix of student- and teacher-sampled sequences.
-
-    ``student``: the module the gradient flows through (a DDP wrapper of ``bank.model``
-    on a Ray Train worker); the teacher's logits come from ``bank.model`` in teacher mode.
-    """
-    sampler = sampler or LocalSampler(bank, tok, ncfg.max_new_tokens, ncfg.temperature)
-    student = student if student is not None else bank.model
-    from_student = [rng.random() < ncfg.lam for _ in batch]
-    ys: list[list[int] | None] = [None] * len(batch)
-    stu_idx = [i for i, s in enumerate(from_student) if s]
-    tea_idx = [i for i, s in enumerate(from_student) if not s]
-    if stu_idx:
-        for i, y in zip(stu_idx, sampler.student([batch[i].prompt for i in stu_idx])):
-            ys[i] = y
-    if tea_idx:
-        for i, y in zip(tea_idx, sampler.teacher([batch[i].teacher_prompt for i in tea_idx])):
-            ys[i] = y
-    with torch.no_grad(), bank.teacher_mode():
-        t_logits, mask = _continuation_logits(bank.model, tok, [p.teacher_prompt for p in batch], ys)
-    s_logits, _ = _continuation_logits(student, tok, [p.prompt for p in batch], ys)
-    return generalized_jsd(s_logits, t_logits, ncfg.beta, mask=mask)
-
-
 def nrem_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Random, sampler,
-              judge=None, student=None, anchor: AnchorBatch | None = None) -> tuple[torch.Tensor, dict]:
+              judge=None, anchor: AnchorBatch | None = None, scorer: Scorer | None = None
+              ) -> tuple[torch.Tensor, dict]:
     """The NREM objective on one batch: alpha * D - (1 - alpha) * PG surrogate (or D alone),
-    plus the KL(frozen || student) anchor (``sleepray.anchor.anchor_loss``): drift control on
-    unrelated text and rehearsal of older episodes' dreams."""
-    student = student if student is not None else bank.model
+    plus the KL(frozen || student) anchor: drift control on unrelated text and rehearsal of
+    older episodes' dreams (``sleepray.anchor``).
+
+    D: generalized JSD between the student (no context) and the teacher (context) on the
+    GKD sequences. The student's rows, GKD's and LTI's, go through ONE forward pass."""
+    scorer = scorer or Scorer(bank, tok, ncfg)
     use_lti = ncfg.use_lti and ncfg.alpha < 1.0
-    div = gkd_loss(bank, tok, batch, ncfg, rng, sampler, student)
+    ys, lti = _draw_samples(batch, ncfg, rng, sampler, use_lti, tok)
+    lti_prompts, prefixes, comps = lti[:3]
+    rows = [tok.encode(p.prompt) for p in batch] + [tok.encode(p.prompt) + pre
+                                                     for p, pre in zip(lti_prompts, prefixes)]
+    s_all = scorer.student(rows, ys + comps)
+    n_gkd = sum(len(y) for y in ys)
+    t = scorer.teacher([p.episode_id for p in batch], [tok.encode(p.teacher_prompt) for p in batch], ys)
+    div = scorer.jsd(s_all[:n_gkd], t, ncfg.beta)
     loss = ncfg.alpha * div if use_lti else div
     rec = {"divergence": div.item()}
     if use_lti:
-        pg, reward = _lti_loss(student, tok, batch, ncfg, rng, judge, sampler)
+        pg, reward = _lti_loss(scorer, s_all[n_gkd:], lti, ncfg, judge, len(batch), tok)
         loss = loss + (1 - ncfg.alpha) * pg
         rec["reward"] = reward
-    extra, anchor_rec = anchor_loss(bank, tok, ncfg, anchor, student)
+    extra, anchor_rec = anchor_loss(bank, tok, ncfg, anchor, scorer=scorer)
     loss = loss + extra
     rec.update(anchor_rec)
     rec["loss"] = loss.item()
     return loss, rec
+
+
+def divergence(bank, tok, prompts: list[ConsolidationPrompt], ys: list[list[int]], ncfg) -> torch.Tensor:
+    """GKD's divergence of the student from the teacher on given continuations (no sampling)."""
+    scorer = Scorer(bank, tok, ncfg)
+    s = scorer.student([tok.encode(p.prompt) for p in prompts], ys)
+    t = scorer.teacher([p.episode_id for p in prompts], [tok.encode(p.teacher_prompt) for p in prompts], ys)
+    return scorer.jsd(s, t, ncfg.beta)
+
+
+def _by_episode(prompts: list[ConsolidationPrompt]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for p in prompts:
+        out.setdefault(p.episode_id, []).append(p.teacher_prompt)
+    return out
 
 
 def make_optimizer(params, ncfg):
@@ -224,6 +221,53 @@ class NREMHooks:
         return {}
 
 
+class NREMTrainer:
+    """One NREM run's state and its step: the optimizer over the open expert, the sampler (with
+    the teacher's pool drawn up front), the scorer (fused losses, the teacher's shared context),
+    the judge and the run's random stream. ``run_nrem`` loops over :meth:`step`; the learner
+    benchmark (``sleepray.learner_bench``) times the same step."""
+
+    def __init__(self, bank, tok, prompts: list[ConsolidationPrompt], ncfg, seed: int = 0, judge=None,
+                 sampler=None, anchor_texts: list[str] | None = None, replay_texts: list[str] | None = None,
+                 hooks: NREMHooks | None = None):
+        if not prompts:
+            raise ValueError("NREM needs at least one consolidation prompt (is the short-term memory empty?)")
+        if bank.training is None:
+            raise RuntimeError("open a new expert (bank.open_new_expert()) before NREM")
+        self.bank, self.tok, self.prompts, self.ncfg = bank, tok, prompts, ncfg
+        self.anchor_texts, self.replay_texts = anchor_texts, replay_texts
+        self.hooks = hooks = hooks or NREMHooks()
+        self.params = bank.trainable_parameters()
+        self.opt = make_optimizer(self.params, ncfg)
+        self.start = hooks.resume(self.params, self.opt)
+        self.rng = random.Random(seed + 7919 * hooks.rank + self.start)
+        torch.manual_seed(seed)
+        if ncfg.use_lti and ncfg.alpha < 1.0 and judge is None:
+            judge = make_judge(ncfg, bank, tok) if ncfg.gamma > 0 else None
+        self.judge = judge
+        sampler = sampler or hooks.make_sampler(bank, tok, ncfg, self.start) \
+            or LocalSampler(bank, tok, ncfg.max_new_tokens, ncfg.temperature)
+        bank.model.eval()  # no dropout; the LoRA weights still train
+        if ncfg.teacher_samples and (ncfg.lam < 1 or (ncfg.use_lti and ncfg.alpha < 1)):
+            sampler = TeacherPool(sampler, [p.teacher_prompt for p in prompts], ncfg.teacher_samples, self.rng)
+        self.sampler = sampler
+        self.scorer = Scorer(bank, tok, ncfg, contexts=_by_episode(prompts))
+        self.per_rank = max(1, ncfg.batch_size // hooks.world)
+
+    def step(self) -> dict:
+        """One optimizer step on a fresh batch; its metrics."""
+        batch = [self.rng.choice(self.prompts) for _ in range(self.per_rank)]
+        anchor = anchor_batch(self.ncfg, self.anchor_texts, self.replay_texts, self.rng)
+        loss, rec = nrem_loss(self.bank, self.tok, batch, self.ncfg, self.rng, self.sampler, self.judge,
+                              anchor=anchor, scorer=self.scorer)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.hooks.allreduce(self.params)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        return rec
+
+
 def run_nrem(bank, tok, prompts: list[ConsolidationPrompt], ncfg, seed: int = 0,
              progress: bool = True, judge=None, sampler=None, anchor_texts: list[str] | None = None,
              replay_texts: list[str] | None = None, hooks: NREMHooks | None = None) -> NREMResult:
@@ -233,33 +277,12 @@ def run_nrem(bank, tok, prompts: list[ConsolidationPrompt], ncfg, seed: int = 0,
     dreams, ``nrem.anchor_replay`` a step) make the anchor batch when ``nrem.anchor_weight`` > 0.
     ``hooks``: rank, gradient all-reduce, resume, sampler, per-step report (:class:`NREMHooks`).
     """
-    if not prompts:
-        raise ValueError("NREM needs at least one consolidation prompt (is the short-term memory empty?)")
-    if bank.training is None:
-        raise RuntimeError("open a new expert (bank.open_new_expert()) before NREM")
-    hooks = hooks or NREMHooks()
-    params = bank.trainable_parameters()
-    opt = make_optimizer(params, ncfg)
-    result = NREMResult(ncfg.steps, start=hooks.resume(params, opt))
-    rng = random.Random(seed + 7919 * hooks.rank + result.start)
-    torch.manual_seed(seed)
-    if ncfg.use_lti and ncfg.alpha < 1.0 and judge is None:
-        judge = make_judge(ncfg, bank, tok) if ncfg.gamma > 0 else None
-    sampler = sampler or hooks.make_sampler(bank, tok, ncfg, result.start) \
-        or LocalSampler(bank, tok, ncfg.max_new_tokens, ncfg.temperature)
-    per_rank = max(1, ncfg.batch_size // hooks.world)
-    bank.model.eval()  # no dropout; the LoRA weights still train
+    trainer = NREMTrainer(bank, tok, prompts, ncfg, seed, judge, sampler, anchor_texts, replay_texts, hooks)
+    result = NREMResult(ncfg.steps, start=trainer.start)
     bar = tqdm(range(result.start, ncfg.steps), desc="NREM", disable=not progress)
     for step in bar:
-        batch = [rng.choice(prompts) for _ in range(per_rank)]
-        anchor = anchor_batch(ncfg, anchor_texts, replay_texts, rng)
-        loss, rec = nrem_loss(bank, tok, batch, ncfg, rng, sampler, judge, anchor=anchor)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        hooks.allreduce(params)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        rec = trainer.step()
         result.history.append({"step": step + 1, **rec})
-        hooks.after_step(step + 1, rec, params, opt)
+        trainer.hooks.after_step(step + 1, rec, trainer.params, trainer.opt)
         bar.set_postfix(D=f"{rec['divergence']:.3f}", r=f"{rec.get('reward', float('nan')):.2f}")
     return result

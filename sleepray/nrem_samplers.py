@@ -95,3 +95,29 @@ class EngineSampler:
         outs = self._run(full, self.student_ref)
         ids = [self._ids(r) for r in outs]
         return ids, [list(r.logprobs) if r.token_ids else None for r in outs]
+
+
+class TeacherPool:
+    """``sampler`` with the teacher's samples drawn ahead: ``k`` per prompt for all of NREM's
+    prompts in one batched pass (the teacher is the frozen model before expansion with a fixed
+    context, so its distribution does not change during NREM), then each ``teacher`` call
+    draws from them at random. ``student`` and ``complete`` go to ``sampler``."""
+
+    def __init__(self, sampler, teacher_prompts: list[str], k: int, rng, batch: int = 256):
+        self.inner, self.rng = sampler, rng
+        distinct = list(dict.fromkeys(teacher_prompts))
+        todo = [p for p in distinct for _ in range(k)]
+        drawn: list = []
+        for i in range(0, len(todo), batch):
+            drawn += sampler.teacher(todo[i: i + batch])
+        self.pool = {p: drawn[j * k: (j + 1) * k] for j, p in enumerate(distinct)}
+
+    def teacher(self, prompts: list[str]) -> Samples:
+        return [list(self.rng.choice(self.pool[p])) if p in self.pool else self.inner.teacher([p])[0]
+                for p in prompts]
+
+    def student(self, prompts: list[str]) -> Samples:
+        return self.inner.student(prompts)
+
+    def complete(self, prompts: list[str], prefixes: Samples):
+        return self.inner.complete(prompts, prefixes)

@@ -29,11 +29,14 @@ def _seeded(device: torch.device, seed: int | None):
 @torch.no_grad()
 def sample_ids(model, tok, prompts: list[str], max_new_tokens: int, temperature: float,
                prefix_ids: list[list[int]] | None = None, stop: Sequence[str] = ("\n",),
-               seed: int | None = None) -> list[list[int]]:
+               seed: int | None = None, loop: str = "own") -> list[list[int]]:
     """Sampled continuations (token ids) of ``prompts`` (+ optional forced ``prefix_ids``).
 
     Left-padded batch, plain ancestral sampling (no top-k/top-p). Each continuation ends
     before EOS/padding, or just after the first of the ``stop`` strings (its tokens kept).
+    ``loop``: "own" (:func:`decode`: one forward per token, logits of the last position
+    only, no per-step processors) or "generate" (transformers' ``generate``, the reference:
+    with the same seed both draw the same tokens).
     """
     stop_ids, stop_texts = stop_token_ids(tok, stop)
     rows = [tok.encode(p) + (prefix_ids[i] if prefix_ids else []) for i, p in enumerate(prompts)]
@@ -45,12 +48,67 @@ def sample_ids(model, tok, prompts: list[str], max_new_tokens: int, temperature:
         attn[i, n - len(r):] = 1
     device = next(model.parameters()).device
     eos = [tok.eos_token_id, *stop_ids] if stop_ids else tok.eos_token_id
-    extra = {"stop_strings": stop_texts, "tokenizer": tok} if stop_texts else {}
     with _seeded(device, seed):
-        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
-                             max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                             top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id, eos_token_id=eos, **extra)
-    return [_cut(tok, row, stop_ids, stop_texts) for row in out[:, n:].tolist()]
+        if loop == "own":
+            out = decode(model, ids.to(device), attn.to(device), max_new_tokens, temperature,
+                         [tok.eos_token_id, *stop_ids], tok.pad_token_id,
+                         (lambda row: any(s in tok.decode(row[-8:]) for s in stop_texts)) if stop_texts else None)
+        elif loop == "generate":
+            extra = {"stop_strings": stop_texts, "tokenizer": tok} if stop_texts else {}
+            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                                 top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id, eos_token_id=eos,
+                                 **extra)[:, n:]
+        else:
+            raise ValueError(f"unknown sampling loop {loop!r}")
+    return [_cut(tok, row, stop_ids, stop_texts) for row in out.tolist()]
+
+
+def decode(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, temperature: float,
+           stop_ids: list[int], pad_id: int, stopped=None) -> torch.Tensor:
+    """[B, <= max_new_tokens] tokens sampled after left-padded ``ids``; a row that drew a
+    ``stop_ids`` token (or for which ``stopped(row_tokens)`` is true) gets ``pad_id`` after it,
+    and the loop ends when every row has stopped. The draws are ``generate``'s: softmax of
+    logits / temperature in float32, one ``torch.multinomial`` per step."""
+    B = ids.shape[0]
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    first, inverse = _distinct_rows(ids, attn)   # equal rows (k samples of a prompt) are read once
+    out = model(input_ids=ids[first], attention_mask=attn[first], position_ids=pos[first], use_cache=True,
+                logits_to_keep=1)
+    cache, pos = out.past_key_values, pos[:, -1:]
+    if len(first) < B:
+        cache.reorder_cache(inverse)
+        out.logits = out.logits[inverse]
+    stop = torch.tensor(sorted(set(stop_ids)), device=ids.device)
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    toks: list[torch.Tensor] = []
+    for _ in range(max_new_tokens):
+        probs = torch.softmax(out.logits[:, -1].float() / temperature, -1)
+        nxt = torch.multinomial(probs, 1)[:, 0]
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        toks.append(nxt)
+        done = done | torch.isin(nxt, stop)
+        if stopped is not None:
+            rows = torch.stack(toks, 1).tolist()
+            done = done | torch.tensor([stopped(r) for r in rows], device=ids.device)
+        if bool(done.all()) or len(toks) == max_new_tokens:
+            break
+        attn = torch.cat([attn, attn.new_ones((B, 1))], 1)
+        pos = pos + 1
+        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
+                    use_cache=True)
+    return torch.stack(toks, 1) if toks else ids.new_zeros((B, 0))
+
+
+def _distinct_rows(ids: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of each distinct row's first occurrence, and every row's index among them."""
+    seen: dict = {}
+    inverse = [seen.setdefault((tuple(r), tuple(a)), len(seen)) for r, a in zip(ids.tolist(), attn.tolist())]
+    first = [0] * len(seen)
+    for i in reversed(range(len(inverse))):
+        first[inverse[i]] = i
+    return (torch.tensor(first, dtype=torch.long, device=ids.device),
+            torch.tensor(inverse, dtype=torch.long, device=ids.device))
 
 
 def _cut(tok, row: list[int], stop_ids: list[int], stop_texts: list[str]) -> list[int]:

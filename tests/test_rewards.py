@@ -81,6 +81,24 @@ def test_embedding_judge_real_weights(embedding_judge):
     assert EmbeddingJudge(0.5)._load() is j._load()
 
 
+def test_embedding_judge_embeds_each_text_once_and_bf16_agrees_with_float32(embedding_judge):
+    j = EmbeddingJudge(0.8)
+    seen = []
+    inner = j.embed
+    j.embed = lambda texts: (seen.append(list(texts)), inner(texts))[1]
+    a = ["Alice lives in Paris.", "Alice lives in Paris.", "Bob is a nurse."]
+    b = ["Alice resides in Paris.", "Alice lives in Paris.", "Alice resides in Paris."]
+    first = j.similarity(a, b)
+    assert first[1] == 1.0                                  # equal texts: no embedding needed
+    assert sorted(seen[0]) == sorted({"Alice lives in Paris.", "Alice resides in Paris.", "Bob is a nurse."})
+    assert j.similarity(a, b) == first and seen[1] == []    # every text known: nothing embedded again
+    plain = [float((x * y).sum()) for x, y in zip(inner([a[0], a[2]]), inner([b[0], b[2]]))]
+    assert first[0] == pytest.approx(plain[0], abs=1e-5) and first[2] == pytest.approx(plain[1], abs=1e-5)
+    half = EmbeddingJudge(0.8, dtype="bfloat16").similarity(a, b)
+    assert half == pytest.approx(first, abs=2e-2)
+    assert EmbeddingJudge(0.8, dtype="auto").dtype in (torch.float32, torch.bfloat16)
+
+
 @pytest.fixture(scope="module")
 def tiny_lm():
     from transformers import LlamaConfig, LlamaForCausalLM

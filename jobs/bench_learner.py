@@ -1,0 +1,203 @@
+"""The learner benchmark (``sleepray.learner_bench``): bare LoRA loop vs the NREM step, in one run.
+
+    python -m jobs.bench learner [--shapes 0.6b,1.7b] [--batches 16,64] [--new-tokens 64]
+        [--bare peft,tuned] [--modes alpha1,lti,anchor] [--device cuda] [--out FILE]
+    python -m jobs.bench learner --cpu-default [--out docs/results/bench_learner_cpu.json]
+
+Writes a JSON list of records, one per (shape, batch), with the fields the learner issue asks
+for (``bare_tok_s``, ``bare_mfu_6n``, ``nrem_tok_s``, ``nrem_tok_s_nosample``, ``switch_ms``,
+``loss_peak_gib_256x64``, ``decode_ms``, ``decode_floor_ms``) and every measurement behind
+them, plus the revision, the command and the seeds; and a PNG beside it.
+``--cpu-default``: the NREM step on ``seed:small`` with the default config, and one whole
+default sleep of two episodes in this process (``nrem_step_s``, ``sleep_s``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger("jobs.bench_learner")
+
+
+def _tokenizer():
+    from sleepray.models import load_model, resolve_model_path
+    return load_model(resolve_model_path("seed:test"))[1]
+
+
+def learner_records(args) -> list[dict]:
+    import torch
+
+    from sleepray import learner_bench as lb
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tok = _tokenizer()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    records = []
+    for shape in args.shapes.split(","):
+        make = lambda: lb.build_model(shape, device, dtype, tok)   # noqa: E731
+        for B in [int(b) for b in args.batches.split(",")]:
+            rec = {"device": name, "shape": shape, "batch": B, "new_tokens": args.new_tokens, "dtype": str(dtype)}
+            log.info("%s B=%d: bare loop", shape, B)
+            rec["bare"] = [_safe(lb.bench_bare, make, lb.BARE_VARIANTS[v], B, args.seq, device, args.warm,
+                                 args.iters) for v in args.bare.split(",")]
+            rec["nrem"] = []
+            for mode in args.modes.split(","):
+                log.info("%s B=%d: NREM %s", shape, B, mode)
+                rec["nrem"].append(_safe(lb.bench_nrem, make(), tok, mode, B, args.new_tokens, device,
+                                         args.warm, args.iters))
+            model = make()
+            rec["loss_memory"] = _safe(lb.bench_loss_memory, model, device)
+            rec["decode"] = _safe(lb.bench_decode, _with_expert(model), tok, B, args.new_tokens, device)
+            del model
+            lb.free(device)
+            records.append(_headline(rec))
+            log.info("%s", json.dumps({k: v for k, v in records[-1].items() if not isinstance(v, (list, dict))}))
+    return records
+
+
+def _with_expert(model):
+    """The model inside an expert bank with one open expert: the student as NREM samples it."""
+    from sleepray.config import ExpertConfig
+    from sleepray.experts import ExpertBank
+    bank = ExpertBank(model, ExpertConfig(rank=8, lora_alpha=16))
+    bank.open_new_expert()
+    return bank.model
+
+
+def _safe(fn, *a):
+    try:
+        return fn(*a)
+    except Exception as e:   # one failed measurement is recorded, the others still run
+        log.exception("%s failed", fn.__name__)
+        return {"error": repr(e)[:500]}
+
+
+def _best(rows: list[dict], key: str):
+    ok = [r for r in rows if isinstance(r, dict) and r.get(key) is not None]
+    return max(ok, key=lambda r: r[key]) if ok else None
+
+
+def _headline(rec: dict) -> dict:
+    bare = _best(rec["bare"], "tok_s")
+    alpha1 = next((r for r in rec["nrem"] if r.get("mode") == "alpha1"), None)
+    rec.update({
+        "bare_variant": bare and bare["variant"], "bare_tok_s": bare and bare["tok_s"],
+        "bare_mfu_6n": bare and bare["mfu_6n"],
+        "nrem_tok_s": alpha1 and alpha1.get("nrem_tok_s"),
+        "nrem_tok_s_nosample": alpha1 and alpha1.get("nrem_tok_s_nosample"),
+        "switch_ms": alpha1 and alpha1.get("switch_ms"),
+        "loss_peak_gib_256x64": rec["loss_memory"].get("peak_gib"),
+        "decode_ms": rec["decode"].get("decode_ms"), "decode_floor_ms": rec["decode"].get("decode_floor_ms")})
+    if bare and alpha1 and alpha1.get("nrem_tok_s"):
+        rec["nrem_over_bare"] = alpha1["nrem_tok_s"] / bare["tok_s"]
+        rec["nrem_nosample_over_bare"] = alpha1["nrem_tok_s_nosample"] / bare["tok_s"]
+    return rec
+
+
+def cpu_default_record(overrides: list[str]) -> dict:
+    """NREM step time on seed:small with the default config, and one whole default sleep."""
+    import random
+
+    import torch
+
+    from sleepray import nrem
+    from sleepray import prompts as P
+    from sleepray.banks import bank_from
+    from sleepray.config import load_config
+    from sleepray.memory import MemoryStore
+    from sleepray.nrem_step import nrem_anchor
+    from sleepray.sleep import sleep_full
+    from sleepray.storage import Storage
+    from sleepray.world import World
+    root = Path(tempfile.mkdtemp(prefix="bench_learner_"))
+    cfg = load_config(str(Path(__file__).parent.parent / "examples" / "default.yaml"),
+                      [f"cycle.storage={root}", *overrides])
+    episodes = World.from_config(cfg.world).episodes(cfg.world.n_episodes)
+    store = Storage(root / "probe")
+    bank, tok, _ = bank_from(cfg, store, store.starting_bank())
+    writer = P.model_question_writer(bank, tok, cfg.nrem.temperature, seed=0)
+    prompts = [p for e in episodes for p in P.consolidation_prompts(e, cfg.nrem.prompts_per_episode,
+                                                                    random.Random(0), writer)]
+    bank.open_new_expert()
+    trainer = nrem.NREMTrainer(bank, tok, prompts, cfg.nrem, seed=0, anchor_texts=nrem_anchor(cfg))
+    trainer.step()                                   # warm-up (the judge loads)
+    steps = []
+    for _ in range(10):
+        t = time.perf_counter()
+        trainer.step()
+        steps.append(time.perf_counter() - t)
+    MemoryStore(root / "memory").append(episodes)
+    t = time.perf_counter()
+    version = sleep_full(cfg, root, progress=False)
+    sleep_s = time.perf_counter() - t
+    steps.sort()
+    return {"device": "cpu", "threads": torch.get_num_threads(), "model": cfg.model.path,
+            "nrem_step_s": steps[len(steps) // 2], "nrem_step_s_all": steps, "nrem_steps": cfg.nrem.steps,
+            "sleep_s": sleep_s, "episodes": len(episodes), "published": version is not None,
+            "overrides": overrides}
+
+
+def _plot(records: list[dict], png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels = [f"{r['shape']} B{r['batch']}" for r in records]
+    xs = range(len(records))
+    for i, (key, lab) in enumerate([("bare_tok_s", "bare LoRA loop (tuned)"),
+                                    ("nrem_tok_s_nosample", "NREM, sampling excluded"),
+                                    ("nrem_tok_s", "NREM, sampling included")]):
+        ax.bar([x + 0.27 * (i - 1) for x in xs], [r.get(key) or 0 for r in records], 0.27, label=lab)
+    ax.set_xticks(list(xs), labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("tokens / s (NREM: loss tokens)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jobs.bench learner", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="0.6b,1.7b", help="comma list: tiny, 0.6b, 1.7b, or model folders")
+    ap.add_argument("--batches", default="16,64")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--seq", type=int, default=512, help="tokens per row of the bare loop")
+    ap.add_argument("--bare", default="peft,tuned", help="bare-loop variants: peft, tuned, tuned_compile")
+    ap.add_argument("--modes", default="alpha1,lti,anchor", help="NREM modes: alpha1, lti, anchor")
+    ap.add_argument("--warm", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--cpu-default", action="store_true",
+                    help="the default config's NREM step and whole sleep on seed:small, on this CPU")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("overrides", nargs="*", help="config overrides for --cpu-default (section.key=value)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import torch
+
+    from sleepray.provenance import provenance
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    # seeds: model initialisation, NREM's stream and the world (world.seed 0) are all 0
+    meta = provenance(seeds=[0], world_seeds=[0], argv=sys.argv if argv is None else ["bench", "learner", *argv])
+    if args.cpu_default:
+        out = Path(args.out or "docs/results/bench_learner_cpu.json")
+        records = [{**cpu_default_record(args.overrides), **meta}]
+    else:
+        out = Path(args.out or f"docs/results/bench_learner_{args.device}.json")
+        records = [{**r, **meta} for r in learner_records(args)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(records, indent=1))
+    if not args.cpu_default:
+        _plot(records, out.with_suffix(".png"))
+    print(json.dumps([{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in records], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,416 @@
+"""The learner benchmark: a bare PEFT LoRA loop and the NREM step, side by side in one process.
+
+``python -m jobs.bench learner`` runs it (``jobs/bench_learner.py``). For each model shape and
+batch size, on one device:
+
+* **bare**: fwd + bwd + AdamW on a LoRA (rank 8, MLP projections) over B x S random tokens,
+  plain PEFT (LoRA weights upcast to float32, the model's own loss) and tuned (LoRA weights in
+  the model's dtype, liger-kernel's RMSNorm/RoPE where installed, the LM head and cross
+  entropy fused a chunk at a time). Tokens/s and MFU by the 6N count: 6 x (matmul parameters,
+  a tied embedding once) x tokens / step time / the device's dense bf16 peak;
+* **nrem**: the project's own NREM step (``nrem.NREMTrainer.step``: sampling, teacher and
+  student forwards, losses, backward, optimizer) with alpha 1 (GKD alone), with LTI and with
+  the anchor, timed phase by phase (synchronised). Loss tokens are the continuation tokens
+  the divergence is taken on; ``nrem_tok_s`` counts the whole step, ``nrem_tok_s_nosample``
+  the step less its sampling (the teacher pool's one-off draw is spread over ``nrem.steps``);
+* **switch**: one ``bank.teacher_mode()`` enter and exit, in ms;
+* **loss memory**: peak memory of the fused JSD (forward and backward) on 256 x 64 positions
+  over the model's vocabulary;
+* **decode**: ms per decode step of the in-process sampler at batch B, against the floor of
+  reading every weight once per step from memory (parameter bytes / memory bandwidth).
+
+Models are random-initialised from a transformers config (Qwen3 shapes, the full 151,936
+vocabulary) unless a folder is given; sampled ids are kept inside the tokenizer's vocabulary
+(logits above it masked while sampling only; every loss is over the full vocabulary).
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+SHAPES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, intermediate_size=128, vocab_size=4096),
+    "0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                 head_dim=128, intermediate_size=3072, vocab_size=151936),
+    "1.7b": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                 head_dim=128, intermediate_size=6144, vocab_size=151936),
+}
+# dense bf16 peak (FLOP/s) and memory bandwidth (bytes/s) by device name
+PEAKS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12)}
+
+
+def device_peaks(device: torch.device) -> tuple[Optional[float], Optional[float]]:
+    if device.type != "cuda":
+        return None, None
+    name = torch.cuda.get_device_name(device)
+    for key, val in PEAKS.items():
+        if key in name:
+            return val
+    return None, None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_bytes(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def build_model(shape: str, device: torch.device, dtype: torch.dtype, tok, attn: str = "sdpa"):
+    """A random-initialised Qwen3-shaped causal LM (``SHAPES``), or a local folder / hub id."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+    if shape not in SHAPES:
+        return AutoModelForCausalLM.from_pretrained(shape, dtype=dtype, attn_implementation=attn).to(device).eval()
+    cfg = Qwen3Config(tie_word_embeddings=True, max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, **SHAPES[shape])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
+    return model.eval()
+
+
+def matmul_params(model) -> int:
+    """Parameters of the base model (no LoRA), a tied embedding counted once: N of the 6N count."""
+    seen, n = set(), 0
+    for name, p in model.named_parameters():
+        if "lora_" in name or id(p) in seen:
+            continue
+        seen.add(id(p))
+        n += p.numel()
+    return n
+
+
+def param_bytes(model) -> int:
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel() * p.element_size()
+    return n
+
+
+class Phases:
+    """Synchronised wall time per phase name, summed over the calls inside one measurement."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.acc = device, {}
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def __call__(self, key: str):
+        if self._depth:            # a phase inside another counts to the outer one only
+            yield
+            return
+        self._depth += 1
+        sync(self.device)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync(self.device)
+            self.acc[key] = self.acc.get(key, 0.0) + time.perf_counter() - t
+            self._depth -= 1
+
+    def wrap(self, owner, name: str, key: str) -> Callable[[], None]:
+        """Time ``owner.name`` as phase ``key``; returns the undo."""
+        orig = getattr(owner, name)
+
+        def timed(*a, **k):
+            with self(key):
+                return orig(*a, **k)
+        setattr(owner, name, timed)
+        return lambda: setattr(owner, name, orig)
+
+
+# ------------------------------------------------------------------------------ bare loop
+
+def _chunked_ce(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    from torch.utils.checkpoint import checkpoint
+
+    def part(hc, yc):
+        return torch.nn.functional.cross_entropy((hc @ weight.t()).float(), yc, reduction="sum")
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk):
+        total = total + checkpoint(part, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
+    return total / h.shape[0]
+
+
+def liger_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import liger_kernel  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def apply_liger(model) -> bool:
+    """liger-kernel's fused RMSNorm and RoPE on a Qwen3/Llama model (in place); False if not applied."""
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_qwen3
+    except ImportError:
+        return False
+    fn = {"qwen3": apply_liger_kernel_to_qwen3, "llama": apply_liger_kernel_to_llama}.get(model.config.model_type)
+    if fn is None:
+        return False
+    fn(model=model, cross_entropy=False, fused_linear_cross_entropy=False, rms_norm=True, swiglu=False, rope=True)
+    return True
+
+
+@dataclass
+class BareVariant:
+    name: str
+    lora_bf16: bool     # LoRA weights in the model's dtype (PEFT's default upcasts them to float32)
+    liger: bool         # liger RMSNorm + RoPE
+    loss: str           # "hf" (the model's loss on full logits) | "chunked" (head + CE a chunk at a time)
+    compile: bool = False
+
+
+BARE_VARIANTS = {
+    "peft": BareVariant("peft", False, False, "hf"),
+    "tuned": BareVariant("tuned", True, True, "chunked"),
+    "tuned_compile": BareVariant("tuned_compile", True, True, "chunked", compile=True),
+}
+
+
+def bench_bare(make_model: Callable, variant: BareVariant, B: int, S: int, device, warm: int, iters: int,
+               rank: int = 8) -> dict:
+    from peft import LoraConfig, get_peft_model
+    model = make_model()
+    N = matmul_params(model)
+    liger = variant.liger and liger_available(device) and apply_liger(model)
+    pm = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, bias="none",
+                                          target_modules=["gate_proj", "up_proj", "down_proj"]),
+                        autocast_adapter_dtype=not variant.lora_bf16)
+    pm.train()
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    V = model.config.vocab_size
+    g = torch.Generator(device=device).manual_seed(0)
+    batches = [torch.randint(0, V, (B, S), device=device, generator=g) for _ in range(2)]
+    inner = pm.base_model.model
+    backbone = torch.compile(inner.model) if variant.compile else inner.model
+
+    def loss_fn(ids):
+        if variant.loss == "hf":
+            return pm(input_ids=ids, labels=ids, use_cache=False).loss
+        h = backbone(input_ids=ids, use_cache=False).last_hidden_state[:, :-1].reshape(-1, model.config.hidden_size)
+        return _chunked_ce(h, inner.lm_head.weight, ids[:, 1:].reshape(-1))
+
+    times = []
+    for i in range(warm + iters):
+        if i == warm:
+            reset_peak(device)
+        sync(device)
+        t = time.perf_counter()
+        loss = loss_fn(batches[i % 2])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync(device)
+        if i >= warm:
+            times.append(time.perf_counter() - t)
+    step = statistics.median(times)
+    peak, _ = device_peaks(device)
+    tokens = B * S
+    out = {"variant": variant.name, "lora_bf16": variant.lora_bf16, "liger": bool(liger), "loss": variant.loss,
+           "compile": variant.compile, "B": B, "S": S, "step_s": step, "tok_s": tokens / step,
+           "mfu_6n": 6 * N * tokens / step / peak if peak else None, "peak_gib": peak_bytes(device) / 2**30,
+           "N": N}
+    del pm, model, opt, params, batches, loss
+    free(device)
+    return out
+
+
+# ------------------------------------------------------------------------------ NREM step
+
+class _InVocab:
+    """While sampling, logits above the tokenizer's vocabulary are -inf (random weights would
+    otherwise pick ids the tokenizer cannot decode); losses keep the full vocabulary."""
+
+    def __init__(self, sampler, model, n: int):
+        self.inner, self.model, self.n = sampler, model, n
+
+    def _masked(self, fn, *a):
+        head = self.model.get_output_embeddings()
+
+        def hook(_m, _i, out):
+            out[..., self.n:] = float("-inf")
+            return out
+        h = head.register_forward_hook(hook)
+        try:
+            return fn(*a)
+        finally:
+            h.remove()
+
+    def teacher(self, prompts):
+        return self._masked(self.inner.teacher, prompts)
+
+    def student(self, prompts):
+        return self._masked(self.inner.student, prompts)
+
+    def complete(self, prompts, prefixes):
+        return self._masked(self.inner.complete, prompts, prefixes)
+
+
+NREM_MODES = {
+    "alpha1": ["nrem.alpha=1.0"],
+    "lti": ["nrem.alpha=0.5", "nrem.judge=exact"],
+    "anchor": ["nrem.alpha=1.0", "nrem.anchor_weight=1.0", "nrem.anchor_batch=8"],
+}
+
+
+def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int, iters: int,
+               people: int = 4, extra: tuple[str, ...] = ()) -> dict:
+    """The NREM step on ``model`` (wrapped in a fresh expert bank), phase by phase."""
+    from sleepray import nrem, nrem_forward, nrem_samplers, rewards
+    from sleepray.anchor import anchor_texts
+    from sleepray.config import load_config
+    from sleepray.experts import ExpertBank
+    from sleepray.prompts import consolidation_prompts
+    from sleepray.world import World
+    cfg = load_config(None, [f"nrem.batch_size={B}", f"nrem.max_new_tokens={new_tokens}", "experts.rank=8",
+                             "experts.lora_alpha=16", f"world.people_per_episode={people}",
+                             *NREM_MODES[mode], *extra])
+    ncfg = cfg.nrem
+    episode = World.from_config(cfg.world).episode(0)
+    prompts = consolidation_prompts(episode, ncfg.prompts_per_episode, random.Random(0))
+    bank = ExpertBank(model, cfg.experts)
+    bank.open_new_expert()
+    sampler = _InVocab(nrem_samplers.LocalSampler(bank, tok, new_tokens, ncfg.temperature), model, len(tok))
+    ph = Phases(device)
+    undo = [ph.wrap(nrem_samplers.TeacherPool, "__init__", "teacher_pool"),
+            ph.wrap(_InVocab, "teacher", "sampling"), ph.wrap(_InVocab, "complete", "sampling"),
+            ph.wrap(nrem_forward.Scorer, "teacher", "teacher_forward"),
+            ph.wrap(nrem_forward.Scorer, "student", "student_forward"),
+            ph.wrap(nrem_forward.Scorer, "jsd", "loss"), ph.wrap(nrem_forward.Scorer, "token_logprobs", "loss"),
+            ph.wrap(nrem_forward.Scorer, "anchor_kl", "anchor"), ph.wrap(nrem, "lti_reward", "reward"),
+            ph.wrap(torch.Tensor, "backward", "backward"), ph.wrap(torch.optim.AdamW, "step", "optimizer")]
+    loss_tokens = []
+    orig_draw = nrem._draw_samples
+
+    def counted(*a, **k):
+        ys, lti = orig_draw(*a, **k)
+        loss_tokens.append(sum(len(y) for y in ys))
+        return ys, lti
+    nrem._draw_samples = counted
+    try:
+        trainer = nrem.NREMTrainer(bank, tok, prompts, ncfg, seed=0, sampler=sampler,
+                                   anchor_texts=anchor_texts(cfg) if ncfg.anchor_weight > 0 else None)
+        pool_s = ph.acc.get("teacher_pool", 0.0)
+        steps, phases = [], []
+        for i in range(warm + iters):
+            if i == warm:
+                reset_peak(device)
+            ph.acc = {}
+            sync(device)
+            t = time.perf_counter()
+            rec = trainer.step()
+            sync(device)
+            if i >= warm:
+                steps.append(time.perf_counter() - t)
+                phases.append(dict(ph.acc))
+    finally:
+        nrem._draw_samples = orig_draw
+        for u in undo:
+            u()
+    step = statistics.median(steps)
+    per = {k: statistics.median(p.get(k, 0.0) for p in phases) for k in set().union(*phases)}
+    sampling = per.get("sampling", 0.0) + pool_s / ncfg.steps
+    toks = statistics.median(loss_tokens[warm:])
+    with torch.no_grad():
+        switch_ms = _switch_ms(bank, device)
+    out = {"mode": mode, "B": B, "new_tokens": new_tokens, "step_s": step + pool_s / ncfg.steps,
+           "loss_tokens": toks, "nrem_tok_s": toks / (step + pool_s / ncfg.steps),
+           "nrem_tok_s_nosample": toks / max(1e-9, step + pool_s / ncfg.steps - sampling),
+           "sampling_s": sampling, "teacher_pool_s": pool_s, "phases_s": per,
+           "peak_gib": peak_bytes(device) / 2**30, "switch_ms": switch_ms, "divergence": rec["divergence"],
+           "prompt_tokens": statistics.mean(len(tok.encode(p.teacher_prompt)) for p in prompts)}
+    del trainer, bank, sampler
+    free(device)
+    return out
+
+
+def _switch_ms(bank, device, n: int = 50) -> float:
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(n):
+        with bank.teacher_mode():
+            pass
+    sync(device)
+    return (time.perf_counter() - t) / n * 1000
+
+
+def bench_loss_memory(model, device, rows: int = 256, tokens: int = 64, chunk: int = 1024) -> dict:
+    """Peak memory of the fused JSD's forward and backward on rows x tokens positions."""
+    from sleepray.fused_losses import fused_jsd
+    from sleepray.lm_forward import Head
+    w = model.get_output_embeddings().weight
+    H = w.shape[1]
+    g = torch.Generator(device=device).manual_seed(0)
+    hs = torch.randn(rows * tokens, H, device=device, dtype=w.dtype, generator=g).requires_grad_(True)
+    ht = torch.randn(rows * tokens, H, device=device, dtype=w.dtype, generator=g)
+    free(device)
+    sync(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    reset_peak(device)
+    t = time.perf_counter()
+    fused_jsd(hs, ht, Head(w.detach()), 0.5, chunk=chunk).backward()
+    sync(device)
+    out = {"rows": rows, "tokens": tokens, "chunk": chunk, "seconds": time.perf_counter() - t,
+           "peak_gib": (peak_bytes(device) - base) / 2**30 if device.type == "cuda" else None,
+           "plain_logits_gib": 2 * rows * tokens * w.shape[0] * 4 / 2**30}
+    del hs, ht
+    free(device)
+    return out
+
+
+@torch.no_grad()
+def bench_decode(model, tok, B: int, new_tokens: int, device, prompt_tokens: int = 64, iters: int = 3) -> dict:
+    """ms per decode step of ``sampling.decode`` (prefill excluded), and the weight-read floor."""
+    from sleepray.sampling import decode
+    V = len(tok)
+    g = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(3, V, (B, prompt_tokens), device=device, generator=g)
+    attn = torch.ones_like(ids)
+    head = model.get_output_embeddings()
+    h = head.register_forward_hook(lambda _m, _i, out: out.index_fill_(-1, torch.arange(V, out.shape[-1],
+                                                                                        device=out.device), -1e9))
+    try:
+        def run(n):
+            sync(device)
+            t = time.perf_counter()
+            out = decode(model, ids, attn, n, 1.0, [], tok.pad_token_id)
+            sync(device)
+            return time.perf_counter() - t, out.shape[1]
+        run(4)
+        full = statistics.median(run(new_tokens)[0] for _ in range(iters))
+        one = statistics.median(run(1)[0] for _ in range(iters))   # the prefill and a first draw
+    finally:
+        h.remove()
+    _, bw = device_peaks(device)
+    return {"B": B, "decode_ms": (full - one) / max(1, new_tokens - 1) * 1000,
+            "decode_floor_ms": param_bytes(model) / bw * 1000 if bw else None}

@@ -1,0 +1,120 @@
+"""NREM's forward passes and losses on token rows: student and teacher, fused or plain.
+
+A row is a prompt's token ids followed by a continuation; the losses are taken on the
+continuation's positions only. :class:`Scorer` makes them for one NREM run:
+
+* fused (``nrem.fused_loss``): final hidden states at the scored positions, and the LM
+  head fused with the loss a chunk at a time (``sleepray.fused_losses``);
+* plain: full logits and ``sleepray.losses`` (the reference the fused path is tested
+  against, and the fallback for a model whose head ``lm_forward`` cannot split off);
+* with ``nrem.reuse_context_kv`` the teacher's rows of one episode share its context:
+  its keys and values are computed once per run (the teacher is frozen for the whole
+  NREM) and each teacher forward runs on the rows' own tokens after it.
+"""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Optional
+
+import torch
+
+from sleepray.fused_losses import _logprob, fused_jsd, fused_token_logprobs
+from sleepray.lm_forward import PrefixKV, UnsupportedModel, common_prefix, lm_parts, span_hidden
+from sleepray.losses import generalized_jsd
+
+log = logging.getLogger(__name__)
+
+
+class Scorer:
+    def __init__(self, bank, tok, ncfg, contexts: Optional[dict[str, list[str]]] = None):
+        """``contexts``: episode id -> its teacher prompts (what the shared prefix is found
+        from); without it every teacher forward reads the whole prompt."""
+        self.bank, self.tok, self.ncfg = bank, tok, ncfg
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.fused = ncfg.fused_loss and self._splits(bank.model)
+        self._prefix_len: dict[str, int] = {}
+        self._kv: dict[str, PrefixKV] = {}
+        if contexts and ncfg.reuse_context_kv and self.fused:
+            for ep, prompts in contexts.items():
+                self._prefix_len[ep] = common_prefix([tok.encode(p) for p in prompts])
+
+    @staticmethod
+    def _splits(model) -> bool:
+        try:
+            lm_parts(model)
+            return True
+        except UnsupportedModel as e:
+            log.warning("fused NREM losses off: %s", e)
+            return False
+
+    # ------------------------------------------------------------------ states
+    def _states(self, model, rows, starts, lens, prefix=None) -> torch.Tensor:
+        """[N, H] hidden states (fused) or [N, V] logits (plain) predicting each row's span."""
+        if self.fused:
+            return span_hidden(model, rows, starts, lens, self.pad, prefix)
+        device = next(model.parameters()).device
+        from sleepray.lm_forward import _gather, _right_padded
+        ids, attn = _right_padded(rows, self.pad, device)
+        return _gather(model(input_ids=ids, attention_mask=attn).logits, starts, lens)
+
+    def student(self, prompt_rows: list[list[int]], conts: list[list[int]]) -> torch.Tensor:
+        """States predicting ``conts`` after ``prompt_rows`` under the model now (gradient on)."""
+        return self._states(self.bank.model, [p + c for p, c in zip(prompt_rows, conts)],
+                            [len(p) for p in prompt_rows], [len(c) for c in conts])
+
+    @torch.no_grad()
+    def teacher(self, episodes: list[str], prompt_rows: list[list[int]], conts: list[list[int]]) -> torch.Tensor:
+        """The same under the model before expansion, the episode's context shared where cached."""
+        out: list = [None] * len(conts)
+        groups = defaultdict(list)
+        for i, ep in enumerate(episodes):
+            groups[ep if self._prefix_len.get(ep, 0) > 0 else None].append(i)
+        with self.bank.teacher_mode():
+            for ep, idx in groups.items():
+                p = self._prefix_len.get(ep, 0) if ep is not None else 0
+                prefix = self._context(ep, prompt_rows[idx[0]][:p]) if p else None
+                rows = [prompt_rows[i][p:] + conts[i] for i in idx]
+                states = self._states(self.bank.model, rows, [len(prompt_rows[i]) - p for i in idx],
+                                      [len(conts[i]) for i in idx], prefix)
+                for i, part in zip(idx, torch.split(states, [len(conts[i]) for i in idx])):
+                    out[i] = part
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def _context(self, ep: str, ids: list[int]) -> PrefixKV:
+        if ep not in self._kv:
+            self._kv[ep] = PrefixKV(self.bank.model, ids)
+        return self._kv[ep]
+
+    # ------------------------------------------------------------------ losses
+    def jsd(self, s_states: torch.Tensor, t_states: torch.Tensor, beta: float) -> torch.Tensor:
+        """Mean over positions of the generalized JSD(beta) between student and teacher."""
+        if self.fused:
+            return fused_jsd(s_states, t_states, lm_parts(self.bank.model)[1], beta, chunk=self.ncfg.loss_chunk)
+        return generalized_jsd(s_states, t_states, beta)
+
+    def token_logprobs(self, states: torch.Tensor, conts: list[list[int]]) -> torch.Tensor:
+        """log p of each continuation token, [N] (rows' tokens one after another)."""
+        targets = torch.tensor([t for c in conts for t in c], dtype=torch.long, device=states.device)
+        if self.fused:
+            return fused_token_logprobs(states, targets, lm_parts(self.bank.model)[1], self.ncfg.loss_chunk)
+        return _logprob(states, targets)
+
+    def anchor_kl(self, texts: list[str]) -> torch.Tensor:
+        """Mean per-token KL(model before expansion || student) on ``texts``."""
+        rows = [self.tok.encode(t) for t in texts]
+        starts, lens = [1] * len(rows), [len(r) - 1 for r in rows]
+        with torch.no_grad(), self.bank.teacher_mode():
+            t = self._states(self.bank.model, rows, starts, lens)
+        return self.jsd(self._states(self.bank.model, rows, starts, lens), t, 0.0)
+
+
+def padded(flat: torch.Tensor, lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N] values of rows of ``lens`` -> [B, max len] (0 padded) and the mask."""
+    L = max(lens) if lens else 0
+    out = flat.new_zeros((len(lens), L))
+    mask = torch.zeros((len(lens), L), dtype=torch.bool, device=flat.device)
+    for i, part in enumerate(torch.split(flat, lens)):
+        out[i, : len(part)] = part
+        mask[i, : len(part)] = True
+    return out, mask

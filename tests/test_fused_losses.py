@@ -1,0 +1,191 @@
+"""The fast learner's paths equal the plain ones: fused head+loss (values and gradients within
+1e-5 of ``losses.generalized_jsd`` and a full log-softmax), the teacher's shared context keys
+and values, the own decode loop against transformers' ``generate``, the teacher pool, and the
+expert bank's cached mode switch."""
+import random
+
+import pytest
+import torch
+
+from sleepray.config import load_config
+from sleepray.experts import ExpertBank
+from sleepray.fused_losses import fused_jsd, fused_token_logprobs
+from sleepray.lm_forward import Head, UnsupportedModel, common_prefix, lm_parts
+from sleepray.losses import generalized_jsd
+from sleepray.models import load_model
+from sleepray.nrem import _by_episode
+from sleepray.nrem_forward import Scorer
+from sleepray.nrem_samplers import TeacherPool
+from sleepray.prompts import consolidation_prompts
+from sleepray.sampling import sample_ids
+from sleepray.world import World
+
+
+def _head(V=50, H=16, softcap=None, scale=1.0, grad_w=False):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64).requires_grad_(grad_w)
+    return Head(w, None, scale, softcap)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("softcap,scale,grad_w", [(None, 1.0, False), (5.0, 0.5, True)])
+def test_fused_jsd_equals_the_plain_jsd_in_value_and_gradient(beta, softcap, scale, grad_w):
+    head = _head(softcap=softcap, scale=scale, grad_w=grad_w)
+    g = torch.Generator().manual_seed(1)
+    hs = torch.randn(37, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    ht = torch.randn(37, 16, generator=g, dtype=torch.float64)
+    plain = generalized_jsd(head(hs), head(ht), beta)
+    want = torch.autograd.grad(plain, [hs] + ([head.weight] if grad_w else []))
+    for chunk in (1, 8, 1000):      # chunks that do and do not divide N
+        fused = fused_jsd(hs, ht, head, beta, chunk=chunk)
+        got = torch.autograd.grad(fused, [hs] + ([head.weight] if grad_w else []))
+        assert fused.item() == pytest.approx(plain.item(), abs=1e-5, rel=1e-5)
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_token_logprobs_equal_a_full_log_softmax():
+    head = _head(softcap=7.0, grad_w=True)
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(23, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 50, (23,), generator=g)
+    weights = torch.randn(23, generator=g, dtype=torch.float64)   # a non-uniform upstream gradient
+    plain = torch.log_softmax(head(h).float(), -1).gather(-1, y[:, None])[:, 0]
+    want = torch.autograd.grad((plain * weights).sum(), [h, head.weight])
+    fused = fused_token_logprobs(h, y, head, chunk=5)
+    got = torch.autograd.grad((fused * weights).sum(), [h, head.weight])
+    assert torch.allclose(fused, plain, atol=1e-5)
+    for a, b in zip(got, want):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_jsd_rejects_mismatched_states():
+    head = _head()
+    with pytest.raises(ValueError, match="differ in shape"):
+        fused_jsd(torch.zeros(3, 16, dtype=torch.float64), torch.zeros(4, 16, dtype=torch.float64), head, 0.5)
+
+
+def test_common_prefix_leaves_every_row_a_token():
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 5]]) == 3
+    assert common_prefix([[1, 2, 3], [1, 2, 3, 9]]) == 2
+    assert common_prefix([[7, 1], [8, 1]]) == 0
+    assert common_prefix([[1, 2, 3]]) == 2
+
+
+@pytest.fixture(scope="module")
+def setup(seed_test_model):
+    model, tok = load_model(str(seed_test_model))
+    prompts = [p for e in World(3, 1, 0, 0, 1).episodes(2)
+               for p in consolidation_prompts(e, 6, random.Random(0))]
+    return str(seed_test_model), tok, prompts
+
+
+def _moved_bank(path, cfg):
+    torch.manual_seed(0)
+    bank = ExpertBank(load_model(path)[0], cfg.experts)
+    frozen = bank.open_new_expert()
+    with torch.no_grad():
+        for p in bank.slot_parameters(frozen):
+            p.add_(0.05 * torch.randn_like(p))
+    bank.freeze_current()
+    bank.open_new_expert()
+    with torch.no_grad():
+        for p in bank.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return bank
+
+
+def test_scorer_fused_with_shared_context_equals_the_plain_path(setup):
+    """Divergence, LTI log-probs, the anchor KL and every LoRA gradient: fused head+loss with the
+    teacher's context keys/values computed once == full logits and whole teacher prompts."""
+    path, tok, prompts = setup
+    ys = [tok.encode(f" answer {i}\n", add_special_tokens=False) for i in range(len(prompts))]
+    out = {}
+    for fused in (False, True):
+        cfg = load_config(None, [f"nrem.fused_loss={fused}", f"nrem.reuse_context_kv={fused}", "nrem.loss_chunk=7"])
+        bank = _moved_bank(path, cfg)
+        sc = Scorer(bank, tok, cfg.nrem, contexts=_by_episode(prompts))
+        assert sc.fused is fused and (min(sc._prefix_len.values()) > 10 if fused else not sc._prefix_len)
+        rows = [tok.encode(p.prompt) for p in prompts]
+        s = sc.student(rows, ys)
+        t = sc.teacher([p.episode_id for p in prompts], [tok.encode(p.teacher_prompt) for p in prompts], ys)
+        div = sc.jsd(s, t, 0.5)
+        lp = sc.token_logprobs(s, ys)
+        kl = sc.anchor_kl(["Some text that has nothing to do with it.", "Another line."])
+        (div + lp.mean() + kl).backward()
+        out[fused] = (div.item(), lp.detach(), kl.item(), [p.grad.clone() for p in bank.trainable_parameters()])
+    (d0, lp0, kl0, g0), (d1, lp1, kl1, g1) = out[False], out[True]
+    assert d1 == pytest.approx(d0, rel=1e-5, abs=1e-6) and d0 > 0
+    assert kl1 == pytest.approx(kl0, rel=1e-5, abs=1e-6) and kl0 > 0
+    assert torch.allclose(lp0, lp1, atol=1e-5)
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_a_model_whose_head_does_more_is_refused_and_scored_plainly(setup):
+    path, tok, prompts = setup
+    model = load_model(path)[0]
+    model.config.final_logit_softcapping = None
+    model.config.logit_scale = 2.0      # claims a scale the model does not apply
+    with pytest.raises(UnsupportedModel):
+        lm_parts(model)
+    cfg = load_config(None, [])
+    bank = ExpertBank(model, cfg.experts)
+    assert Scorer(bank, tok, cfg.nrem).fused is False
+
+
+@pytest.mark.parametrize("stop", [("\n",), ("\nQ:",), ()])
+def test_the_own_decode_loop_draws_what_generate_draws(setup, stop):
+    path, tok, prompts = setup
+    model = load_model(path)[0]
+    texts = [p.teacher_prompt for p in prompts[:6]] * 2          # repeated rows are read once
+    pre = [tok.encode(" The", add_special_tokens=False)] * len(texts)
+    a = sample_ids(model, tok, texts, 16, 1.0, prefix_ids=pre, stop=stop, seed=5, loop="generate")
+    b = sample_ids(model, tok, texts, 16, 1.0, prefix_ids=pre, stop=stop, seed=5, loop="own")
+    assert a == b and any(len(x) > 1 for x in a)
+
+
+def test_the_teacher_pool_samples_once_and_draws_from_it(setup):
+    _, _, prompts = setup
+    calls = []
+
+    class Counting:
+        def teacher(self, ps):
+            calls.append(len(ps))
+            return [[len(calls), i] for i, _ in enumerate(ps)]
+
+    tp = [p.teacher_prompt for p in prompts]
+    pool = TeacherPool(Counting(), tp + tp, 3, random.Random(0), batch=10)
+    assert sum(calls) == 3 * len(set(tp)) and max(calls) <= 10
+    before = len(calls)
+    for _ in range(5):
+        for p, got in zip(tp, pool.teacher(tp)):
+            assert got in pool.pool[p]
+    assert len(calls) == before                          # every later draw came from the pool
+    assert all(len(v) == 3 for v in pool.pool.values())
+
+
+def test_the_cached_mode_switch_matches_peft_and_keeps_grad_flags(setup):
+    path, tok, _ = setup
+    cfg = load_config(None, [])
+    bank = _moved_bank(path, cfg)
+    x = torch.tensor([tok.encode("Q: Where does the person live?\nA:")])
+    trainable = {id(p) for p in bank.trainable_parameters()}
+    with torch.no_grad():
+        with bank.teacher_mode():
+            teacher = bank.model(input_ids=x).logits
+        student = bank.model(input_ids=x).logits
+        bank.model.base_model.set_adapter(list(bank.on), inference_mode=True)   # PEFT's own switch
+        want_teacher = bank.model(input_ids=x).logits
+        bank.reactivate()
+        with bank.model.disable_adapter():
+            base = bank.model(input_ids=x).logits
+        bank.reactivate()
+    assert torch.allclose(teacher, want_teacher, atol=1e-6)
+    assert not torch.allclose(teacher, student) and not torch.allclose(teacher, base)
+    assert {id(p) for p in bank.model.parameters() if p.requires_grad} == trainable
+    bank.freeze_current()
+    bank.reset(bank.on)
+    with torch.no_grad(), bank.teacher_mode():                # nothing on: the base model
+        assert torch.allclose(bank.model(input_ids=x).logits, base, atol=1e-6)
+    assert not any(p.requires_grad for p in bank.model.parameters())
