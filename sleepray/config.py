@@ -122,7 +122,7 @@ class NREMConfig(_Anchored):
                                                       "and its context fixed); 0 = sample the teacher every step")
     fused_loss: bool = Field(True, description="losses from hidden states at the scored positions, the LM head "
                                                "and the loss fused a chunk at a time; false: full logits")
-    loss_chunk: int = Field(1024, ge=1, description="positions per chunk of the fused losses")
+    loss_chunk: int = Field(512, ge=1, description="positions per chunk of the fused losses (peak memory ~ 6 x chunk x vocabulary x 4 bytes)")
     reuse_context_kv: bool = Field(True, description="the teacher's episode context is run once per NREM and its "
                                                      "keys/values reused by every teacher forward")
 

@@ -364,7 +364,7 @@ def _switch_ms(bank, device, n: int = 50) -> float:
     return (time.perf_counter() - t) / n * 1000
 
 
-def bench_loss_memory(model, device, rows: int = 256, tokens: int = 64, chunk: int = 1024) -> dict:
+def bench_loss_memory(model, device, rows: int = 256, tokens: int = 64, chunk: int = 512) -> dict:
     """Peak memory of the fused JSD's forward and backward on rows x tokens positions."""
     from sleepray.fused_losses import fused_jsd
     from sleepray.lm_forward import Head
