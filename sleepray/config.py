@@ -122,6 +122,9 @@ class NREMConfig(_Anchored):
                                                       "and its context fixed); 0 = sample the teacher every step")
     fused_loss: bool = Field(True, description="losses from hidden states at the scored positions, the LM head "
                                                "and the loss fused a chunk at a time; false: full logits")
+    decode: Literal["auto", "own", "graph"] = Field(
+        "auto", description="the learner's own sampling loop: eager ('own'), or each decode step replayed from a "
+                            "CUDA graph over a static KV cache ('graph'); auto: graph on a GPU, own on CPU")
     loss_chunk: int = Field(512, ge=1, description="positions per chunk of the fused losses (peak memory ~ 6 x chunk x vocabulary x 4 bytes)")
     reuse_context_kv: bool = Field(True, description="the teacher's episode context is run once per NREM and its "
                                                      "keys/values reused by every teacher forward")
@@ -227,6 +230,11 @@ class RayConfig(_Section):
     use_gpu: bool = False
     rollout_engine: Literal["auto", "vllm", "transformers"] = Field(
         "auto", description="engine of the RolloutWorkers (auto: vLLM where it imports)")
+    nrem_sampling: Literal["auto", "rollouts", "learner"] = Field(
+        "auto", description="where NREM's samples come from on Ray: the RolloutWorkers (the student as a draft "
+                            "adapter published every publish_every steps) or the learner's own decode loop (no "
+                            "round trip, no drafts); auto: rollouts with ray.use_gpu, else the learner (on CPU "
+                            "the learner's loop is several times faster for a small model)")
     publish_every: int = Field(10, ge=1, description="NREM steps between adapter publishes to the rollouts")
     checkpoint_every: int = Field(10, ge=1, description="NREM steps between Ray Train checkpoints")
     max_failures: int = Field(2, ge=0, description="Ray Train FailureConfig.max_failures")

@@ -26,6 +26,7 @@ vocabulary) unless a folder is given; sampled ids are kept inside the tokenizer'
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import random
 import statistics
@@ -249,22 +250,19 @@ def bench_bare(make_model: Callable, variant: BareVariant, B: int, S: int, devic
 
 class _InVocab:
     """While sampling, logits above the tokenizer's vocabulary are -inf (random weights would
-    otherwise pick ids the tokenizer cannot decode); losses keep the full vocabulary."""
+    otherwise pick ids the tokenizer cannot decode); losses keep the full vocabulary. One hook,
+    installed once and switched by a flag (a compiled decode step is not re-traced per call)."""
 
     def __init__(self, sampler, model, n: int):
-        self.inner, self.model, self.n = sampler, model, n
+        self.inner, self.on = sampler, {"on": False}
+        self.remove = mask_above(model, n, self.on).remove
 
     def _masked(self, fn, *a):
-        head = self.model.get_output_embeddings()
-
-        def hook(_m, _i, out):
-            out[..., self.n:] = float("-inf")
-            return out
-        h = head.register_forward_hook(hook)
+        self.on["on"] = True
         try:
             return fn(*a)
         finally:
-            h.remove()
+            self.on["on"] = False
 
     def teacher(self, prompts):
         return self._masked(self.inner.teacher, prompts)
@@ -274,6 +272,16 @@ class _InVocab:
 
     def complete(self, prompts, prefixes):
         return self._masked(self.inner.complete, prompts, prefixes)
+
+
+def mask_above(model, n: int, flag: dict | None = None):
+    """A forward hook on the output embedding: logits of ids >= ``n`` set to -1e9 (while
+    ``flag["on"]``, when given); returns the hook handle."""
+    def hook(_m, _i, out):
+        if flag is None or flag["on"]:
+            out[..., n:] = -1e9
+        return out
+    return model.get_output_embeddings().register_forward_hook(hook)
 
 
 NREM_MODES = {
@@ -300,7 +308,8 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
     prompts = consolidation_prompts(episode, ncfg.prompts_per_episode, random.Random(0))
     bank = ExpertBank(model, cfg.experts)
     bank.open_new_expert()
-    sampler = _InVocab(nrem_samplers.LocalSampler(bank, tok, new_tokens, ncfg.temperature), model, len(tok))
+    sampler = _InVocab(nrem_samplers.LocalSampler(bank, tok, new_tokens, ncfg.temperature, ncfg.decode),
+                       model, len(tok))
     ph = Phases(device)
     undo = [ph.wrap(nrem_samplers.TeacherPool, "__init__", "teacher_pool"),
             ph.wrap(_InVocab, "teacher", "sampling"), ph.wrap(_InVocab, "complete", "sampling"),
@@ -335,6 +344,7 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
                 phases.append(dict(ph.acc))
     finally:
         nrem._draw_samples = orig_draw
+        sampler.remove()
         for u in undo:
             u()
     step = statistics.median(steps)
@@ -391,26 +401,38 @@ def bench_loss_memory(model, device, rows: int = 256, tokens: int = 64, chunk: i
 @torch.no_grad()
 def bench_decode(model, tok, B: int, new_tokens: int, device, prompt_tokens: int = 64, iters: int = 3) -> dict:
     """ms per decode step of ``sampling.decode`` (prefill excluded), and the weight-read floor."""
-    from sleepray.sampling import decode
+    from sleepray.sampling import decode, decode_static
     V = len(tok)
     g = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(3, V, (B, prompt_tokens), device=device, generator=g)
     attn = torch.ones_like(ids)
-    head = model.get_output_embeddings()
-    h = head.register_forward_hook(lambda _m, _i, out: out.index_fill_(-1, torch.arange(V, out.shape[-1],
-                                                                                        device=out.device), -1e9))
+    h = mask_above(model, V)
+    out = {"B": B}
+    loops = {"own": decode, "graph": functools.partial(decode_static, graphs=True)} if device.type == "cuda" \
+        else {"own": decode}
     try:
-        def run(n):
-            sync(device)
-            t = time.perf_counter()
-            out = decode(model, ids, attn, n, 1.0, [], tok.pad_token_id)
-            sync(device)
-            return time.perf_counter() - t, out.shape[1]
-        run(4)
-        full = statistics.median(run(new_tokens)[0] for _ in range(iters))
-        one = statistics.median(run(1)[0] for _ in range(iters))   # the prefill and a first draw
+        for name, fn in loops.items():
+            def run(n):
+                sync(device)
+                t = time.perf_counter()
+                fn(model, ids, attn, n, 1.0, [], tok.pad_token_id)
+                sync(device)
+                return time.perf_counter() - t
+            t0 = time.perf_counter()
+            run(new_tokens)                                   # warm-up (records the graphs)
+            out[f"{name}_warmup_s"] = time.perf_counter() - t0
+            full = statistics.median(run(new_tokens) for _ in range(iters))
+            one = statistics.median(run(1) for _ in range(iters))   # the prefill and a first draw
+            out[f"{name}_decode_ms"] = (full - one) / max(1, new_tokens - 1) * 1000
+        if "graph" in loops:                                  # the graphed step's logits vs eager
+            torch.manual_seed(0)
+            a = decode(model, ids, attn, 8, 1e-4, [], tok.pad_token_id)
+            torch.manual_seed(0)
+            b = decode_static(model, ids, attn, 8, 1e-4, [], tok.pad_token_id, graphs=True)
+            out["graph_equal_greedy_frac"] = float((a == b).float().mean())
     finally:
         h.remove()
     _, bw = device_peaks(device)
-    return {"B": B, "decode_ms": (full - one) / max(1, new_tokens - 1) * 1000,
-            "decode_floor_ms": param_bytes(model) / bw * 1000 if bw else None}
+    out["decode_ms"] = min(v for k, v in out.items() if k.endswith("_decode_ms"))
+    out["decode_floor_ms"] = param_bytes(model) / bw * 1000 if bw else None
+    return out

@@ -246,7 +246,7 @@ class NREMTrainer:
             judge = make_judge(ncfg, bank, tok) if ncfg.gamma > 0 else None
         self.judge = judge
         sampler = sampler or hooks.make_sampler(bank, tok, ncfg, self.start) \
-            or LocalSampler(bank, tok, ncfg.max_new_tokens, ncfg.temperature)
+            or LocalSampler(bank, tok, ncfg.max_new_tokens, ncfg.temperature, ncfg.decode)
         bank.model.eval()  # no dropout; the LoRA weights still train
         if ncfg.teacher_samples and (ncfg.lam < 1 or (ncfg.use_lti and ncfg.alpha < 1)):
             sampler = TeacherPool(sampler, [p.teacher_prompt for p in prompts], ncfg.teacher_samples, self.rng)

@@ -31,16 +31,20 @@ def _nonempty(ids: list[int], newline: int) -> list[int]:
 
 
 class LocalSampler:
-    def __init__(self, bank, tok, max_new_tokens: int, temperature: float):
+    def __init__(self, bank, tok, max_new_tokens: int, temperature: float, decode: str = "auto"):
+        """``decode``: ``nrem.decode`` (auto: CUDA graphs on a GPU, the eager loop on CPU)."""
         self.bank, self.tok = bank, tok
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.newline = tok.encode("\n", add_special_tokens=False)[-1]
         self.stop = format_of(tok).stop
+        on_gpu = next(bank.model.parameters()).device.type == "cuda"
+        self.loop = ("graph" if on_gpu else "own") if decode == "auto" else decode
 
     def _sample(self, prompts, prefixes=None) -> Samples:
         from sleepray.sampling import sample_ids
         return [_nonempty(ids, self.newline) for ids in sample_ids(
-            self.bank.model, self.tok, prompts, self.max_new_tokens, self.temperature, prefixes, self.stop)]
+            self.bank.model, self.tok, prompts, self.max_new_tokens, self.temperature, prefixes, self.stop,
+            loop=self.loop)]
 
     def teacher(self, prompts: list[str]) -> Samples:
         with self.bank.teacher_mode():

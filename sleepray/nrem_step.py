@@ -98,9 +98,10 @@ class StepRecorder:
 class LearnerHooks(nrem.NREMHooks):
     """The hooks of a learner run beside generation engines (the Ray Train learner's).
 
-    Samples come from ``pool.generate`` with the teacher (``teacher``: the latest version,
-    None: the base) and the student as LoRA adapters: the student is a draft adapter that
-    rank 0 exports and ``pool.publish``-es every ``ray.publish_every`` steps. Every
+    With ``ray.nrem_sampling`` on the rollouts, samples come from ``pool.generate`` with the
+    teacher (``teacher``: the latest version, None: the base) and the student as LoRA adapters:
+    the student is a draft adapter that rank 0 exports and ``pool.publish``-es every
+    ``ray.publish_every`` steps; on the learner, from its own decode loop. Every
     ``ray.checkpoint_every`` steps rank 0 saves the expert and optimizer (safetensors) and
     hands the folder to ``report(metrics, folder)``; every rank reports every step. A run
     restarts from ``checkpoint()`` (a context giving the last reported folder, or None).
@@ -121,8 +122,16 @@ class LearnerHooks(nrem.NREMHooks):
             log.info("NREM %s rank %d: resumed from the checkpoint at step %d", self.rec.sleep_id, self.rank, step)
         return step
 
+    @property
+    def on_rollouts(self) -> bool:
+        """Whether NREM samples on the RolloutWorkers (``ray.nrem_sampling``)."""
+        mode = self.cfg.ray.nrem_sampling
+        return mode == "rollouts" or (mode == "auto" and self.cfg.ray.use_gpu)
+
     def make_sampler(self, bank, tok, ncfg, start: int):
-        self.bank = bank
+        self.bank, self.sampler = bank, None
+        if not self.on_rollouts:
+            return None               # the learner's own loop (nrem.LocalSampler)
         self.sampler = EngineSampler(self.pool.generate, tok, ncfg.max_new_tokens, ncfg.temperature,
                                      AdapterRef(**self.teacher) if self.teacher else AdapterRef(None),
                                      self.draft(start),
@@ -148,8 +157,9 @@ class LearnerHooks(nrem.NREMHooks):
             if self.rank == 0 and (done % ray_cfg.checkpoint_every == 0 or done == steps):
                 folder = str(save_train_state(tmp, params, opt, {"step": done, "sleep_id": self.rec.sleep_id}))
             self.report({**metrics, "step": done}, folder)
-        if done % ray_cfg.publish_every == 0 and done < steps:
+        if self.sampler is not None and done % ray_cfg.publish_every == 0 and done < steps:
             self.sampler.student_ref = self.draft(done)
 
     def summary(self) -> dict:
-        return {"rollout_workers": len(self.pool.workers)}
+        return {"rollout_workers": len(self.pool.workers),
+                "nrem_sampling": "rollouts" if self.on_rollouts else "learner"}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Sequence
 
 import torch
@@ -35,8 +36,9 @@ def sample_ids(model, tok, prompts: list[str], max_new_tokens: int, temperature:
     Left-padded batch, plain ancestral sampling (no top-k/top-p). Each continuation ends
     before EOS/padding, or just after the first of the ``stop`` strings (its tokens kept).
     ``loop``: "own" (:func:`decode`: one forward per token, logits of the last position
-    only, no per-step processors) or "generate" (transformers' ``generate``, the reference:
-    with the same seed both draw the same tokens).
+    only, no per-step processors), "static" / "graph" (:func:`decode_static`: a static KV
+    cache; "graph" replays each decode step from a CUDA graph) or "generate" (transformers'
+    ``generate``, the reference: with the same seed "own" and "static" draw the same tokens).
     """
     stop_ids, stop_texts = stop_token_ids(tok, stop)
     rows = [tok.encode(p) + (prefix_ids[i] if prefix_ids else []) for i, p in enumerate(prompts)]
@@ -49,10 +51,11 @@ def sample_ids(model, tok, prompts: list[str], max_new_tokens: int, temperature:
     device = next(model.parameters()).device
     eos = [tok.eos_token_id, *stop_ids] if stop_ids else tok.eos_token_id
     with _seeded(device, seed):
-        if loop == "own":
-            out = decode(model, ids.to(device), attn.to(device), max_new_tokens, temperature,
-                         [tok.eos_token_id, *stop_ids], tok.pad_token_id,
-                         (lambda row: any(s in tok.decode(row[-8:]) for s in stop_texts)) if stop_texts else None)
+        if loop in ("own", "static", "graph"):
+            fn = decode if loop == "own" else functools.partial(decode_static, graphs=loop == "graph")
+            out = fn(model, ids.to(device), attn.to(device), max_new_tokens, temperature,
+                     [tok.eos_token_id, *stop_ids], tok.pad_token_id,
+                     (lambda row: any(s in tok.decode(row[-8:]) for s in stop_texts)) if stop_texts else None)
         elif loop == "generate":
             extra = {"stop_strings": stop_texts, "tokenizer": tok} if stop_texts else {}
             out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
@@ -97,6 +100,74 @@ def decode(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, te
         pos = pos + 1
         out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
                     use_cache=True)
+    return torch.stack(toks, 1) if toks else ids.new_zeros((B, 0))
+
+
+def _draw(logits: torch.Tensor, temperature: float, done: torch.Tensor, pad_id: int) -> torch.Tensor:
+    nxt = torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1)[:, 0]
+    return torch.where(done, torch.full_like(nxt, pad_id), nxt)
+
+
+_STATIC: dict = {}     # (model id, batch, length, dtype) -> a StaticCache reused across calls
+
+
+def _static_cache(model, B: int, L: int):
+    from transformers import StaticCache
+    key = (id(model), B, L)
+    if key not in _STATIC:
+        if len(_STATIC) >= 8:
+            _STATIC.clear()
+        _STATIC[key] = StaticCache(config=model.config, max_cache_len=L)
+    cache = _STATIC[key]
+    cache.reset()
+    return cache
+
+
+def _graph_step(model):
+    """The decode step of ``model``, compiled once per model with CUDA graphs ("reduce-overhead"):
+    each step is replayed from a recorded graph instead of launching every kernel from Python."""
+    fn = getattr(model, "_sleepray_decode_step", None)
+    if fn is None:
+        def one(input_ids, position_ids, cache_position, attention_mask, cache):
+            return model(input_ids=input_ids, position_ids=position_ids, cache_position=cache_position,
+                         attention_mask=attention_mask, past_key_values=cache, use_cache=True).logits[:, -1]
+        fn = torch.compile(one, mode="reduce-overhead", dynamic=False)
+        object.__setattr__(model, "_sleepray_decode_step", fn)
+    return fn
+
+
+def decode_static(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, temperature: float,
+                  stop_ids: list[int], pad_id: int, stopped=None, graphs: bool = False) -> torch.Tensor:
+    """:func:`decode` over a static KV cache (length rounded up to 64, reused across calls of the
+    same shape) and a fixed-size attention mask, so that every decode step has the same shapes
+    and addresses; ``graphs``: each step replayed from a CUDA graph (``torch.compile``
+    "reduce-overhead"; the first calls of a shape record it). Draws as :func:`decode`."""
+    B, n = ids.shape
+    L = -(-(n + max_new_tokens) // 64) * 64
+    cache = _static_cache(model, B, L)
+    mask = attn.new_zeros((B, L))
+    mask[:, :n] = attn
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                   cache_position=torch.arange(n, device=ids.device), logits_to_keep=1).logits[:, -1]
+    step = _graph_step(model) if graphs else (
+        lambda i, p, c, m, kv: model(input_ids=i, position_ids=p, cache_position=c, attention_mask=m,
+                                     past_key_values=kv, use_cache=True).logits[:, -1])
+    pos = pos[:, -1:].clone()
+    stop = torch.tensor(sorted(set(stop_ids)), device=ids.device)
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    toks: list[torch.Tensor] = []
+    for t in range(max_new_tokens):
+        nxt = _draw(logits, temperature, done, pad_id)
+        toks.append(nxt)
+        done = done | torch.isin(nxt, stop)
+        if stopped is not None:
+            done = done | torch.tensor([stopped(r) for r in torch.stack(toks, 1).tolist()], device=ids.device)
+        if bool(done.all()) or len(toks) == max_new_tokens:
+            break
+        mask[:, n + t] = 1
+        pos = pos + 1
+        logits = step(nxt[:, None], pos, torch.tensor([n + t], device=ids.device), mask, cache).clone()
     return torch.stack(toks, 1) if toks else ids.new_zeros((B, 0))
 
 

@@ -74,7 +74,8 @@ def stop(coord):
 
 def test_sleep_with_vllm_rollouts_survives_a_killed_rollout_worker(ray_client, tmp_path, seed_test_model):
     cfg = make_cfg(tmp_path, seed_test_model, "ray.rollout_engine=vllm", "nrem.steps=8",
-                   "ray.publish_every=2", "ray.checkpoint_every=4", "rem.enabled=false")
+                   "ray.nrem_sampling=rollouts", "ray.publish_every=2", "ray.checkpoint_every=4",
+                   "rem.enabled=false")
     ids = add_episodes(tmp_path, 6101)
     coord = coordinator.start(cfg, watch=False)
     try:
@@ -89,7 +90,8 @@ def test_sleep_with_vllm_rollouts_survives_a_killed_rollout_worker(ray_client, t
         assert after["pid"] != before["pid"]                  # Ray restarted the worker
         assert "v0001" in after["adapters"]                    # and the new version reached it
         nrem = st["last_sleep"]["metrics"]["nrem"]
-        assert nrem["step"] == 8 and nrem["rollout_workers"] == 1
+        assert nrem["step"] == 8 and nrem["rollout_workers"] == 1 and nrem["nrem_sampling"] == "rollouts"
+        assert len(list((tmp_path / "sleeps").glob("s*/nrem/drafts/*-d00002"))) == 1   # drafts published
         assert_consolidated_once(tmp_path, ids)
     finally:
         stop(coord)
@@ -114,6 +116,8 @@ def test_memory_pressure_starts_a_sleep_and_a_killed_learner_worker_resumes(ray_
         nrem = st["last_sleep"]["metrics"]["nrem"]
         assert nrem["step"] == 8 and nrem["resumed_from"] >= 2     # restored, not restarted
         assert nrem["learner_workers"] == 2
+        # on CPU (ray.use_gpu false) NREM samples with the learner's own loop: no drafts published
+        assert nrem["nrem_sampling"] == "learner" and not list((tmp_path / "sleeps").glob("s*/nrem/drafts/*"))
         assert_consolidated_once(tmp_path, ids)
     finally:
         stop(coord)
