@@ -29,7 +29,7 @@ def _tokenizer():
     return load_model(resolve_model_path("seed:test"))[1]
 
 
-def learner_records(args) -> list[dict]:
+def learner_records(args, save=lambda records: None) -> list[dict]:
     import torch
 
     from sleepray import learner_bench as lb
@@ -56,6 +56,7 @@ def learner_records(args) -> list[dict]:
             del model
             lb.free(device)
             records.append(_headline(rec))
+            save(records)                      # written after every record: a cut run keeps its part
             log.info("%s", json.dumps({k: v for k, v in records[-1].items() if not isinstance(v, (list, dict))}))
     return records
 
@@ -167,7 +168,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="16,64")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--seq", type=int, default=512, help="tokens per row of the bare loop")
-    ap.add_argument("--bare", default="peft,tuned", help="bare-loop variants: peft, tuned, tuned_compile")
+    ap.add_argument("--bare", default="peft,tuned", help="bare-loop variants: peft, tuned (liger's fused linear "
+                                                          "CE where installed), tuned_chunked, tuned_compile")
     ap.add_argument("--modes", default="alpha1,lti,anchor", help="NREM modes: alpha1, lti, anchor")
     ap.add_argument("--warm", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
@@ -190,7 +192,9 @@ def main(argv=None) -> int:
         records = [{**cpu_default_record(args.overrides), **meta}]
     else:
         out = Path(args.out or f"docs/results/bench_learner_{args.device}.json")
-        records = [{**r, **meta} for r in learner_records(args)]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        records = [{**r, **meta} for r in learner_records(
+            args, lambda rs: out.write_text(json.dumps([{**r, **meta} for r in rs], indent=1)))]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=1))
     if not args.cpu_default:

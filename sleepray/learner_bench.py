@@ -192,8 +192,9 @@ class BareVariant:
 
 BARE_VARIANTS = {
     "peft": BareVariant("peft", False, False, "hf"),
-    "tuned": BareVariant("tuned", True, True, "chunked"),
-    "tuned_compile": BareVariant("tuned_compile", True, True, "chunked", compile=True),
+    "tuned": BareVariant("tuned", True, True, "liger"),
+    "tuned_chunked": BareVariant("tuned_chunked", True, True, "chunked"),
+    "tuned_compile": BareVariant("tuned_compile", True, True, "liger", compile=True),
 }
 
 
@@ -215,10 +216,17 @@ def bench_bare(make_model: Callable, variant: BareVariant, B: int, S: int, devic
     inner = pm.base_model.model
     backbone = torch.compile(inner.model) if variant.compile else inner.model
 
+    loss_kind = variant.loss if (variant.loss != "liger" or liger_available(device)) else "chunked"
+    if loss_kind == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        lce = LigerFusedLinearCrossEntropyLoss()
+
     def loss_fn(ids):
-        if variant.loss == "hf":
+        if loss_kind == "hf":
             return pm(input_ids=ids, labels=ids, use_cache=False).loss
         h = backbone(input_ids=ids, use_cache=False).last_hidden_state[:, :-1].reshape(-1, model.config.hidden_size)
+        if loss_kind == "liger":
+            return lce(inner.lm_head.weight, h, ids[:, 1:].reshape(-1))
         return _chunked_ce(h, inner.lm_head.weight, ids[:, 1:].reshape(-1))
 
     times = []
@@ -237,7 +245,7 @@ def bench_bare(make_model: Callable, variant: BareVariant, B: int, S: int, devic
     step = statistics.median(times)
     peak, _ = device_peaks(device)
     tokens = B * S
-    out = {"variant": variant.name, "lora_bf16": variant.lora_bf16, "liger": bool(liger), "loss": variant.loss,
+    out = {"variant": variant.name, "lora_bf16": variant.lora_bf16, "liger": bool(liger), "loss": loss_kind,
            "compile": variant.compile, "B": B, "S": S, "step_s": step, "tok_s": tokens / step,
            "mfu_6n": 6 * N * tokens / step / peak if peak else None, "peak_gib": peak_bytes(device) / 2**30,
            "N": N}
