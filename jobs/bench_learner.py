@@ -30,6 +30,9 @@ def _tokenizer():
 
 
 def learner_records(args, save=lambda records: None) -> list[dict]:
+    """Every (shape, batch): the NREM modes, loss memory and decode first for all of them, then the
+    bare loops (liger-kernel patches transformers' classes process-wide once applied, and its
+    Triton kernels do not compile inside the CUDA-graph decode step)."""
     import torch
 
     from sleepray import learner_bench as lb
@@ -37,27 +40,31 @@ def learner_records(args, save=lambda records: None) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tok = _tokenizer()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    combos = [(shape, int(B)) for shape in args.shapes.split(",") for B in args.batches.split(",")]
     records = []
-    for shape in args.shapes.split(","):
+    for shape, B in combos:
         make = lambda: lb.build_model(shape, device, dtype, tok)   # noqa: E731
-        for B in [int(b) for b in args.batches.split(",")]:
-            rec = {"device": name, "shape": shape, "batch": B, "new_tokens": args.new_tokens, "dtype": str(dtype)}
-            log.info("%s B=%d: bare loop", shape, B)
-            rec["bare"] = [_safe(lb.bench_bare, make, lb.BARE_VARIANTS[v], B, args.seq, device, args.warm,
-                                 args.iters) for v in args.bare.split(",")]
-            rec["nrem"] = []
-            for mode in args.modes.split(","):
-                log.info("%s B=%d: NREM %s", shape, B, mode)
-                rec["nrem"].append(_safe(lb.bench_nrem, make(), tok, mode, B, args.new_tokens, device,
-                                         args.warm, args.iters))
-            model = make()
-            rec["loss_memory"] = _safe(lb.bench_loss_memory, model, device)
-            rec["decode"] = _safe(lb.bench_decode, _with_expert(model), tok, B, args.new_tokens, device)
-            del model
-            lb.free(device)
-            records.append(_headline(rec))
-            save(records)                      # written after every record: a cut run keeps its part
-            log.info("%s", json.dumps({k: v for k, v in records[-1].items() if not isinstance(v, (list, dict))}))
+        rec = {"device": name, "shape": shape, "batch": B, "new_tokens": args.new_tokens, "dtype": str(dtype),
+               "nrem": []}
+        for mode in args.modes.split(","):
+            log.info("%s B=%d: NREM %s", shape, B, mode)
+            rec["nrem"].append(_safe(lb.bench_nrem, make(), tok, mode, B, args.new_tokens, device,
+                                     args.warm, args.iters))
+        model = make()
+        rec["loss_memory"] = _safe(lb.bench_loss_memory, model, device)
+        rec["decode"] = _safe(lb.bench_decode, _with_expert(model), tok, B, args.new_tokens, device)
+        del model
+        lb.free(device)
+        records.append(rec)
+    for rec in records:
+        shape, B = rec["shape"], rec["batch"]
+        make = lambda: lb.build_model(shape, device, dtype, tok)   # noqa: E731
+        log.info("%s B=%d: bare loop", shape, B)
+        rec["bare"] = [_safe(lb.bench_bare, make, lb.BARE_VARIANTS[v], B, args.seq, device, args.warm,
+                             args.iters) for v in args.bare.split(",")]
+        _headline(rec)
+        save([r for r in records if "bare" in r])     # written after every record: a cut run keeps its part
+        log.info("%s", json.dumps({k: v for k, v in rec.items() if not isinstance(v, (list, dict))}))
     return records
 
 

@@ -131,6 +131,7 @@ def _graph_step(model):
         def one(input_ids, position_ids, cache_position, attention_mask, cache):
             return model(input_ids=input_ids, position_ids=position_ids, cache_position=cache_position,
                          attention_mask=attention_mask, past_key_values=cache, use_cache=True).logits[:, -1]
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         fn = torch.compile(one, mode="reduce-overhead", dynamic=False)
         object.__setattr__(model, "_sleepray_decode_step", fn)
     return fn
