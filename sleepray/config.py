@@ -244,7 +244,8 @@ class RayConfig(_Section):
         default_factory=dict, description="extra Ray resources per RolloutWorker, e.g. {rollout: 1} "
                                           "to place them on cluster.yaml's rollout_gpu nodes")
     learner_resources: dict[str, float] = Field(
-        default_factory=dict, description="extra Ray resources per Ray Train worker, e.g. {learner: 1}")
+        default_factory=dict, description="extra Ray resources per Ray Train worker, e.g. {learner: 1}; "
+                                          "{CPU: n} gives it n CPUs (and n torch threads) instead of 1")
     release_between_sleeps: bool = Field(
         False, description="stop the RolloutWorkers after each sleep (autoscaling clusters give the nodes back)")
 
