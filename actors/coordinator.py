@@ -25,7 +25,8 @@ NAME = "coordinator"
 
 
 class RayBackend:
-    """NREM on a Ray Train run fed by RolloutWorkers; REM on a one-worker Ray Train run."""
+    """NREM on a Ray Train run, REM on a one-worker Ray Train run; both fed by the RolloutWorkers
+    when ``ray.sampling`` says so."""
 
     def __init__(self, cfg):
         self.cfg, self.pool = cfg, None
@@ -48,7 +49,7 @@ class RayBackend:
 
     def rem(self, cfg, store: Storage, rec) -> dict:
         from actors.learner import fit_step
-        return fit_step(cfg, store, rec, "rem", 1)
+        return fit_step(cfg, store, rec, "rem", 1, pool=self._pool(store) if cfg.ray.samples_on_rollouts else None)
 
     def published(self, version_dir: Path):
         return self.pool.publish(version_dir.name, str(version_dir)) if self.pool is not None else None

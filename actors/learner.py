@@ -36,7 +36,7 @@ def _step_loop(config: dict):
     rec, ctx = SleepRecord.read(config["record"]), train.get_context()
     log_to_file(store.logs / f"learner-{rec.sleep_id}-{config['step']}-rank{ctx.get_world_rank()}.log")
     if config["step"] == "rem":
-        return rem_step(cfg, store, rec)
+        return rem_step(cfg, store, rec, pool=config.get("pool"))
     hooks = LearnerHooks(cfg, rec, ctx.get_world_rank(), ctx.get_world_size(), config["pool"],
                          config["teacher"], _report, _last_checkpoint)
     nrem_step(cfg, store, rec, hooks, progress=False)

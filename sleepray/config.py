@@ -230,11 +230,12 @@ class RayConfig(_Section):
     use_gpu: bool = False
     rollout_engine: Literal["auto", "vllm", "transformers"] = Field(
         "auto", description="engine of the RolloutWorkers (auto: vLLM where it imports)")
-    nrem_sampling: Literal["auto", "rollouts", "learner"] = Field(
-        "auto", description="where NREM's samples come from on Ray: the RolloutWorkers (the student as a draft "
-                            "adapter published every publish_every steps) or the learner's own decode loop (no "
-                            "round trip, no drafts); auto: rollouts with ray.use_gpu, else the learner (on CPU "
-                            "the learner's loop is several times faster for a small model)")
+    sampling: Literal["auto", "rollouts", "learner"] = Field(
+        "auto", description="where NREM's samples and REM's dreams come from on Ray: the RolloutWorkers (the "
+                            "student as a draft adapter published every publish_every steps; the dream adapters "
+                            "exported and published per episode) or the learner's own decode loop (no round "
+                            "trip, no drafts); auto: rollouts with ray.use_gpu, else the learner (on CPU the "
+                            "learner's loop is several times faster for a small model)")
     publish_every: int = Field(10, ge=1, description="NREM steps between adapter publishes to the rollouts")
     checkpoint_every: int = Field(10, ge=1, description="NREM steps between Ray Train checkpoints")
     max_failures: int = Field(2, ge=0, description="Ray Train FailureConfig.max_failures")
@@ -248,6 +249,11 @@ class RayConfig(_Section):
                                           "{CPU: n} gives it n CPUs (and n torch threads) instead of 1")
     release_between_sleeps: bool = Field(
         False, description="stop the RolloutWorkers after each sleep (autoscaling clusters give the nodes back)")
+
+    @property
+    def samples_on_rollouts(self) -> bool:
+        """Whether NREM's samples and REM's dreams come from the RolloutWorkers (``sampling``)."""
+        return self.sampling == "rollouts" or (self.sampling == "auto" and self.use_gpu)
 
 
 class ServeConfig(_Section):

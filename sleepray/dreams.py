@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["sample_text", "score_dreams", "select", "select_indices", "write_dreams"]
+__all__ = ["DreamRollouts", "sample_text", "score_dreams", "select", "select_indices", "write_dreams"]
 
 
 def sample_text(model, tok, prompts: list[str], max_new_tokens: int, temperature: float,
@@ -42,11 +42,13 @@ def sample_text(model, tok, prompts: list[str], max_new_tokens: int, temperature
 
 
 def write_dreams(bank, tok, episode: Episode, rcfg, rng: random.Random,
-                 writer: Optional["DreamWriter"] = None) -> list[Dream]:
+                 writer: Optional["DreamWriter"] = None, rollouts: Optional["DreamRollouts"] = None) -> list[Dream]:
     """``rcfg.dreams_per_episode`` dreams about ``episode``, formats taken in turn from ``rcfg.formats``.
 
     Sampled from the frozen model (on-experts only) with the episode in context, plus the
-    random unused expert (``rcfg.random_expert``) and the dream writer when given.
+    random unused expert (``rcfg.random_expert``) and the dream writer when given: by this
+    process, or by the generation engines (``rollouts``: the same adapters exported as one
+    and published to them).
     """
     formats = list(rcfg.formats)
     if not formats:
@@ -64,10 +66,38 @@ def write_dreams(bank, tok, episode: Episode, rcfg, rng: random.Random,
                     bank.random_free_slot_context(rng, rcfg.random_expert_scale)))
             else:
                 log.warning("no free expert slot: dreaming without the random expert")
-        stack.enter_context(only_adapters(bank, list(bank.on) + extra))
-        bank.model.eval()
-        texts = sample_text(bank.model, tok, prompts, rcfg.max_new_tokens, rcfg.temperature, seed)
+        if rollouts is not None:
+            texts = rollouts.sample(bank, tok, list(bank.on) + extra, episode.episode_id, prompts, rcfg, seed)
+        else:
+            stack.enter_context(only_adapters(bank, list(bank.on) + extra))
+            bank.model.eval()
+            texts = sample_text(bank.model, tok, prompts, rcfg.max_new_tokens, rcfg.temperature, seed)
     return [Dream(episode.episode_id, f, p, t) for f, p, t in zip(fmts, prompts, texts)]
+
+
+class DreamRollouts:
+    """Dreams sampled by generation engines: ``generate(list[GenRequest], {name: folder})``
+    (a ``RolloutPool``'s). The adapters a dream is written with (on-experts, the random expert,
+    the dream writer) are exported as ONE adapter into ``folder/<name>`` and published with
+    the request; selection, trials and training stay with the learner."""
+
+    def __init__(self, generate, folder, prefix: str):
+        from pathlib import Path
+        self.generate, self.folder, self.prefix = generate, Path(folder), prefix
+        self.published: list[str] = []
+
+    def sample(self, bank, tok, adapters: list[str], episode_id: str, prompts: list[str], rcfg,
+               seed: int) -> list[str]:
+        from sleepray.engines.base import GenRequest
+        name = None
+        if adapters:
+            name = f"{self.prefix}-{episode_id}-{len(self.published):03d}"
+            bank.export_combined(self.folder / name, overwrite=True, adapters=adapters)
+            self.published.append(name)
+        reqs = [GenRequest(prompt=p, max_tokens=rcfg.max_new_tokens, temperature=rcfg.temperature,
+                           adapter=name, seed=seed + i, stop=[]) for i, p in enumerate(prompts)]
+        outs = self.generate(reqs, {name: str(self.folder / name)} if name else {})
+        return [tok.decode(list(o.token_ids), skip_special_tokens=True).rstrip() for o in outs]
 
 
 def _flat_grad(loss, params) -> torch.Tensor:

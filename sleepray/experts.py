@@ -434,14 +434,16 @@ class ExpertBank:
         return bank
 
     # -------------------------------------------------------------- serving
-    def export_combined(self, out_dir: Union[str, os.PathLike], overwrite: bool = False) -> Path:
-        """Write all on-experts as ONE plain PEFT adapter (rank = sum of ranks) to ``out_dir``.
+    def export_combined(self, out_dir: Union[str, os.PathLike], overwrite: bool = False,
+                        adapters: Optional[list[str]] = None) -> Path:
+        """Write all on-experts (or the LoRA ``adapters`` named: slots, a borrowed random slot,
+        the dream writer) as ONE plain PEFT adapter (rank = sum of ranks) to ``out_dir``.
 
         ``out_dir/adapter_config.json`` + ``out_dir/adapter_model.safetensors`` load with
         ``PeftModel.from_pretrained`` and vLLM's ``LoRARequest``.
         """
         self._check_open()
-        adapters = self.active_slots
+        adapters = self.active_slots if adapters is None else list(adapters)
         if not adapters:
             raise ValueError("no expert is switched on: nothing to export")
         out_dir = Path(out_dir)

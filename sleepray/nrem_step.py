@@ -98,7 +98,7 @@ class StepRecorder:
 class LearnerHooks(nrem.NREMHooks):
     """The hooks of a learner run beside generation engines (the Ray Train learner's).
 
-    With ``ray.nrem_sampling`` on the rollouts, samples come from ``pool.generate`` with the
+    With ``ray.sampling`` on the rollouts, samples come from ``pool.generate`` with the
     teacher (``teacher``: the latest version, None: the base) and the student as LoRA adapters:
     the student is a draft adapter that rank 0 exports and ``pool.publish``-es every
     ``ray.publish_every`` steps; on the learner, from its own decode loop. Every
@@ -124,9 +124,8 @@ class LearnerHooks(nrem.NREMHooks):
 
     @property
     def on_rollouts(self) -> bool:
-        """Whether NREM samples on the RolloutWorkers (``ray.nrem_sampling``)."""
-        mode = self.cfg.ray.nrem_sampling
-        return mode == "rollouts" or (mode == "auto" and self.cfg.ray.use_gpu)
+        """Whether NREM samples on the RolloutWorkers (``ray.sampling``)."""
+        return self.cfg.ray.samples_on_rollouts
 
     def make_sampler(self, bank, tok, ncfg, start: int):
         self.bank, self.sampler = bank, None

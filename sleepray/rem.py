@@ -5,7 +5,8 @@ NREM opened (``bank.training``). :func:`run_rem` runs one sleep's REM as five st
 
 (a) :func:`_write_and_select` -- per episode, ``m`` dreams sampled from the frozen model
     with the episode in context, one random unused expert and the dream writer on
-    (:func:`~sleepray.dreams.write_dreams`); questions the model writes about the episode,
+    (:func:`~sleepray.dreams.write_dreams`; by this process or, through
+    :class:`~sleepray.dreams.DreamRollouts`, by the RolloutWorkers); questions the model writes about the episode,
     answered by the teacher with it in context, are the probe targets
     (:func:`~sleepray.rem_probes.teacher_probe_targets`); each dream is scored by its SFT
     gradient on the training expert and the top k plus b random others are kept
@@ -171,12 +172,13 @@ class _Retained:
 # ------------------------------------------------------------------ the steps
 
 def _write_and_select(bank, tok, episodes: list[Episode], rcfg, rng: random.Random,
-                      writer: Optional[DreamWriter], question_writer: QuestionWriter, t0: float) -> _Dreamt:
+                      writer: Optional[DreamWriter], question_writer: QuestionWriter, t0: float,
+                      rollouts=None) -> _Dreamt:
     """(a) Dreams and probe targets for every episode; each episode's top k plus b random dreams kept."""
     dreams: list[Dream] = []
     targets: list[ProbeTarget] = []
     for ep in episodes:
-        dreams += write_dreams(bank, tok, ep, rcfg, rng, writer)
+        dreams += write_dreams(bank, tok, ep, rcfg, rng, writer, rollouts)
         targets += teacher_probe_targets(bank, tok, ep, rcfg.probes_per_episode, question_writer,
                                          rcfg.probe_max_new_tokens)
     seconds_writing = round(time.time() - t0, 2)
@@ -322,10 +324,11 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
             writer: Optional[DreamWriter] = None, sleep_id: Optional[str] = None,
             question_writer: Optional[QuestionWriter] = None,
             anchor_texts: Optional[list[str]] = None,
-            on_stage: Optional[Callable[[str, dict], None]] = None) -> dict:
+            on_stage: Optional[Callable[[str, dict], None]] = None, rollouts=None) -> dict:
     """REM for one sleep on the bank's open expert; writes ``out_dir/dreams.parquet`` and
     ``out_dir/probes.parquet`` (and ``out_dir/dream_writer/`` when a writer is given).
     ``on_stage(name, counts)`` is called after each stage: dreams, trials, sft, retention, outputs.
+    ``rollouts``: a ``dreams.DreamRollouts`` to sample the dreams on generation engines.
 
     Returns metrics: dream/kept/rewarded counts, reward rate, closed-book probe loss vs
     the teacher's answers before and after the dream SFT, replay and SFT numbers, seconds.
@@ -345,7 +348,7 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
         question_writer = model_question_writer(bank, tok, seed=seed)
 
     stage = on_stage or (lambda name, counts: None)
-    dreamt = _write_and_select(bank, tok, episodes, rcfg, rng, writer, question_writer, t0)
+    dreamt = _write_and_select(bank, tok, episodes, rcfg, rng, writer, question_writer, t0, rollouts)
     stage("dreams", {"dreams": len(dreamt.dreams), "kept": len(dreamt.selected_by)})
     tried = _trials_and_restem(bank, tok, dreamt, rcfg, writer, seed)
     stage("trials", {"dreams": len(dreamt.dreams), "kept": len(dreamt.selected_by),
@@ -356,4 +359,6 @@ def run_rem(bank, tok, episodes: list[Episode], rcfg, out_dir: Union[str, os.Pat
     stage("retention", {"repairs": retained.repairs})
     learned = _write_outputs(bank, tok, out_dir, sleep_id, dreamt, tried, sft, rcfg, buffer, writer)
     stage("outputs", {"learned": sum(learned)})
-    return _metrics(dreamt, tried, sft, retained, learned, buffer, t0)
+    return {**_metrics(dreamt, tried, sft, retained, learned, buffer, t0),
+            "dreams_from": "rollouts" if rollouts is not None else "learner",
+            "dream_adapters": len(rollouts.published) if rollouts is not None else 0}

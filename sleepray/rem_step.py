@@ -13,6 +13,7 @@ import torch
 from sleepray import rem
 from sleepray.anchor import anchor_texts
 from sleepray.banks import bank_from
+from sleepray.dreams import DreamRollouts
 from sleepray.replay import ReplayBuffer
 from sleepray.sleep_record import SleepRecord, live_episodes, phase_seed, records, rng_for
 from sleepray.storage import Storage, write_json
@@ -42,8 +43,9 @@ def stage_writer(out: Path):
     return stage
 
 
-def rem_step(cfg, store: Storage, rec: SleepRecord) -> dict:
-    """REM on the expert NREM left open, over the sleep's live episodes."""
+def rem_step(cfg, store: Storage, rec: SleepRecord, pool=None) -> dict:
+    """REM on the expert NREM left open, over the sleep's live episodes. ``pool``: generation
+    engines (a ``RolloutPool``) that write the dreams when ``ray.sampling`` puts them there."""
     out = rec.dir / "rem"
     bank, tok, _ = bank_from(cfg, store, rec.dir / "nrem" / "bank")
     torch.manual_seed(phase_seed(cfg, rec, "rem"))  # dream writer and random expert initialisations
@@ -58,7 +60,9 @@ def rem_step(cfg, store: Storage, rec: SleepRecord) -> dict:
                           buffer=buffer, writer=writer, sleep_id=rec.sleep_id,
                           question_writer=rem.model_question_writer(bank, tok, cfg.nrem.temperature,
                                                                     seed=phase_seed(cfg, rec, "rem")),
-                          anchor_texts=rem_anchor(cfg), on_stage=stage_writer(out))
+                          anchor_texts=rem_anchor(cfg), on_stage=stage_writer(out),
+                          rollouts=DreamRollouts(pool.generate, out / "dream_adapters", f"{rec.sleep_id}-dream")
+                          if pool is not None and cfg.ray.samples_on_rollouts else None)
     bank.save(out / "bank")
     write_json(out / "metrics.json", metrics)
     return metrics

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from typing import Sequence
 
 import torch
@@ -108,17 +109,18 @@ def _draw(logits: torch.Tensor, temperature: float, done: torch.Tensor, pad_id: 
     return torch.where(done, torch.full_like(nxt, pad_id), nxt)
 
 
-_STATIC: dict = {}     # (model id, batch, length, dtype) -> a StaticCache reused across calls
+_STATIC: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> {(batch, length): cache}
 
 
 def _static_cache(model, B: int, L: int):
+    """A StaticCache for ``model`` at this shape, reused across calls (a CUDA graph keeps its addresses)."""
     from transformers import StaticCache
-    key = (id(model), B, L)
-    if key not in _STATIC:
-        if len(_STATIC) >= 8:
-            _STATIC.clear()
-        _STATIC[key] = StaticCache(config=model.config, max_cache_len=L)
-    cache = _STATIC[key]
+    caches = _STATIC.setdefault(model, {})
+    if (B, L) not in caches:
+        if len(caches) >= 8:
+            caches.clear()
+        caches[(B, L)] = StaticCache(config=model.config, max_cache_len=L)
+    cache = caches[(B, L)]
     cache.reset()
     return cache
 

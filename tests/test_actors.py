@@ -73,9 +73,11 @@ def stop(coord):
 
 
 def test_sleep_with_vllm_rollouts_survives_a_killed_rollout_worker(ray_client, tmp_path, seed_test_model):
+    """NREM's samples and REM's dreams on the vLLM RolloutWorker (``ray.sampling=rollouts``)."""
     cfg = make_cfg(tmp_path, seed_test_model, "ray.rollout_engine=vllm", "nrem.steps=8",
-                   "ray.nrem_sampling=rollouts", "ray.publish_every=2", "ray.checkpoint_every=4",
-                   "rem.enabled=false")
+                   "ray.sampling=rollouts", "ray.publish_every=2", "ray.checkpoint_every=4",
+                   "rem.dreams_per_episode=2", "rem.keep_top_k=1", "rem.keep_random=0", "rem.trial_steps=1",
+                   "rem.restem_steps=1", "rem.sft_steps=2", "rem.probes_per_episode=2", "rem.max_new_tokens=16")
     ids = add_episodes(tmp_path, 6101)
     coord = coordinator.start(cfg, watch=False)
     try:
@@ -92,6 +94,9 @@ def test_sleep_with_vllm_rollouts_survives_a_killed_rollout_worker(ray_client, t
         nrem = st["last_sleep"]["metrics"]["nrem"]
         assert nrem["step"] == 8 and nrem["rollout_workers"] == 1 and nrem["nrem_sampling"] == "rollouts"
         assert len(list((tmp_path / "sleeps").glob("s*/nrem/drafts/*-d00002"))) == 1   # drafts published
+        rem = st["last_sleep"]["metrics"]["rem"]                # the dreams came from the rollouts too
+        assert rem["dreams_from"] == "rollouts" and rem["dreams"] == 2 * len(ids)
+        assert rem["dream_adapters"] == len(ids) and any("-dream-" in a for a in after["adapters"])
         assert_consolidated_once(tmp_path, ids)
     finally:
         stop(coord)

@@ -142,7 +142,9 @@ def test_the_own_decode_loop_draws_what_generate_draws(setup, stop):
     pre = [tok.encode(" The", add_special_tokens=False)] * len(texts)
     a = sample_ids(model, tok, texts, 16, 1.0, prefix_ids=pre, stop=stop, seed=5, loop="generate")
     b = sample_ids(model, tok, texts, 16, 1.0, prefix_ids=pre, stop=stop, seed=5, loop="own")
-    assert a == b and any(len(x) > 1 for x in a)
+    # the static-KV-cache loop (what a GPU replays from CUDA graphs), twice: its cache is reused
+    c = [sample_ids(model, tok, texts, 16, 1.0, prefix_ids=pre, stop=stop, seed=5, loop="static") for _ in range(2)]
+    assert a == b == c[0] == c[1] and any(len(x) > 1 for x in a)
 
 
 def test_the_teacher_pool_samples_once_and_draws_from_it(setup):
@@ -189,3 +191,25 @@ def test_the_cached_mode_switch_matches_peft_and_keeps_grad_flags(setup):
     with torch.no_grad(), bank.teacher_mode():                # nothing on: the base model
         assert torch.allclose(bank.model(input_ids=x).logits, base, atol=1e-6)
     assert not any(p.requires_grad for p in bank.model.parameters())
+
+
+def test_lora_weights_in_the_models_dtype_match_the_float32_upcast(setup):
+    """``experts.adapter_dtype``: on a bf16 model the experts stay bf16 ("model", no casts in every
+    layer) or are upcast to float32 (PEFT's default); the two give the same outputs to bf16 precision."""
+    path, tok, _ = setup
+    x = torch.tensor([tok.encode("Q: Where does the person live?\nA:")])
+    out = {}
+    for dtype in ("model", "float32"):
+        torch.manual_seed(0)
+        model = load_model(path)[0].to(torch.bfloat16)
+        bank = ExpertBank(model, load_config(None, [f"experts.adapter_dtype={dtype}"]).experts)
+        bank.open_new_expert()
+        with torch.no_grad():
+            for p in bank.trainable_parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(p.dtype))
+            out[dtype] = bank.model(input_ids=x).logits.float()
+        assert {p.dtype for p in bank.trainable_parameters()} == {torch.bfloat16 if dtype == "model" else torch.float32}
+    diff = (out["model"] - out["float32"]).abs()
+    # bf16 rounding of the LoRA weights and their products, no more (measured: max 0.30, mean 0.056)
+    assert diff.max() < 0.6 and diff.mean() < 0.1
+    assert (out["model"].argmax(-1) == out["float32"].argmax(-1)).float().mean() > 0.9

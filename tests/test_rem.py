@@ -103,6 +103,50 @@ def test_dreams_are_not_cut_at_the_first_newline(bank_tok, episode, rcfg, monkey
     assert calls and all(c["stop"] == () for c in calls) and len(dreams) == 4
 
 
+def test_dreams_written_by_an_engine_through_the_exported_adapter_match_the_learners(
+        bank_tok, episode, rcfg, tmp_path, seed_test_model):
+    """``DreamRollouts``: the frozen experts, the random expert and the dream writer go to a real
+    generation engine (transformers here; vLLM on Ray in tests/test_actors.py) as ONE exported
+    adapter; near-greedy, its dreams are the learner's own, draw for draw, and the bank comes
+    back exactly."""
+    from sleepray.config import EngineConfig
+    from sleepray.dream_writer import DreamWriter
+    from sleepray.engines.factory import make_engine
+    bank, tok = bank_tok
+    frozen = bank.training
+    with torch.no_grad():                                   # an on-expert that does something
+        for p in bank.slot_parameters(frozen):
+            p.add_(0.05 * torch.randn_like(p))
+    bank.freeze_current()
+    bank.open_new_expert()
+    writer = DreamWriter(bank, tok, rank=4)
+    with torch.no_grad():
+        for p in writer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    greedy = rcfg.model_copy(update={"temperature": 1e-5, "max_new_tokens": 12})
+    params, grads, active = _state(bank)
+    engine = make_engine("transformers", str(seed_test_model), EngineConfig(), device="cpu")
+
+    def generate(reqs, adapters):
+        for name, path in adapters.items():
+            engine.load_adapter(name, path)
+        return engine.generate(reqs)
+
+    rollouts = dreams_mod.DreamRollouts(generate, tmp_path, "s0001-dream")
+    try:
+        remote = rem.write_dreams(bank, tok, episode, greedy, random.Random(3), writer, rollouts)
+    finally:
+        engine.close()
+    local = rem.write_dreams(bank, tok, episode, greedy, random.Random(3), writer)
+    assert [d.text for d in remote] == [d.text for d in local] and any(d.text for d in local)
+    [name] = rollouts.published
+    import json
+    conf = json.loads((tmp_path / name / "adapter_config.json").read_text())
+    assert conf["r"] == 4 + 4 + 4                           # frozen expert + random expert + writer
+    assert _changed(bank, params) == set() and list(bank.model.active_adapters) == active
+    assert {n: p.requires_grad for n, p in bank.model.named_parameters()} == grads
+
+
 def test_scores_and_selection(bank_tok, episode):
     bank, tok = bank_tok
     dreams = _hand_dreams(episode)
