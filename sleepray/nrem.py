@@ -130,11 +130,11 @@ def nrem_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Ran
     use_lti = ncfg.use_lti and ncfg.alpha < 1.0
     ys, lti = _draw_samples(batch, ncfg, rng, sampler, use_lti, tok)
     lti_prompts, prefixes, comps = lti[:3]
-    rows = [tok.encode(p.prompt) for p in batch] + [tok.encode(p.prompt) + pre
+    rows = [scorer.ids(p.prompt) for p in batch] + [scorer.ids(p.prompt) + pre
                                                      for p, pre in zip(lti_prompts, prefixes)]
     s_all = scorer.student(rows, ys + comps)
     n_gkd = sum(len(y) for y in ys)
-    t = scorer.teacher([p.episode_id for p in batch], [tok.encode(p.teacher_prompt) for p in batch], ys)
+    t = scorer.teacher([p.episode_id for p in batch], [scorer.ids(p.teacher_prompt) for p in batch], ys)
     div = scorer.jsd(s_all[:n_gkd], t, ncfg.beta)
     loss = ncfg.alpha * div if use_lti else div
     rec = {"divergence": div.item()}

@@ -35,9 +35,18 @@ class Scorer:
         self.fused = ncfg.fused_loss and self._splits(bank.model)
         self._prefix_len: dict[str, int] = {}
         self._kv: dict[str, PrefixKV] = {}
+        self._ids: dict[str, list[int]] = {}
         if contexts and ncfg.reuse_context_kv and self.fused:
             for ep, prompts in contexts.items():
-                self._prefix_len[ep] = common_prefix([tok.encode(p) for p in prompts])
+                self._prefix_len[ep] = common_prefix([self.ids(p) for p in prompts])
+
+    def ids(self, text: str) -> list[int]:
+        """``tok.encode(text)``, remembered: NREM's prompts come back every step."""
+        if text not in self._ids:
+            if len(self._ids) > 100_000:
+                self._ids.clear()
+            self._ids[text] = self.tok.encode(text)
+        return self._ids[text]
 
     @staticmethod
     def _splits(model) -> bool:
@@ -102,7 +111,7 @@ class Scorer:
 
     def anchor_kl(self, texts: list[str]) -> torch.Tensor:
         """Mean per-token KL(model before expansion || student) on ``texts``."""
-        rows = [self.tok.encode(t) for t in texts]
+        rows = [self.ids(t) for t in texts]
         starts, lens = [1] * len(rows), [len(r) - 1 for r in rows]
         with torch.no_grad(), self.bank.teacher_mode():
             t = self._states(self.bank.model, rows, starts, lens)
