@@ -50,7 +50,6 @@ def sample_ids(model, tok, prompts: list[str], max_new_tokens: int, temperature:
         ids[i, n - len(r):] = torch.tensor(r)
         attn[i, n - len(r):] = 1
     device = next(model.parameters()).device
-    eos = [tok.eos_token_id, *stop_ids] if stop_ids else tok.eos_token_id
     with _seeded(device, seed):
         if loop in ("own", "static", "graph"):
             fn = decode if loop == "own" else functools.partial(decode_static, graphs=loop == "graph")
@@ -58,6 +57,7 @@ def sample_ids(model, tok, prompts: list[str], max_new_tokens: int, temperature:
                      [tok.eos_token_id, *stop_ids], tok.pad_token_id,
                      (lambda row: any(s in tok.decode(row[-8:]) for s in stop_texts)) if stop_texts else None)
         elif loop == "generate":
+            eos = [tok.eos_token_id, *stop_ids] if stop_ids else tok.eos_token_id
             extra = {"stop_strings": stop_texts, "tokenizer": tok} if stop_texts else {}
             out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
                                  max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
@@ -79,34 +79,40 @@ def decode(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, te
     first, inverse = _distinct_rows(ids, attn)   # equal rows (k samples of a prompt) are read once
     out = model(input_ids=ids[first], attention_mask=attn[first], position_ids=pos[first], use_cache=True,
                 logits_to_keep=1)
-    cache, pos = out.past_key_values, pos[:, -1:]
+    cache, logits = out.past_key_values, out.logits[:, -1]
     if len(first) < B:
         cache.reorder_cache(inverse)
-        out.logits = out.logits[inverse]
-    stop = torch.tensor(sorted(set(stop_ids)), device=ids.device)
-    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+        logits = logits[inverse]
+    pos = pos[:, -1:]
+
+    def step(nxt, t):
+        nonlocal attn, pos
+        attn = torch.cat([attn, attn.new_ones((B, 1))], 1)
+        pos = pos + 1
+        return model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
+                     use_cache=True).logits[:, -1]
+    return _sample_loop(logits, step, max_new_tokens, temperature, stop_ids, pad_id, stopped)
+
+
+def _sample_loop(logits: torch.Tensor, step, max_new_tokens: int, temperature: float, stop_ids: list[int],
+                 pad_id: int, stopped=None) -> torch.Tensor:
+    """The draws of :func:`decode` and :func:`decode_static`: ``logits`` [B, V] of the first new
+    token; ``step(tokens, t)`` feeds draw ``t`` and returns the next logits."""
+    B, device = logits.shape[0], logits.device
+    stop = torch.tensor(sorted(set(stop_ids)), device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
     toks: list[torch.Tensor] = []
-    for _ in range(max_new_tokens):
-        probs = torch.softmax(out.logits[:, -1].float() / temperature, -1)
-        nxt = torch.multinomial(probs, 1)[:, 0]
+    for t in range(max_new_tokens):
+        nxt = torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1)[:, 0]
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         toks.append(nxt)
         done = done | torch.isin(nxt, stop)
         if stopped is not None:
-            rows = torch.stack(toks, 1).tolist()
-            done = done | torch.tensor([stopped(r) for r in rows], device=ids.device)
+            done = done | torch.tensor([stopped(r) for r in torch.stack(toks, 1).tolist()], device=device)
         if bool(done.all()) or len(toks) == max_new_tokens:
             break
-        attn = torch.cat([attn, attn.new_ones((B, 1))], 1)
-        pos = pos + 1
-        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
-                    use_cache=True)
-    return torch.stack(toks, 1) if toks else ids.new_zeros((B, 0))
-
-
-def _draw(logits: torch.Tensor, temperature: float, done: torch.Tensor, pad_id: int) -> torch.Tensor:
-    nxt = torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1)[:, 0]
-    return torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        logits = step(nxt, t)
+    return torch.stack(toks, 1) if toks else torch.zeros((B, 0), dtype=torch.long, device=device)
 
 
 _STATIC: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> {(batch, length): cache}
@@ -153,25 +159,17 @@ def decode_static(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: 
     pos = (attn.cumsum(-1) - 1).clamp_min(0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                    cache_position=torch.arange(n, device=ids.device), logits_to_keep=1).logits[:, -1]
-    step = _graph_step(model) if graphs else (
+    one = _graph_step(model) if graphs else (
         lambda i, p, c, m, kv: model(input_ids=i, position_ids=p, cache_position=c, attention_mask=m,
                                      past_key_values=kv, use_cache=True).logits[:, -1])
     pos = pos[:, -1:].clone()
-    stop = torch.tensor(sorted(set(stop_ids)), device=ids.device)
-    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    toks: list[torch.Tensor] = []
-    for t in range(max_new_tokens):
-        nxt = _draw(logits, temperature, done, pad_id)
-        toks.append(nxt)
-        done = done | torch.isin(nxt, stop)
-        if stopped is not None:
-            done = done | torch.tensor([stopped(r) for r in torch.stack(toks, 1).tolist()], device=ids.device)
-        if bool(done.all()) or len(toks) == max_new_tokens:
-            break
+
+    def step(nxt, t):
+        nonlocal pos
         mask[:, n + t] = 1
         pos = pos + 1
-        logits = step(nxt[:, None], pos, torch.tensor([n + t], device=ids.device), mask, cache).clone()
-    return torch.stack(toks, 1) if toks else ids.new_zeros((B, 0))
+        return one(nxt[:, None], pos, torch.tensor([n + t], device=ids.device), mask, cache).clone()
+    return _sample_loop(logits, step, max_new_tokens, temperature, stop_ids, pad_id, stopped)
 
 
 def _distinct_rows(ids: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
