@@ -33,23 +33,14 @@ WRITER_META = "writer.json"
 
 @contextlib.contextmanager
 def only_adapters(bank, names: Sequence[str]):
-    """Exactly ``names`` switched on (no tensor trainable); the bank's state comes back on exit.
-
-    ``bank.teacher_mode()`` switches everything off through ``disable_adapter()`` when no
-    expert is on, which would also silence the random expert and the dream writer, so
-    the frozen model plus extra adapters is set up here instead.
-    """
-    names = list(dict.fromkeys(names))
+    """Exactly ``names`` switched on (``ExpertBank.only``: ``teacher_mode`` would leave the random
+    expert and the dream writer off); the bank's state, grad flags set inside included, comes
+    back on exit."""
     grads = {id(p): p.requires_grad for p in bank.model.parameters()}
     try:
-        if names:
-            bank.model.base_model.set_adapter(names, inference_mode=True)
+        with bank.only(names):
             yield
-        else:
-            with bank.model.disable_adapter():
-                yield
     finally:
-        bank.reactivate()
         for p in bank.model.parameters():
             p.requires_grad_(grads.get(id(p), False))
 

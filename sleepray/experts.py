@@ -308,12 +308,18 @@ class ExpertBank:
                 self.training = None
         self._apply()
 
-    @contextlib.contextmanager
-    def teacher_mode(self) -> Iterator[None]:
+    def teacher_mode(self) -> contextlib.AbstractContextManager:
         """The model before expansion: the frozen on-experts only, the training expert off."""
+        return self.only(self.on)
+
+    @contextlib.contextmanager
+    def only(self, names: Iterable[str]) -> Iterator[None]:
+        """Exactly the LoRA adapters ``names`` switched on (slots, a borrowed random slot, the
+        dream writer; none: the base model); the bank's own state back on exit. Microseconds:
+        flags on the cached layers, no grad flag touched."""
         self._check_open()
         try:
-            self._switch(self.on)   # microseconds: flags on cached layers, no grad flags touched
+            self._switch(list(dict.fromkeys(names)))
             yield
         finally:
             self._apply()
