@@ -152,8 +152,8 @@ def nrem_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Ran
 def divergence(bank, tok, prompts: list[ConsolidationPrompt], ys: list[list[int]], ncfg) -> torch.Tensor:
     """GKD's divergence of the student from the teacher on given continuations (no sampling)."""
     scorer = Scorer(bank, tok, ncfg)
-    s = scorer.student([tok.encode(p.prompt) for p in prompts], ys)
-    t = scorer.teacher([p.episode_id for p in prompts], [tok.encode(p.teacher_prompt) for p in prompts], ys)
+    s = scorer.student([scorer.ids(p.prompt) for p in prompts], ys)
+    t = scorer.teacher([p.episode_id for p in prompts], [scorer.ids(p.teacher_prompt) for p in prompts], ys)
     return scorer.jsd(s, t, ncfg.beta)
 
 

@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 
 from sleepray.fused_losses import _logprob, fused_jsd, fused_token_logprobs
-from sleepray.lm_forward import PrefixKV, UnsupportedModel, common_prefix, lm_parts, span_hidden
+from sleepray.lm_forward import (PrefixKV, UnsupportedModel, _gather, _right_padded, common_prefix, lm_parts,
+                                 span_hidden)
 from sleepray.losses import generalized_jsd
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,7 @@ class Scorer:
         """[N, H] hidden states (fused) or [N, V] logits (plain) predicting each row's span."""
         if self.fused:
             return span_hidden(model, rows, starts, lens, self.pad, prefix)
-        device = next(model.parameters()).device
-        from sleepray.lm_forward import _gather, _right_padded
-        ids, attn = _right_padded(rows, self.pad, device)
+        ids, attn = _right_padded(rows, self.pad, next(model.parameters()).device)
         return _gather(model(input_ids=ids, attention_mask=attn).logits, starts, lens)
 
     def student(self, prompt_rows: list[list[int]], conts: list[list[int]]) -> torch.Tensor:

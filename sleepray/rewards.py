@@ -60,7 +60,8 @@ def fast_bf16(device: str) -> torch.dtype:
     """bfloat16 where matrix products in it are fast (CUDA with bf16, a CPU with AMX or
     AVX512-BF16), else float32."""
     if str(device).startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        from sleepray.models import torch_dtype    # model.dtype's own rule on a GPU
+        return torch_dtype("auto", device)
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
