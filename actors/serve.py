@@ -4,13 +4,15 @@ Each replica builds one engine (``make_engine``: vLLM where it imports, else
 transformers) and an ``AwakeService`` (``sleepray/awake.py``; routes in
 ``sleepray/serve_app.py``). The replica talks to the storage only through actors:
 
-* memory: the named MemoryStore actor of ``cycle.storage`` (``actors/memory_store.py``),
-  which acknowledges an append once it is fsynced;
-* sleep control: the named ``coordinator`` actor of ``ray.namespace`` when one runs
-  (``request_sleep.remote(reason)`` / ``status.remote()``), else the serve sleeper
-  (``actors/sleeper.py``);
-* adapters: each replica polls ``cycle.storage/adapters`` every ``serve.poll_seconds``
-  and swaps versions itself (the folder must be visible to the replica's node).
+* memory: per tenant, the named MemoryStore actor of the tenant's storage folder
+  (``actors/memory_store.py``), which acknowledges an append once it is fsynced;
+* sleep control: for the tenant "default", the named ``coordinator`` actor of
+  ``ray.namespace`` when one runs (``request_sleep.remote(reason)`` / ``status.remote()``);
+  otherwise the tenant's serve sleeper (``actors/sleeper.py``), one per storage folder,
+  whose sleep is a Ray task: a tenant's sleep never blocks serving;
+* adapters: each replica polls every tenant's ``adapters/`` every ``serve.poll_seconds``
+  and swaps versions itself (the folder must be visible to the replica's node), so with
+  several replicas each switches on its own, and every response names its version.
 
 ``awake_app(cfg)`` builds the application; ``run_serve(cfg)`` starts Serve's HTTP proxy
 on ``serve.host:serve.port`` and deploys it under the name ``sleepray`` at ``/``.
@@ -50,13 +52,17 @@ class ActorMemory:
 
 
 class RayControl:
-    """Sleep control: the Coordinator when it runs, the serve sleeper otherwise."""
+    """Sleep control: the Coordinator when it runs (the tenant "default" only), the serve sleeper
+    of the tenant's storage otherwise."""
 
-    def __init__(self, cfg, storage: str):
+    def __init__(self, cfg, storage: str, coordinator: bool = True):
         self.namespace, self.storage = cfg.ray.namespace, storage
         self.cfg_json = cfg.model_dump(mode="json")
+        self.use_coordinator = coordinator
 
     def _coordinator(self):
+        if not self.use_coordinator:
+            return None
         try:
             return ray.get_actor(COORDINATOR, namespace=self.namespace)
         except ValueError:
@@ -82,12 +88,25 @@ class RayControl:
         return await sleeper.request_sleep.remote(reason, self.cfg_json)
 
 
+class RayBackends:
+    """Per tenant: its MemoryStore actor and its sleep control (``sleepray.awake_backends``)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def __call__(self, tenant: str, storage):
+        from actors.memory_store import get_or_create
+        from sleepray.tenants import DEFAULT
+        root = str(storage.root)
+        return (ActorMemory(get_or_create(root, self.cfg.ray.namespace)),
+                RayControl(self.cfg, root, coordinator=tenant == DEFAULT))
+
+
 @serve.deployment(name="AwakeModel")
 @serve.ingress()
 class AwakeModel:
     def __init__(self, cfg_json: dict):
         logging.basicConfig(level=logging.INFO)
-        from actors.memory_store import get_or_create
         from sleepray.awake import AwakeService
         from sleepray.config import from_dict
         from sleepray.engines import make_engine
@@ -98,8 +117,7 @@ class AwakeModel:
                              max_lora_rank=cfg.experts.rank * cfg.experts.max_slots,
                              dtype=cfg.model.dtype, seed=cfg.seed.seed,
                              lora_target_modules=list(cfg.experts.target_modules))
-        memory = ActorMemory(get_or_create(storage, cfg.ray.namespace))
-        self.service = AwakeService(cfg, engine, memory, RayControl(cfg, storage), storage).start()
+        self.service = AwakeService(cfg, engine, RayBackends(cfg), storage).start()
 
     def check_health(self):
         self.service.check_health()
@@ -116,8 +134,13 @@ class AwakeModel:
 
 def awake_app(cfg):
     """The Serve application of ``cfg`` (storage made absolute for the replicas)."""
+    from sleepray.tenants import KeyRing, check_bind
+    check_bind(cfg.serve)
+    KeyRing.from_config(cfg.serve)     # a bad tenants file fails here, not in every replica
     cfg = cfg.model_copy(deep=True)
     cfg.cycle.storage = str(Path(cfg.cycle.storage).expanduser().resolve())
+    if cfg.serve.tenants_file:
+        cfg.serve.tenants_file = str(Path(cfg.serve.tenants_file).expanduser().resolve())
     Path(cfg.cycle.storage).mkdir(parents=True, exist_ok=True)
     return AwakeModel.options(
         num_replicas=cfg.serve.num_replicas, max_ongoing_requests=cfg.serve.max_ongoing_requests,

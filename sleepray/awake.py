@@ -3,26 +3,34 @@
 :class:`AwakeService` is what the HTTP routes (``sleepray.serve_app``) call; the Ray
 Serve deployment (``actors/serve.py``) builds one per replica. It is plain Python:
 
-* **Adapter versions.** :class:`AdapterPointer` polls ``Storage.latest_version``
-  every ``serve.poll_seconds`` in a thread; a new version is loaded into the engine
-  under its own name (``engine.load_adapter("v0002", folder)``) while requests keep
-  running, then the pointer switches. A request takes the pointer once, at its start,
-  and holds a reference until it is answered, so in-flight requests finish on the
-  version they started with; a retired version is unloaded once nothing uses it.
-  Every response names its version (``x-sleepray-adapter`` header, ``system_fingerprint``
-  and ``adapter_version``); ``"base"`` before the first sleep.
+* **Tenants.** A request's API key names its tenant (``sleepray.tenants``); each tenant
+  has its own storage folder: short-term memory, sleeps, expert stack, adapter versions.
+  A request only ever sees its own tenant's memories and adapter; one engine serves every
+  tenant's adapter over the shared base (vLLM multi-LoRA). Per tenant a token-bucket rate
+  limit (429).
+* **Adapter versions.** Each tenant's :class:`~sleepray.adapter_pointer.AdapterPointer`
+  follows its latest published version (one poller thread, every ``serve.poll_seconds``);
+  in-flight requests finish on the version they started with. Every response names its
+  version (``x-sleepray-adapter`` header, ``system_fingerprint`` and ``adapter_version``);
+  ``"base"`` before the tenant's first sleep.
 * **Batching.** Generation requests of concurrent HTTP requests are collected by one
   worker thread into a single ``engine.generate`` call (up to ``serve.max_batch_size``).
 * **Memory.** With ``serve.memory`` on, the short-term memory (``episodes("short_term")``
   of the memory backend) goes in front of the prompt, chosen by
   ``serve_api.select_context`` within ``max_model_len``; every generated interaction
   is appended to the memory (kind ``interaction``) and acknowledged durable before the
-  response returns. Requests opt out with ``memory`` / ``memory_context`` (body) or the
+  response returns. What is recorded is what the user sent (the prompt; a chat's new user
+  turns); the model's answer only with ``serve.record_answers`` or the request's
+  ``record_answers``, and then in the memory's ``model_output`` column, which no sleep
+  reads. Requests opt out with ``memory`` / ``memory_context`` (body) or the
   ``x-sleepray-memory*`` headers. Scoring-only requests (``echo`` with ``max_tokens=0``)
   are not recorded.
+* **Forgetting.** Deleting a consolidated memory records the deletion and asks the
+  tenant's sleep control for a sleep: the next sleep rebuilds the tenant's experts from
+  its remaining memories (``sleepray.forget``).
 
-The memory backend and the sleep control are small async interfaces
-(:class:`LocalMemory` / :class:`LocalControl` here; Ray actor ones in ``actors/serve.py``).
+The memory backend and the sleep control of each tenant come from a ``backends`` callable
+(``sleepray.awake_backends.LocalBackends`` in process; ``actors.serve.RayBackends`` on Ray).
 """
 from __future__ import annotations
 
@@ -32,116 +40,19 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
+from sleepray.adapter_pointer import Poller, warm_up
+from sleepray.awake_backends import Tenant
 from sleepray.engines.base import GenRequest, ScoreRequest
 from sleepray.serve_api import (APIError, ChatRequest, CompletionRequest, MemoryCreate, MemoryItem,
-                                chat_logprobs, chat_response, completion_logprobs, completion_response,
-                                memory_object, merge_logprobs, new_id, render_chat, select_context,
-                                usage, with_context)
-from sleepray.storage import Storage
+                                chat_logprobs, chat_response, check_lengths, completion_logprobs,
+                                completion_response, memory_object, merge_logprobs, new_id, render_chat,
+                                select_context, usage, user_turns, with_context)
+from sleepray.tenants import DEFAULT, KeyRing, Principal, RateLimiter, tenant_storage
 
 log = logging.getLogger(__name__)
-
-BASE = "base"
-WARMUP_PROMPT = "Q: ?\nA:"
-
-
-def warm_up(engine, adapter: Optional[str] = None) -> None:
-    """One 1-token generation, so that the first real request does not pay the engine's
-    (or a fresh adapter's) first-use cost."""
-    engine.generate([GenRequest(WARMUP_PROMPT, 1, adapter=adapter)])
-
-
-# ----------------------------------------------------------------------------- adapters
-class AdapterPointer:
-    """The adapter version new requests get; swaps to new versions without a pause."""
-
-    def __init__(self, engine, storage: str | Path):
-        self.engine = engine
-        self.storage = Path(storage)
-        self._lock = threading.Lock()
-        self._current: Optional[str] = None        # version name == engine adapter name
-        self._refs: Counter = Counter()
-        self._retired: list[str] = []
-        self._failed: set[str] = set()
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self.swaps: list[dict] = []
-
-    @property
-    def version(self) -> str:
-        return self._current or BASE
-
-    @contextmanager
-    def use(self):
-        """``(version label, engine adapter name or None)`` held for one request."""
-        with self._lock:
-            cur = self._current
-            if cur:
-                self._refs[cur] += 1
-        try:
-            yield (cur or BASE, cur)
-        finally:
-            if cur:
-                with self._lock:
-                    self._refs[cur] -= 1
-
-    def poll_once(self) -> bool:
-        """Load and switch to a newer published version; unload retired idle ones."""
-        latest = Storage(self.storage).latest_version()
-        changed = False
-        if latest is not None and latest.name != self._current and latest.name not in self._failed:
-            t0 = time.time()
-            try:
-                self.engine.load_adapter(latest.name, str(latest))
-                warm_up(self.engine, latest.name)      # before any request is pointed at it
-            except Exception as e:
-                self._failed.add(latest.name)
-                log.error("adapter %s could not be loaded, keeping %s: %s", latest.name, self.version, e)
-                if latest.name in self.engine.adapters():
-                    self.engine.unload_adapter(latest.name)
-            else:
-                with self._lock:
-                    old, self._current = self._current, latest.name
-                    if old:
-                        self._retired.append(old)
-                self.swaps.append({"from": old or BASE, "to": latest.name, "at": time.time(),
-                                   "load_seconds": round(time.time() - t0, 3)})
-                log.info("adapter %s -> %s (loaded in %.2fs); in-flight requests finish on %s",
-                         old or BASE, latest.name, time.time() - t0, old or BASE)
-                changed = True
-        self._unload_idle()
-        return changed
-
-    def _unload_idle(self) -> None:
-        with self._lock:
-            idle = [n for n in self._retired if self._refs[n] <= 0]
-            self._retired = [n for n in self._retired if n not in idle]
-        for n in idle:
-            try:
-                self.engine.unload_adapter(n)
-                log.info("unloaded retired adapter %s", n)
-            except Exception as e:
-                log.warning("unloading adapter %s: %s", n, e)
-
-    def start(self, every: float) -> None:
-        def loop():
-            while not self._stop.wait(every):
-                try:
-                    self.poll_once()
-                except Exception:
-                    log.exception("adapter poll failed")
-        self._thread = threading.Thread(target=loop, name="adapter-poll", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
 
 
 # ----------------------------------------------------------------------------- batching
@@ -206,60 +117,39 @@ def _settle(fut: cf.Future, result=None, exc: Optional[BaseException] = None) ->
             fut.set_result(result)
 
 
-# ----------------------------------------------------------------------------- backends
-class LocalMemory:
-    """The memory backend on a ``MemoryStore`` in this process."""
-
-    def __init__(self, store):
-        self.store = store
-
-    async def append(self, records: list[dict]) -> dict:
-        r = await asyncio.to_thread(self.store.append, records)
-        return {"segment": r.segment, "episode_ids": r.episode_ids, "sha256": r.sha256}
-
-    async def delete(self, ids: list[str], reason: str = "") -> list[str]:
-        return await asyncio.to_thread(self.store.delete, ids, reason)
-
-    async def episodes(self, status: str = "short_term") -> list[dict]:
-        return await asyncio.to_thread(self.store.episodes, status)
-
-    async def status_of(self, episode_id: str):
-        return await asyncio.to_thread(self.store.status_of, episode_id)
-
-
-class LocalControl:
-    """The sleep control on a :class:`~sleepray.sleep_control.SleepController` in this process."""
-
-    def __init__(self, sleeper):
-        self.sleeper = sleeper
-
-    async def status(self) -> dict:
-        return await asyncio.to_thread(self.sleeper.status)
-
-    async def request_sleep(self, reason: str) -> dict:
-        return await asyncio.to_thread(self.sleeper.request_sleep, reason)
-
-
 # ----------------------------------------------------------------------------- service
 class AwakeService:
-    def __init__(self, cfg, engine, memory, control, storage: str | Path | None = None):
+    def __init__(self, cfg, engine, backends, storage: str | Path | None = None):
         self.cfg, self.scfg = cfg, cfg.serve
         self.engine, self.tok = engine, engine.tokenizer
         self.max_len = int(engine.cfg.max_model_len)
-        self.memory, self.control = memory, control
+        self.storage = Path(storage or cfg.cycle.storage)
         self.model_id = cfg.serve.model_name
-        self.pointer = AdapterPointer(engine, storage or cfg.cycle.storage)
+        self.keys = KeyRing.from_config(cfg.serve)
+        self.limiter = RateLimiter(cfg.serve.rate_limit_rps, cfg.serve.rate_limit_burst)
+        self.tenants: dict[str, Tenant] = {}
+        for name in self.keys.tenants:
+            st = tenant_storage(self.storage, name)
+            memory, control = backends(name, st)
+            self.tenants[name] = Tenant(name, st, engine, memory, control)
         self.batcher = GenBatcher(engine, cfg.serve.max_batch_size)
-        self._ntok: dict[str, int] = {}
+        self.poller = Poller(lambda: [t.pointer for t in self.tenants.values()], cfg.serve.poll_seconds)
         self._has_bos = self.n_tokens("") > 0   # "" tokenizes to [BOS]
         self.created = int(time.time())
 
+    @property
+    def pointer(self):
+        """The tenant "default"'s adapter pointer (the one-user endpoint's)."""
+        return self.tenants[DEFAULT].pointer
+
     def start(self) -> "AwakeService":
         warm_up(self.engine)
-        self.pointer.poll_once()
-        self.pointer.start(self.scfg.poll_seconds)
-        log.info("awake: serving %s (%s engine) on adapter %s, memory %s, context policy %s",
-                 self.model_id, self.engine.kind, self.pointer.version, self.scfg.memory,
+        for t in self.tenants.values():
+            t.pointer.poll_once()
+        self.poller.start()
+        log.info("awake: serving %s (%s engine) to %d tenant(s) %s, memory %s, context policy %s",
+                 self.model_id, self.engine.kind, len(self.tenants),
+                 {n: t.pointer.version for n, t in self.tenants.items()}, self.scfg.memory,
                  self.scfg.context_policy)
         return self
 
@@ -271,9 +161,45 @@ class AwakeService:
             raise RuntimeError("the engine is closed")
 
     def close(self) -> None:
-        self.pointer.stop()
+        self.poller.stop()
         self.batcher.stop()
         self.engine.close()
+
+    # -------------------------------------------------------------- tenants
+    def authenticate(self, key: Optional[str]) -> Principal:
+        p = self.keys.authenticate(key)
+        if p is None:
+            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                           type="authentication_error", code="invalid_api_key")
+        return p
+
+    def tenant_of(self, principal: Principal) -> Tenant:
+        """The caller's own tenant, rate-limited (429 over ``serve.rate_limit_rps``)."""
+        if principal.tenant is None:
+            raise APIError(403, "this is an admin key: it manages tenants (/v1/tenants) and has no memory "
+                                "or model of its own", type="permission_error", code="admin_key")
+        wait = self.limiter.take(principal.tenant, principal.rate_limit_rps)
+        if wait is not None:
+            raise APIError(429, f"rate limit of tenant {principal.tenant!r} reached; retry in {wait:.2f}s",
+                           type="rate_limit_error", code="rate_limit_exceeded", retry_after=wait)
+        return self.tenants[principal.tenant]
+
+    def admin_tenant(self, principal: Principal, name: str) -> Tenant:
+        if not principal.admin:
+            raise APIError(403, "only an admin key may manage tenants", type="permission_error",
+                           code="not_admin")
+        if name not in self.tenants:
+            raise APIError(404, f"no tenant {name!r}", code="tenant_not_found")
+        return self.tenants[name]
+
+    async def list_tenants(self, principal: Principal) -> dict:
+        if not principal.admin:
+            raise APIError(403, "only an admin key may list tenants", type="permission_error", code="not_admin")
+        data = []
+        for name, t in self.tenants.items():
+            data.append({"id": name, "object": "tenant", "adapter_version": t.pointer.version,
+                         "storage": str(t.storage.root)})
+        return {"object": "list", "data": data}
 
     # -------------------------------------------------------------- helpers
     def n_tokens(self, text: str, special: bool = True) -> int:
@@ -302,17 +228,17 @@ class AwakeService:
     def use_memory(self) -> bool:
         return self.scfg.memory == "on"
 
-    async def _context(self, prompt: str, budget: int) -> list[MemoryItem]:
-        rows = await self.memory.episodes("short_term")
+    async def _context(self, t: Tenant, prompt: str, budget: int) -> list[MemoryItem]:
+        rows = await t.memory.episodes("short_term")
         items = []
         for i, r in enumerate(rows):
             eid = r["episode_id"]
-            if eid not in self._ntok:
-                self._ntok[eid] = self.n_tokens(r["text"] + "\n", special=False)
-            items.append(MemoryItem(eid, r["text"], self._ntok[eid], i))
+            if eid not in t.ntok:
+                t.ntok[eid] = self.n_tokens(r["text"] + "\n", special=False)
+            items.append(MemoryItem(eid, r["text"], t.ntok[eid], i))
         return select_context(items, prompt, budget, self.scfg.context_policy)
 
-    async def _prepare(self, prompt: str, max_tokens: int, use_ctx: bool):
+    async def _prepare(self, t: Tenant, prompt: str, max_tokens: int, use_ctx: bool):
         """(model input, memory items in it, its token count); 400 when the prompt can't fit."""
         n = self.n_tokens(prompt)
         if n == 0:
@@ -324,24 +250,25 @@ class AwakeService:
         ctx: list[MemoryItem] = []
         full = prompt
         if use_ctx:
-            ctx = await self._context(prompt, self.max_len - n - max_tokens)
+            ctx = await self._context(t, prompt, self.max_len - n - max_tokens)
             full = with_context(ctx, prompt)
             while ctx and self.n_tokens(full) + max_tokens > self.max_len:
                 ctx = ctx[1:]   # joins can tokenize a little longer than the parts
                 full = with_context(ctx, prompt)
         return full, ctx, self.n_tokens(full)
 
-    async def _record(self, pairs: list[tuple[str, str]], source: str) -> list[str]:
+    async def _record(self, t: Tenant, items: list[tuple[str, Optional[str]]], source: str) -> list[str]:
+        """Record what the user sent (``(user text, model answer or None)``) into the tenant's
+        memory; the answer goes to ``model_output``, which no sleep trains on."""
         recs = []
-        for prompt, reply in pairs:
-            text = prompt + reply
-            if text.strip():
-                recs.append({"episode_id": new_id("int"), "kind": "interaction", "text": text,
-                             "documents": [text], "source": source,
-                             "n_tokens": self.n_tokens(text, special=False)})
+        for user, answer in items:
+            if user.strip():
+                recs.append({"episode_id": new_id("int"), "kind": "interaction", "text": user,
+                             "documents": [user], "source": source, "model_output": answer,
+                             "n_tokens": self.n_tokens(user, special=False)})
         if not recs:
             return []
-        receipt = await self.memory.append(recs)   # durable before the response returns
+        receipt = await t.memory.append(recs)   # durable before the response returns
         return list(receipt["episode_ids"])
 
     async def _generate(self, reqs: list[GenRequest]):
@@ -387,15 +314,21 @@ class AwakeService:
             top = [None] + top
         return completion_logprobs(tokens, lps, top)
 
+    def _switches(self, record: bool, use_ctx: bool, answers: Optional[bool]) -> tuple[bool, bool, bool]:
+        on = self.use_memory()
+        return record and on, use_ctx and on, self.scfg.record_answers if answers is None else answers
+
     # -------------------------------------------------------------- completions
-    async def complete(self, req: CompletionRequest, record: bool, use_ctx: bool, endpoint: str):
+    async def complete(self, t: Tenant, req: CompletionRequest, record: bool, use_ctx: bool, endpoint: str,
+                       answers: Optional[bool] = None):
         self.check_model(req.model)
+        check_lengths(req, self.scfg)
         mt = 16 if req.max_tokens is None else req.max_tokens
         self._check_max_tokens(mt)
-        record, use_ctx = record and self.use_memory(), use_ctx and self.use_memory()
+        record, use_ctx, answers = self._switches(record, use_ctx, answers)
         topk = req.logprobs or 0
-        with self.pointer.use() as (version, adapter):
-            prepared = [await self._prepare(p, mt, use_ctx) for p in req.prompts]
+        with t.pointer.use() as (version, adapter):
+            prepared = [await self._prepare(t, p, mt, use_ctx) for p in req.prompts]
             results = []
             if mt > 0:
                 reqs = [g for (full, _, _), p in zip(prepared, req.prompts)
@@ -405,7 +338,7 @@ class AwakeService:
             if req.echo and req.logprobs is not None:
                 echoes = [await self._score_prompt(ctx, p, topk, adapter)
                           for (_, ctx, _), p in zip(prepared, req.prompts)]
-        choices, n_out, pairs = [], 0, []
+        choices, n_out, sent = [], 0, []
         for i, p in enumerate(req.prompts):
             for k in range(req.n):
                 g = results[i * req.n + k] if results else None
@@ -422,8 +355,8 @@ class AwakeService:
                                 "finish_reason": (g.finish_reason or "stop") if g else "length"})
                 n_out += len(g.token_ids) if g else 0
                 if g is not None and k == 0:
-                    pairs.append((p, g.text))
-        recorded = await self._record(pairs, f"serve:{endpoint}") if record and pairs else []
+                    sent.append((p, g.text if answers else None))
+        recorded = await self._record(t, sent, f"serve:{endpoint}") if record and sent else []
         extra = {"adapter_version": version,
                  "memory": {"context": sorted({c.episode_id for _, ctx, _ in prepared for c in ctx}),
                             "recorded": recorded}}
@@ -432,9 +365,11 @@ class AwakeService:
         return resp, version
 
     # -------------------------------------------------------------- chat
-    async def chat(self, req: ChatRequest, record: bool, use_ctx: bool, endpoint: str):
+    async def chat(self, t: Tenant, req: ChatRequest, record: bool, use_ctx: bool, endpoint: str,
+                   answers: Optional[bool] = None):
         self.check_model(req.model)
-        record, use_ctx = record and self.use_memory(), use_ctx and self.use_memory()
+        check_lengths(req, self.scfg)
+        record, use_ctx, answers = self._switches(record, use_ctx, answers)
         prompt = render_chat(req.messages, self.tok)
         mt = req.requested_max_tokens
         if mt is not None:
@@ -443,8 +378,8 @@ class AwakeService:
             mt = max(1, min(self.scfg.max_tokens_limit, self.max_len - self.n_tokens(prompt)))
         stops = list(dict.fromkeys(req.stops + list(self.scfg.chat_stop)))
         topk = (req.top_logprobs or 0) if req.logprobs else 0
-        with self.pointer.use() as (version, adapter):
-            full, ctx, n_in = await self._prepare(prompt, mt, use_ctx)
+        with t.pointer.use() as (version, adapter):
+            full, ctx, n_in = await self._prepare(t, prompt, mt, use_ctx)
             results = await self._generate(self._gen_requests(full, req, mt, adapter, stops, topk))
         choices = []
         for k, g in enumerate(results):
@@ -453,14 +388,14 @@ class AwakeService:
             if req.logprobs:
                 top = None
                 if g.topk is not None and req.top_logprobs:
-                    top = [[(self.tok.decode([t]), v) for t, v in row] for row in g.topk]
+                    top = [[(self.tok.decode([t_]), v) for t_, v in row] for row in g.topk]
                 lp = chat_logprobs(self.token_strings(g.token_ids), list(g.logprobs), top)
             choices.append({"index": k, "message": {"role": "assistant", "content": content},
                             "logprobs": lp, "finish_reason": g.finish_reason or "stop"})
         recorded = []
         if record:
-            recorded = await self._record([(prompt, " " + choices[0]["message"]["content"])],
-                                          f"serve:{endpoint}")
+            reply = choices[0]["message"]["content"] if answers else None
+            recorded = await self._record(t, [(user_turns(req.messages), reply)], f"serve:{endpoint}")
         extra = {"adapter_version": version,
                  "memory": {"context": [c.episode_id for c in ctx], "recorded": recorded}}
         resp = chat_response(new_id("chatcmpl"), self.model_id, choices,
@@ -468,29 +403,30 @@ class AwakeService:
         return resp, version
 
     # -------------------------------------------------------------- models
-    def models(self) -> dict:
-        return {"object": "list", "data": [self.model_card()]}
+    def models(self, t: Tenant) -> dict:
+        return {"object": "list", "data": [self.model_card(t)]}
 
-    def model_card(self) -> dict:
+    def model_card(self, t: Tenant) -> dict:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "sleepray",
-                "adapter_version": self.pointer.version, "max_model_len": self.max_len}
+                "adapter_version": t.pointer.version, "max_model_len": self.max_len}
 
     # -------------------------------------------------------------- memories
-    async def add_memory(self, body: MemoryCreate) -> dict:
-        if body.id is not None and await self.memory.status_of(body.id) is not None:
+    async def add_memory(self, t: Tenant, body: MemoryCreate) -> dict:
+        check_lengths(body, self.scfg)
+        if body.id is not None and await t.memory.status_of(body.id) is not None:
             raise APIError(409, f"a memory with id {body.id!r} already exists", param="id")
         rec = body.record(0)
         rec["n_tokens"] = self.n_tokens(rec["text"], special=False)
         try:
-            receipt = await self.memory.append([rec])
+            receipt = await t.memory.append([rec])
         except ValueError as e:
             raise APIError(400, f"memory rejected: {str(e).strip().splitlines()[-1][:300]}") from None
-        log.info("memory %s added (%d tokens), durable in %s", rec["episode_id"], rec["n_tokens"],
-                 receipt["segment"])
-        rows = [r for r in await self.memory.episodes("short_term") if r["episode_id"] == rec["episode_id"]]
+        log.info("tenant %s: memory %s added (%d tokens), durable in %s", t.name, rec["episode_id"],
+                 rec["n_tokens"], receipt["segment"])
+        rows = [r for r in await t.memory.episodes("short_term") if r["episode_id"] == rec["episode_id"]]
         return memory_object(rows[0] if rows else {**rec, "created_at": None}, "short_term")
 
-    async def list_memories(self, status: str, kind: Optional[str]) -> dict:
+    async def list_memories(self, t: Tenant, status: str, kind: Optional[str]) -> dict:
         statuses = {"all": ["short_term", "consolidated"], "short_term": ["short_term"],
                     "consolidated": ["consolidated"], "deleted": ["deleted"]}
         if status not in statuses:
@@ -500,28 +436,38 @@ class AwakeService:
             raise APIError(400, f"kind must be one of {list(kinds)}, got {kind!r}", param="kind")
         data = []
         for st in statuses[status]:
-            data += [memory_object(r, st) for r in await self.memory.episodes(st)
+            data += [memory_object(r, st) for r in await t.memory.episodes(st)
                      if kind is None or r["kind"] == kind]
         return {"object": "list", "data": data}
 
-    async def delete_memory(self, memory_id: str) -> dict:
-        st = await self.memory.status_of(memory_id)
+    async def delete_memory(self, t: Tenant, memory_id: str) -> dict:
+        """A short-term memory is never consolidated; a consolidated one is deleted and the tenant's
+        next sleep rebuilds its experts without it (``sleepray.forget``), asked for now."""
+        st = await t.memory.status_of(memory_id)
         if st is None:
             raise APIError(404, f"no memory with id {memory_id!r}", code="memory_not_found")
-        if st == "consolidated":
-            raise APIError(409, f"memory {memory_id!r} is already consolidated into the adapter "
-                                "weights; deleting it now would not remove it from them")
+        out = {"id": memory_id, "object": "memory", "deleted": True, "was": st}
+        if st != "deleted":
+            await t.memory.delete([memory_id], reason="deleted through /v1/memories")
+            t.ntok.pop(memory_id, None)
         if st == "short_term":
-            await self.memory.delete([memory_id], reason="deleted through /v1/memories")
-            self._ntok.pop(memory_id, None)
-            log.info("memory %s deleted: it will never be consolidated", memory_id)
-        return {"id": memory_id, "object": "memory", "deleted": True}
+            log.info("tenant %s: memory %s deleted: it will never be consolidated", t.name, memory_id)
+        elif st == "consolidated":
+            sleep = dict(await t.control.request_sleep("forget"))
+            out["rebuild"] = {"requested": True, "accepted": bool(sleep.get("accepted")),
+                              "message": "the next sleep rebuilds this tenant's experts without it; "
+                                         "until a version without it is published it is still in the "
+                                         "served weights"}
+            log.info("tenant %s: consolidated memory %s deleted; rebuild asked (accepted=%s)",
+                     t.name, memory_id, sleep.get("accepted"))
+        return out
 
     # -------------------------------------------------------------- sleep
-    async def sleep_status(self) -> dict:
-        st = dict(await self.control.status())
-        st["serving_adapter"] = self.pointer.version
+    async def sleep_status(self, t: Tenant) -> dict:
+        st = dict(await t.control.status())
+        st["serving_adapter"] = t.pointer.version
+        st["tenant"] = t.name
         return st
 
-    async def request_sleep(self, reason: str) -> dict:
-        return dict(await self.control.request_sleep(reason))
+    async def request_sleep(self, t: Tenant, reason: str) -> dict:
+        return {**dict(await t.control.request_sleep(reason)), "tenant": t.name}

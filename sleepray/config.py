@@ -259,7 +259,22 @@ class RayConfig(_Section):
 class ServeConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    api_key: Optional[str] = None
+    api_key: Optional[str] = Field(None, description="one key for one user: the tenant 'default' (storage "
+                                                      "cycle.storage), admin too; with tenants_file, more")
+    tenants_file: Optional[str] = Field(None, description="YAML of tenants and their hashed API keys "
+                                                          "(sleepray keys add; sleepray/tenants.py)")
+    allow_open: bool = Field(False, description="serve a non-loopback host without any API key (refused "
+                                                "otherwise: every user would share one memory)")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="request bodies above this get 413, unread")
+    max_prompt_chars: int = Field(32_000, ge=1, description="a prompt (or a chat's messages together) above "
+                                                            "this gets 422, before tokenizing")
+    max_memory_chars: int = Field(200_000, ge=1, description="a memory's documents together above this get 422")
+    rate_limit_rps: float = Field(20.0, ge=0, description="per tenant and replica, requests a second "
+                                                          "(token bucket; 0 = no limit); 429 above it")
+    rate_limit_burst: int = Field(40, ge=1, description="the bucket's size: requests a tenant may send at once")
+    record_answers: bool = Field(False, description="also record the model's answers with what the user sent, "
+                                                    "marked as model output (never trained as ground truth); "
+                                                    "a request can ask with record_answers")
     memory: Literal["on", "off"] = "on"
     context_policy: Literal["all", "recent", "relevant"] = Field(
         "recent", description="short-term memory put into the context when not all of it fits: "

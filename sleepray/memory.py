@@ -30,6 +30,10 @@ warning and cut off before the next ledger write.
 Concurrency: every operation holds a ``threading.RLock`` and an exclusive ``fcntl``
 lock on ``root/.lock``, so threads and several processes can share one folder.
 
+An interaction may carry ``model_output``: the model's own answer, kept (when the user asked
+for it) beside what the user sent, never in ``text`` / ``documents``: a sleep reads those
+only, so it never trains on a model answer as if it were ground truth.
+
 Memory is what a user hands over to learn: documents and conversations. Evaluation
 data (questions, their answers, a world's facts) never enters it: an ``Episode`` is
 stored as its documents alone, and a record that carries ``probes``, ``eval_answers``,
@@ -84,6 +88,7 @@ EPISODE_SCHEMA = pa.schema([
     pa.field("source", pa.string()),
     pa.field("created_at", pa.timestamp("us", tz="UTC")),
     pa.field("n_tokens", pa.int32()),
+    pa.field("model_output", pa.string()),             # the model's answer, when asked to keep it
 ])
 """Schema of every segment. ``eval_*`` columns hold evaluation ground truth."""
 
@@ -236,9 +241,12 @@ def _normalize(i: int, rec: Any) -> dict:
         raise ValueError(f"{where}: field 'source' must be a string")
     created = _created_at(where, rec.get("created_at"))
     n_tok = _n_tokens(where, rec.get("n_tokens"), text)
+    output = rec.get("model_output")
+    if output is not None and (not isinstance(output, str) or kind != "interaction"):
+        raise ValueError(f"{where}: 'model_output' is a string, on interactions only")
     return {"episode_id": eid, "kind": kind, "text": text, "documents": docs,
             "probes": [], "eval_answers": None, "eval_facts": [],
-            "source": source, "created_at": created, "n_tokens": n_tok}
+            "source": source, "created_at": created, "n_tokens": n_tok, "model_output": output}
 
 
 def _row_to_episode(row: dict) -> Episode:
@@ -327,6 +335,8 @@ class MemoryStore:
         except Exception as err:  # noqa: BLE001 - any parse failure quarantines
             return None, f"does not parse as Parquet: {err}"
         if not table.schema.equals(EPISODE_SCHEMA, check_metadata=False):
+            if "model_output" not in table.column_names:   # written before the column existed
+                table = table.append_column("model_output", pa.nulls(table.num_rows, pa.string()))
             try:
                 table = table.select(EPISODE_SCHEMA.names).cast(EPISODE_SCHEMA)
             except Exception as err:  # noqa: BLE001

@@ -21,6 +21,7 @@ do the same; the body wins when both are given.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
@@ -35,15 +36,21 @@ MAX_STOPS = 4
 MAX_LOGPROBS = 20
 MAX_MESSAGES = 256
 MAX_SEED = 2**63 - 1
+MAX_STOP_CHARS = 200
 
 
 class APIError(Exception):
     """An error answered to the client as ``{"error": {...}}`` with an HTTP status."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
+                 param: Optional[str] = None, code: Optional[str] = None,
+                 retry_after: Optional[float] = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry_after = retry_after
+
+    def headers(self) -> dict:
+        return {} if self.retry_after is None else {"retry-after": str(max(1, math.ceil(self.retry_after)))}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -72,9 +79,11 @@ class _GenBody(_Body):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Optional[dict[str, float]] = None
-    user: Optional[str] = None
+    user: Optional[str] = Field(None, max_length=256)
     memory: Optional[bool] = Field(None, description="record this interaction (default: serve.memory)")
     memory_context: Optional[bool] = Field(None, description="put the short-term memory in context")
+    record_answers: Optional[bool] = Field(None, description="also record the model's answer, marked as "
+                                                             "model output (default: serve.record_answers)")
 
     @model_validator(mode="after")
     def _common(self):
@@ -170,7 +179,7 @@ class ChatRequest(_GenBody):
 class MemoryCreate(_Body):
     """POST /v1/memories: one document memory (knowledge to learn in the next sleep)."""
     model_config = ConfigDict(extra="forbid", strict=True)
-    text: Optional[str] = Field(None, max_length=200_000)
+    text: Optional[str] = None
     documents: Optional[list[str]] = Field(None, min_length=1, max_length=256)
     id: Optional[str] = Field(None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$")
     source: Optional[str] = Field(None, max_length=200)
@@ -255,6 +264,40 @@ def parse_body(model_cls: type[BaseModel], raw: bytes):
         raise APIError(400, f"invalid request: {_format_validation(e)}") from None
     except (RecursionError, ValueError, TypeError) as e:
         raise APIError(400, f"invalid request: {str(e)[:200]}") from None
+
+
+def _too_long(field: str, n: int, limit: int, knob: str) -> APIError:
+    return APIError(422, f"{field} is {n} characters, over this server's limit of {limit} ({knob})",
+                    param=field, code="string_above_max_length")
+
+
+def check_lengths(body, scfg) -> None:
+    """422 for a prompt, chat or memory longer than the server takes: checked on characters,
+    before anything is tokenized (``serve.max_prompt_chars``, ``serve.max_memory_chars``)."""
+    if isinstance(body, CompletionRequest):
+        for i, p in enumerate(body.prompts):
+            if len(p) > scfg.max_prompt_chars:
+                raise _too_long("prompt" if isinstance(body.prompt, str) else f"prompt.{i}", len(p),
+                                scfg.max_prompt_chars, "serve.max_prompt_chars")
+    elif isinstance(body, ChatRequest):
+        n = sum(len(m.text) for m in body.messages)
+        if n > scfg.max_prompt_chars:
+            raise _too_long("messages", n, scfg.max_prompt_chars, "serve.max_prompt_chars")
+    elif isinstance(body, MemoryCreate):
+        n = sum(len(d) for d in (body.documents if body.documents is not None else [body.text]))
+        if n > scfg.max_memory_chars:
+            raise _too_long("documents" if body.documents is not None else "text", n,
+                            scfg.max_memory_chars, "serve.max_memory_chars")
+    for s in getattr(body, "stops", []):
+        if len(s) > MAX_STOP_CHARS:
+            raise _too_long("stop", len(s), MAX_STOP_CHARS, "a fixed limit")
+
+
+def user_turns(messages: list[ChatMessage]) -> str:
+    """What the user sent in this request: the user messages after the last assistant message
+    (a client resends the whole conversation every turn; earlier turns were recorded then)."""
+    last = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1)
+    return "\n".join(m.text for m in messages[last + 1:] if m.role == "user" and m.text.strip())
 
 
 def flag(body_value: Optional[bool], header: Optional[str], default: bool) -> bool:
@@ -447,4 +490,5 @@ def memory_object(row: dict, status: str) -> dict:
     return {"id": row["episode_id"], "object": "memory", "kind": row["kind"], "status": status,
             "text": row["text"], "documents": list(row.get("documents") or []),
             "source": row.get("source") or "", "n_tokens": row.get("n_tokens"),
+            "model_output": row.get("model_output"),
             "created_at": created.isoformat() if hasattr(created, "isoformat") else created}

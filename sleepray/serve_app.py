@@ -7,23 +7,28 @@ Routes (OpenAI-compatible where OpenAI has them):
 | ``GET /v1/models``, ``GET /v1/models/{id}`` | the served model and its adapter version |
 | ``POST /v1/completions`` | completions; ``echo`` + ``logprobs`` (+ ``max_tokens=0``) scores a prompt |
 | ``POST /v1/chat/completions`` | chat completions |
-| ``POST /v1/memories`` | add a document memory (``text`` or ``documents``, optional ``questions``, ``id``) |
+| ``POST /v1/memories`` | add a document memory (``text`` or ``documents``, optional ``id``) |
 | ``GET /v1/memories`` | list memories (``?status=all|short_term|consolidated|deleted&kind=...``) |
-| ``DELETE /v1/memories/{id}`` | delete a short-term memory: it is never consolidated |
+| ``DELETE /v1/memories/{id}`` | delete a memory: short-term, never consolidated; consolidated, rebuilt without |
 | ``GET /v1/sleep/status`` | phase, memory pressure, adapter version, last sleep |
 | ``POST /v1/sleep`` | ask for a sleep (``{"reason": ...}`` optional) |
+| ``GET /v1/tenants`` | admin: every tenant and the version it serves |
+| ``GET /v1/tenants/{t}/sleep/status``, ``POST /v1/tenants/{t}/sleep`` | admin: a tenant's sleep |
 | ``GET /health`` | liveness (no key needed) |
 
-Streaming (``"stream": true``) answers with server-sent events in OpenAI's chunk
-format. The engine interface is not incremental: the whole generation is made first
-(and recorded into the memory), then sent as a stream of word-sized chunks.
+Every ``/v1`` route but the admin ones acts on the caller's own tenant (its key's; the
+tenant "default" when no key is configured): its memories, its sleeps, its adapter.
 
-With ``serve.api_key`` set, every ``/v1`` route needs ``Authorization: Bearer KEY``
-(401 otherwise). Bad input is a 4xx with an OpenAI-style ``{"error": {...}}`` body.
+Streaming (``"stream": true``) answers with server-sent events in OpenAI's chunk format.
+
+Limits, checked before any tokenizing: a body over ``serve.max_body_bytes`` is refused
+unread (413), a prompt / chat / memory over ``serve.max_prompt_chars`` /
+``serve.max_memory_chars`` gets 422, a tenant over its rate gets 429 with
+``retry-after``. A missing or unknown key is 401, a key that may not do this 403. Every
+error has an OpenAI-style ``{"error": {...}}`` body.
 """
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Optional
 
@@ -34,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sleepray.serve_api import (APIError, ChatRequest, CompletionRequest, MemoryCreate, SleepRequest,
                                 chat_chunks, completion_chunks, flag, parse_body, sse)
+from sleepray.tenants import Principal
 
 log = logging.getLogger(__name__)
 
@@ -46,22 +52,36 @@ def _error(status: int, message: str, type: str, code: Optional[str] = None) -> 
 
 def build_app(service) -> FastAPI:
     app = FastAPI(title="sleepray awake endpoint", docs_url=None, redoc_url=None, openapi_url=None)
-    key = service.scfg.api_key
+    limit = service.scfg.max_body_bytes
 
-    def check_key(request: Request) -> None:
-        if not key:
-            return
+    def principal(request: Request) -> Principal:
         auth = request.headers.get("authorization", "")
         given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
-        if not given or not hmac.compare_digest(given.encode(), key.encode()):
-            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                           type="authentication_error", code="invalid_api_key")
+        return service.authenticate(given)
+
+    def tenant(p: Principal = Depends(principal)):
+        return service.tenant_of(p)
+
+    async def read_body(request: Request) -> bytes:
+        """The body, refused with 413 past ``serve.max_body_bytes`` without reading the rest."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"the request body is {declared} bytes, over this server's limit of {limit} "
+                                "(serve.max_body_bytes)", code="request_too_large")
+        chunks, n = [], 0
+        async for c in request.stream():
+            n += len(c)
+            if n > limit:
+                raise APIError(413, f"the request body is over this server's limit of {limit} bytes "
+                                    "(serve.max_body_bytes)", code="request_too_large")
+            chunks.append(c)
+        return b"".join(chunks)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
         if e.status >= 500:
             log.error("%s %s: %s", request.method, request.url.path, e.message)
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError):
@@ -77,11 +97,14 @@ def build_app(service) -> FastAPI:
         log.exception("%s %s failed", request.method, request.url.path)
         return _error(500, f"internal error: {type(e).__name__}: {str(e)[:300]}", "server_error")
 
-    def switches(request: Request, body) -> tuple[bool, bool]:
+    def switches(request: Request, body) -> tuple[bool, bool, Optional[bool]]:
         h = request.headers
         record = flag(body.memory, h.get("x-sleepray-memory"), True)
         use_ctx = flag(body.memory_context, h.get("x-sleepray-memory-context"), True)
-        return record, use_ctx
+        answers = h.get("x-sleepray-record-answers")
+        answers = body.record_answers if body.record_answers is not None or answers is None \
+            else flag(None, answers, False)
+        return record, use_ctx, answers
 
     def answer(resp: dict, version: str, stream: bool, chunks) -> object:
         headers = {ADAPTER_HEADER: version}
@@ -95,59 +118,72 @@ def build_app(service) -> FastAPI:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={**headers, "cache-control": "no-cache"})
 
-    auth = [Depends(check_key)]
-
     @app.get("/health")
     async def health():
-        return {"status": "ok", "adapter_version": service.pointer.version}
+        return {"status": "ok", "tenants": len(service.tenants)}
 
-    @app.get("/v1/models", dependencies=auth)
-    async def models():
-        return JSONResponse(service.models(), headers={ADAPTER_HEADER: service.pointer.version})
+    @app.get("/v1/models")
+    async def models(t=Depends(tenant)):
+        return JSONResponse(service.models(t), headers={ADAPTER_HEADER: t.pointer.version})
 
-    @app.get("/v1/models/{model_id:path}", dependencies=auth)
-    async def model(model_id: str):
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, t=Depends(tenant)):
         service.check_model(model_id)
-        return JSONResponse(service.model_card(), headers={ADAPTER_HEADER: service.pointer.version})
+        return JSONResponse(service.model_card(t), headers={ADAPTER_HEADER: t.pointer.version})
 
-    @app.post("/v1/completions", dependencies=auth)
-    async def completions(request: Request):
-        body = parse_body(CompletionRequest, await request.body())
-        record, use_ctx = switches(request, body)
-        resp, version = await service.complete(body, record, use_ctx, "/v1/completions")
+    @app.post("/v1/completions")
+    async def completions(request: Request, t=Depends(tenant)):
+        body = parse_body(CompletionRequest, await read_body(request))
+        record, use_ctx, answers = switches(request, body)
+        resp, version = await service.complete(t, body, record, use_ctx, "/v1/completions", answers)
         include = bool(body.stream_options and body.stream_options.include_usage)
         return answer(resp, version, body.stream,
                       completion_chunks(resp, include) if body.stream else None)
 
-    @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat(request: Request):
-        body = parse_body(ChatRequest, await request.body())
-        record, use_ctx = switches(request, body)
-        resp, version = await service.chat(body, record, use_ctx, "/v1/chat/completions")
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request, t=Depends(tenant)):
+        body = parse_body(ChatRequest, await read_body(request))
+        record, use_ctx, answers = switches(request, body)
+        resp, version = await service.chat(t, body, record, use_ctx, "/v1/chat/completions", answers)
         include = bool(body.stream_options and body.stream_options.include_usage)
         return answer(resp, version, body.stream, chat_chunks(resp, include) if body.stream else None)
 
-    @app.post("/v1/memories", dependencies=auth, status_code=201)
-    async def add_memory(request: Request):
-        body = parse_body(MemoryCreate, await request.body())
-        return JSONResponse(await service.add_memory(body), status_code=201)
+    @app.post("/v1/memories", status_code=201)
+    async def add_memory(request: Request, t=Depends(tenant)):
+        body = parse_body(MemoryCreate, await read_body(request))
+        return JSONResponse(await service.add_memory(t, body), status_code=201)
 
-    @app.get("/v1/memories", dependencies=auth)
-    async def list_memories(status: str = "all", kind: Optional[str] = None):
-        return await service.list_memories(status, kind)
+    @app.get("/v1/memories")
+    async def list_memories(status: str = "all", kind: Optional[str] = None, t=Depends(tenant)):
+        return await service.list_memories(t, status, kind)
 
-    @app.delete("/v1/memories/{memory_id}", dependencies=auth)
-    async def delete_memory(memory_id: str):
-        return await service.delete_memory(memory_id)
+    @app.delete("/v1/memories/{memory_id}")
+    async def delete_memory(memory_id: str, t=Depends(tenant)):
+        return await service.delete_memory(t, memory_id)
 
-    @app.get("/v1/sleep/status", dependencies=auth)
-    async def sleep_status():
-        return await service.sleep_status()
+    @app.get("/v1/sleep/status")
+    async def sleep_status(t=Depends(tenant)):
+        return await service.sleep_status(t)
 
-    @app.post("/v1/sleep", dependencies=auth)
-    async def sleep(request: Request):
-        raw = await request.body()
+    @app.post("/v1/sleep")
+    async def sleep(request: Request, t=Depends(tenant)):
+        raw = await read_body(request)
         body = parse_body(SleepRequest, raw) if raw.strip() else SleepRequest()
-        return await service.request_sleep(body.reason)
+        return await service.request_sleep(t, body.reason)
+
+    @app.get("/v1/tenants")
+    async def tenants(p: Principal = Depends(principal)):
+        return await service.list_tenants(p)
+
+    @app.get("/v1/tenants/{name}/sleep/status")
+    async def tenant_sleep_status(name: str, p: Principal = Depends(principal)):
+        return await service.sleep_status(service.admin_tenant(p, name))
+
+    @app.post("/v1/tenants/{name}/sleep")
+    async def tenant_sleep(name: str, request: Request, p: Principal = Depends(principal)):
+        t = service.admin_tenant(p, name)
+        raw = await read_body(request)
+        body = parse_body(SleepRequest, raw) if raw.strip() else SleepRequest()
+        return await service.request_sleep(t, body.reason)
 
     return app

@@ -1,6 +1,6 @@
 """The awake endpoint's HTTP layer without Ray: schemas, context policy, routes, swaps, fuzz.
 
-These are the only tests that use a FAKE engine (``FakeEngine`` below: the seed model's
+These tests use a FAKE engine (``FakeEngine`` of tests/serve_fakes.py: the seed model's
 real tokenizer, canned generations and scores), so that the FastAPI app, validation and
 the adapter pointer can be driven in milliseconds. Everything else here is real: the
 MemoryStore on a tmp folder, the SleepController running a real NREM-only sleep, the
@@ -13,100 +13,14 @@ import threading
 import time
 
 import pytest
-from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from serve_fakes import MAX_LEN, _publish, _sleeper, made  # noqa: F401  (made: a fixture)
 
-from sleepray.awake import WARMUP_PROMPT, AwakeService, LocalControl, LocalMemory
-from sleepray.config import load_config
-from sleepray.engines.base import Engine, GenResult, ScoreResult
 from sleepray.memory import MemoryStore
 from sleepray.serve_api import (APIError, ChatMessage, CompletionRequest, MemoryItem, parse_body,
                                 render_chat, select_context, text_pieces)
 from sleepray.serve_app import build_app
-from sleepray.sleep_control import SleepController
-from sleepray.storage import Storage
-
-MAX_LEN = 128
-
-
-class FakeEngine(Engine):
-    """Test double (unit tests only): real tokenizer, canned outputs, records its inputs."""
-    kind = "fake"
-
-    def __init__(self, model_dir, cfg):
-        super().__init__(str(model_dir), cfg)
-        from transformers import AutoTokenizer
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.prompts, self.loaded, self.unloaded = [], [], []
-        self.gate = None   # a threading.Event that generate waits on, when set
-
-    def generate(self, requests):
-        if self.gate is not None and requests[0].prompt != WARMUP_PROMPT:
-            self.gate.wait(10)
-        out = []
-        for r in requests:
-            p = self._prepare_gen(r)
-            self.prompts.append(r.prompt)
-            ids = list(self.tokenizer(" Paris is nice", add_special_tokens=False)["input_ids"])[: p.max_tokens]
-            topk = [[(i, -0.1)] * r.logprobs_topk for i in ids] if r.logprobs_topk else None
-            out.append(GenResult(self.tokenizer.decode(ids), ids, [-0.5] * len(ids), topk, r.adapter,
-                                 "length"))
-        return out
-
-    def score(self, requests):
-        res = []
-        for r in requests:
-            p = self._prepare_score(r)
-            res.append(ScoreResult(p.cont_ids, [-1.0] * len(p.cont_ids),
-                                   [[(t, -1.0)] for t in p.cont_ids] if r.logprobs_topk else None))
-        return res
-
-    def load_adapter(self, name, path):
-        self._adapters[name] = self._check_adapter_folder(path)
-        self.loaded.append(name)
-
-    def unload_adapter(self, name):
-        del self._adapters[name]
-        self.unloaded.append(name)
-
-    def close(self):
-        pass
-
-
-def _cfg(tmp_path, *extra):
-    return load_config(None, [f"cycle.storage={tmp_path}", f"engine.max_model_len={MAX_LEN}",
-                              "serve.max_tokens_limit=32", *extra])
-
-
-def _publish(storage, name):
-    """A version folder as sleep.publish_version lays it out (files only; FakeEngine reads none)."""
-    d = storage / "adapters" / name
-    d.mkdir(parents=True)
-    (d / "adapter_config.json").write_text("{}")
-    (d / "adapter_model.safetensors").write_bytes(b"")
-    (d / "lineage.json").write_text(json.dumps({"metrics": {"loss": 0.1}, "episodes": []}))
-    return d
-
-
-@pytest.fixture
-def made(tmp_path, seed_test_model):
-    def make(*extra):
-        cfg = _cfg(tmp_path, *extra)
-        engine = FakeEngine(seed_test_model, cfg.engine)
-        store = MemoryStore(Storage(tmp_path).memory)
-        sleeper = SleepController(cfg, tmp_path, lambda reason: _real_sleep(cfg, tmp_path, reason), name="serve")
-        svc = AwakeService(cfg, engine, LocalMemory(store), LocalControl(sleeper), tmp_path)
-        svc.pointer.poll_once()
-        client = TestClient(build_app(svc), raise_server_exceptions=False)
-        return svc, client, store, engine
-    return make
-
-
-def _real_sleep(cfg, storage, trigger):
-    from sleepray.sleep import run_sleep
-    rec = run_sleep(cfg, storage, trigger=trigger, only=["nrem"], progress=False)
-    return rec.data if rec is not None else None
 
 
 # ----------------------------------------------------------------------------- library
@@ -175,10 +89,12 @@ def test_openai_client_completion_chat_and_stream(made):
         model="sleepray", messages=[{"role": "user", "content": "x"}], stream=True,
         stream_options={"include_usage": True}) if ch.choices]
     assert "".join(deltas) == "Paris is nice"
-    # every generated interaction was recorded (durably: a fresh store reads it)
+    # what the user sent in every generation was recorded (durably: a fresh store reads it), the
+    # model's answers were not (serve.record_answers is off)
     rows = MemoryStore(store.root).episodes("short_term")
     assert [r["kind"] for r in rows] == ["interaction"] * 4
-    assert rows[1]["text"] == "Q: Where?\nA: Paris is nice"
+    assert [r["text"] for r in rows] == ["Q: Where?\nA:", "Where?", "Q: x\nA:", "x"]
+    assert all(r["model_output"] is None for r in rows)
 
 
 def test_memory_goes_into_context_and_switches_turn_it_off(made):
@@ -225,7 +141,11 @@ def test_memories_list_delete_and_conflicts(made):
     assert [m["id"] for m in client.get("/v1/memories?status=deleted").json()["data"]] == ["d0"]
     assert client.delete("/v1/memories/nope").status_code == 404
     store.mark_consolidated(["d1"], "v0001")
-    assert client.delete("/v1/memories/d1").status_code == 409
+    slept = []
+    _sleeper(svc).request_sleep = lambda reason: slept.append(reason) or {"accepted": True}
+    r = client.delete("/v1/memories/d1").json()      # consolidated: deleted, and a rebuild asked for
+    assert r["deleted"] and r["was"] == "consolidated" and r["rebuild"]["accepted"] and slept == ["forget"]
+    assert store.status_of("d1") == "deleted"
     assert client.get("/v1/memories?status=bogus").status_code == 400
     for bad in ({}, {"text": "a", "documents": ["b"]}, {"text": "  "}, {"text": "a", "extra": 1},
                 {"text": "a", "id": "has space"}):
@@ -235,12 +155,12 @@ def test_memories_list_delete_and_conflicts(made):
 
 def _v1_routes() -> list[tuple[str, str]]:
     """(method, concrete path) for every ``/v1`` route ``build_app`` defines, read from the app
-    itself (a stub service: building the app reads only ``scfg.api_key``), so that a route added
+    itself (a stub service: building the app reads only ``scfg.max_body_bytes``), so that a route added
     later is covered by the key check below without editing this test."""
     from types import SimpleNamespace
 
     from fastapi.routing import APIRoute
-    app = build_app(SimpleNamespace(scfg=SimpleNamespace(api_key=None)))
+    app = build_app(SimpleNamespace(scfg=SimpleNamespace(max_body_bytes=1)))
     out = set()
     for r in app.routes:
         if isinstance(r, APIRoute) and r.path.startswith("/v1"):
@@ -264,7 +184,7 @@ def test_the_route_list_is_read_from_the_app():
 def test_every_v1_route_needs_the_api_key(made, method, path):
     svc, client, store, engine = made("serve.api_key=sekret")
     slept = []
-    svc.control.sleeper.request_sleep = lambda reason: slept.append(reason) or {"accepted": True}
+    _sleeper(svc).request_sleep = lambda reason: slept.append(reason) or {"accepted": True}
     body = {"model": "sleepray", "prompt": "Q: x\nA:", "max_tokens": 2,
             "messages": [{"role": "user", "content": "x"}], "text": "Ann Lee was born in Paris."}
     n_prompts = len(engine.prompts)
@@ -345,7 +265,7 @@ def test_sleep_status_and_request_without_a_coordinator(made, tmp_path):
     assert st["pressure"]["short_term_episodes"] == 0
     r = client.post("/v1/sleep", json={"reason": "test"}).json()
     assert r["accepted"] is True
-    svc.control.sleeper.wait(60)
+    _sleeper(svc).wait(60)
     st = client.get("/v1/sleep/status").json()
     assert st["phase"] == "wake" and st["last_sleep"]["version"] is None
     assert "nothing to consolidate" in st["last_sleep"]["message"]
@@ -392,7 +312,7 @@ _random = st.tuples(st.sampled_from(["post", "get"]),
 def test_fuzzed_requests_never_get_a_5xx(made):
     """Random bodies, truncated JSON, and valid bodies with some fields made arbitrary."""
     svc, client, _, _ = made()
-    svc.control.sleeper.request_sleep = lambda reason: {"accepted": False, "phase": "wake"}
+    _sleeper(svc).request_sleep = lambda reason: {"accepted": False, "phase": "wake"}
     seen = []
 
     @settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
