@@ -3,11 +3,16 @@
     python -m jobs.bench learner [--shapes 0.6b,1.7b] [--batches 16,64] [--new-tokens 64]
         [--bare peft,tuned] [--modes alpha1,lti,anchor] [--device cuda] [--out FILE]
     python -m jobs.bench learner --cpu-default [--out docs/results/bench_learner_cpu.json]
+    python -m jobs.bench learner --ray-workers 1,2 [--only-nrem] ...   (the NREM step on Ray Train too)
 
 Writes a JSON list of records, one per (shape, batch), with the fields the learner issue asks
 for (``bare_tok_s``, ``bare_mfu_6n``, ``nrem_tok_s``, ``nrem_tok_s_nosample``, ``switch_ms``,
 ``loss_peak_gib_256x64``, ``decode_ms``, ``decode_floor_ms``) and every measurement behind
 them, plus the revision, the command and the seeds; and a PNG beside it.
+``--ray-workers 1,2``: the same NREM step (alpha 1) also as a Ray Train run on each number of
+workers (``sleepray.learner_bench_ray``; one GPU each, or one CPU), its ``ray_train_tok_s_<n>gpu``
+beside the in-process ``nrem_tok_s`` and ``ray_train_overhead_pct``. ``--only-nrem``: no bare
+loop, loss memory or decode measurement.
 ``--cpu-default``: the NREM step on ``seed:small`` with the default config, and one whole
 default sleep of two episodes in this process (``nrem_step_s``, ``sleep_s``).
 """
@@ -25,8 +30,8 @@ log = logging.getLogger("jobs.bench_learner")
 
 
 def _tokenizer():
-    from sleepray.models import load_model, resolve_model_path
-    return load_model(resolve_model_path("seed:test"))[1]
+    from sleepray.learner_bench import bench_tokenizer
+    return bench_tokenizer()
 
 
 def learner_records(args, save=lambda records: None) -> list[dict]:
@@ -41,6 +46,10 @@ def learner_records(args, save=lambda records: None) -> list[dict]:
     tok = _tokenizer()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     combos = [(shape, int(B)) for shape in args.shapes.split(",") for B in args.batches.split(",")]
+    bare = [v for v in args.bare.split(",") if v and v != "none"] if not args.only_nrem else []
+    workers = [int(n) for n in args.ray_workers.split(",") if n]
+    if workers:
+        _ray_up(device)
     records = []
     for shape, B in combos:
         make = lambda: lb.build_model(shape, device, dtype, tok)   # noqa: E731
@@ -50,22 +59,39 @@ def learner_records(args, save=lambda records: None) -> list[dict]:
             log.info("%s B=%d: NREM %s", shape, B, mode)
             rec["nrem"].append(_safe(lb.bench_nrem, make(), tok, mode, B, args.new_tokens, device,
                                      args.warm, args.iters))
-        model = make()
-        rec["loss_memory"] = _safe(lb.bench_loss_memory, model, device)
-        rec["decode"] = _safe(lb.bench_decode, _with_expert(model), tok, B, args.new_tokens, device)
-        del model
-        lb.free(device)
-        records.append(rec)
-    for rec in records:
+        if workers:
+            from sleepray.learner_bench_ray import bench_nrem_ray
+            rec["ray_train"] = []
+            for n in workers:
+                log.info("%s B=%d: NREM alpha1 on Ray Train, %d workers", shape, B, n)
+                rec["ray_train"].append(_safe(bench_nrem_ray, shape, B, args.new_tokens, n, device.type == "cuda",
+                                              args.warm, args.iters, "alpha1", args.ray_cpus))
+        if not args.only_nrem:
+            model = make()
+            rec["loss_memory"] = _safe(lb.bench_loss_memory, model, device)
+            rec["decode"] = _safe(lb.bench_decode, _with_expert(model), tok, B, args.new_tokens, device)
+            del model
+            lb.free(device)
+        records.append(_headline(rec))
+        save(records)                  # written after every record: a cut run keeps its part
+    for rec in records if bare else []:
         shape, B = rec["shape"], rec["batch"]
         make = lambda: lb.build_model(shape, device, dtype, tok)   # noqa: E731
         log.info("%s B=%d: bare loop", shape, B)
         rec["bare"] = [_safe(lb.bench_bare, make, lb.BARE_VARIANTS[v], B, args.seq, device, args.warm,
-                             args.iters) for v in args.bare.split(",")]
+                             args.iters) for v in bare]
         _headline(rec)
-        save([r for r in records if "bare" in r])     # written after every record: a cut run keeps its part
+        save(records)
         log.info("%s", json.dumps({k: v for k, v in rec.items() if not isinstance(v, (list, dict))}))
     return records
+
+
+def _ray_up(device) -> None:
+    """A local Ray with this machine's GPUs, unless this process already joined one."""
+    import ray
+    import torch
+    if not ray.is_initialized():
+        ray.init(num_gpus=torch.cuda.device_count() if device.type == "cuda" else 0, include_dashboard=False)
 
 
 def _with_expert(model):
@@ -91,16 +117,19 @@ def _best(rows: list[dict], key: str):
 
 
 def _headline(rec: dict) -> dict:
-    bare = _best(rec["bare"], "tok_s")
+    from sleepray.learner_bench_ray import headline
+    bare = _best(rec.get("bare", []), "tok_s")
     alpha1 = next((r for r in rec["nrem"] if r.get("mode") == "alpha1"), None)
+    rec.update(headline(alpha1, rec.get("ray_train", [])))
     rec.update({
         "bare_variant": bare and bare["variant"], "bare_tok_s": bare and bare["tok_s"],
         "bare_mfu_6n": bare and bare["mfu_6n"],
         "nrem_tok_s": alpha1 and alpha1.get("nrem_tok_s"),
         "nrem_tok_s_nosample": alpha1 and alpha1.get("nrem_tok_s_nosample"),
         "switch_ms": alpha1 and alpha1.get("switch_ms"),
-        "loss_peak_gib_256x64": rec["loss_memory"].get("peak_gib"),
-        "decode_ms": rec["decode"].get("decode_ms"), "decode_floor_ms": rec["decode"].get("decode_floor_ms")})
+        "loss_peak_gib_256x64": rec.get("loss_memory", {}).get("peak_gib"),
+        "decode_ms": rec.get("decode", {}).get("decode_ms"),
+        "decode_floor_ms": rec.get("decode", {}).get("decode_floor_ms")})
     if bare and alpha1 and alpha1.get("nrem_tok_s"):
         rec["nrem_over_bare"] = alpha1["nrem_tok_s"] / bare["tok_s"]
         rec["nrem_nosample_over_bare"] = alpha1["nrem_tok_s_nosample"] / bare["tok_s"]
@@ -178,6 +207,11 @@ def main(argv=None) -> int:
     ap.add_argument("--bare", default="peft,tuned", help="bare-loop variants: peft, tuned (liger's fused linear "
                                                           "CE where installed), tuned_chunked, tuned_compile")
     ap.add_argument("--modes", default="alpha1,lti,anchor", help="NREM modes: alpha1, lti, anchor")
+    ap.add_argument("--ray-workers", default="", help="comma list of Ray Train worker counts to run the NREM "
+                                                      "step (alpha 1) on too, one GPU (or CPU) each; e.g. 1,2")
+    ap.add_argument("--ray-cpus", type=float, default=1, help="CPUs per Ray Train worker (the learner's default 1)")
+    ap.add_argument("--only-nrem", action="store_true", help="the NREM step alone: no bare loop, loss memory "
+                                                             "or decode measurement")
     ap.add_argument("--warm", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")

@@ -299,9 +299,19 @@ NREM_MODES = {
 }
 
 
+def bench_tokenizer():
+    """The tokenizer every benchmark model uses (the shipped ``seed:test`` model's)."""
+    from sleepray.models import load_model, resolve_model_path
+    return load_model(resolve_model_path("seed:test"))[1]
+
+
 def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int, iters: int,
-               people: int = 4, extra: tuple[str, ...] = ()) -> dict:
-    """The NREM step on ``model`` (wrapped in a fresh expert bank), phase by phase."""
+               people: int = 4, extra: tuple[str, ...] = (), hooks=None) -> dict:
+    """The NREM step on ``model`` (wrapped in a fresh expert bank), phase by phase.
+
+    ``hooks`` (``nrem.NREMHooks``): this process's rank among ``world`` data-parallel ones (it
+    takes ``B // world`` rows a step, gradients all-reduced) and its ``after_step``, timed with
+    the step as a runner calls it; the default is one process whose ``after_step`` does nothing."""
     from sleepray import nrem, nrem_forward, nrem_samplers, rewards
     from sleepray.anchor import anchor_texts
     from sleepray.config import load_config
@@ -336,7 +346,8 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
     nrem._draw_samples = counted
     try:
         trainer = nrem.NREMTrainer(bank, tok, prompts, ncfg, seed=0, sampler=sampler,
-                                   anchor_texts=anchor_texts(cfg) if ncfg.anchor_weight > 0 else None)
+                                   anchor_texts=anchor_texts(cfg) if ncfg.anchor_weight > 0 else None,
+                                   hooks=hooks)
         pool_s = ph.acc.get("teacher_pool", 0.0)
         steps, phases = [], []
         for i in range(warm + iters):
@@ -346,6 +357,7 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
             sync(device)
             t = time.perf_counter()
             rec = trainer.step()
+            trainer.hooks.after_step(i + 1, rec, trainer.params, trainer.opt)
             sync(device)
             if i >= warm:
                 steps.append(time.perf_counter() - t)
@@ -362,6 +374,8 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
     with torch.no_grad():
         switch_ms = _switch_ms(bank, device)
     out = {"mode": mode, "B": B, "new_tokens": new_tokens, "step_s": step + pool_s / ncfg.steps,
+           "step_s_all": steps, "rank": trainer.hooks.rank, "world": trainer.hooks.world,
+           "rows": trainer.per_rank, "threads": torch.get_num_threads(),
            "loss_tokens": toks, "nrem_tok_s": toks / (step + pool_s / ncfg.steps),
            "nrem_tok_s_nosample": toks / max(1e-9, step + pool_s / ncfg.steps - sampling),
            "sampling_s": sampling, "teacher_pool_s": pool_s, "phases_s": per,

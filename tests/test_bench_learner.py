@@ -26,3 +26,25 @@ def test_the_learner_benchmark_writes_its_record(tmp_path, seed_test_model):
     assert "anchor" in modes["anchor"]["phases_s"]
     assert 0 < rec["switch_ms"] < 50 and rec["decode_ms"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_the_learner_benchmark_runs_the_nrem_step_on_ray_train(ray_client, tmp_path, seed_test_model):
+    """The Ray Train path (one CPU worker, gloo) on a real local Ray: the same step as in process
+    (same seeds, same rows: the same loss tokens and divergence), its tok/s beside the in-process one."""
+    out = tmp_path / "bench_learner_ray.json"
+    assert main(["--shapes", "tiny", "--batches", "4", "--new-tokens", "6", "--warm", "1", "--iters", "2",
+                 "--device", "cpu", "--modes", "alpha1", "--only-nrem", "--ray-workers", "1",
+                 "--out", str(out)]) == 0
+    [rec] = json.loads(out.read_text())
+    assert "--ray-workers 1" in rec["command"] and rec["revision"]
+    [inproc], [run] = rec["nrem"], rec["ray_train"]
+    assert "error" not in run, run.get("error")
+    assert run["workers"] == 1 and run["backend"] == "gloo" and run["rows_per_rank"] == [4]
+    assert rec["nrem_tok_s"] > 0 and rec["ray_train_tok_s_1cpu"] == run["tok_s"] > 0
+    assert run["loss_tokens"] == inproc["loss_tokens"] > 0
+    [rank0] = run["ranks"]
+    assert abs(rank0["divergence"] - inproc["divergence"]) < 1e-4 * max(1.0, abs(inproc["divergence"]))
+    assert len(rank0["step_s_all"]) == 2 and run["fit_s"] > run["step_s"]
+    expect = (rec["nrem_tok_s"] / run["tok_s"] - 1) * 100
+    assert abs(rec["ray_train_overhead_pct"] - expect) < 1e-9
+    assert "bare" not in rec and "decode" not in rec
