@@ -10,6 +10,7 @@ version label (``v0002``, ``"base"`` before the first sleep).
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from sleepray.engines.base import GenRequest
-from sleepray.storage import Storage
+from sleepray.storage import LINEAGE, Storage
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,16 @@ def warm_up(engine, adapter: Optional[str] = None) -> None:
     """One 1-token generation, so that the first real request does not pay the engine's
     (or a fresh adapter's) first-use cost."""
     engine.generate([GenRequest(WARMUP_PROMPT, 1, adapter=adapter)])
+
+
+def _empty(version: Path) -> bool:
+    """A version without an adapter: an empty rebuild (``sleepray.forget``), served as the base."""
+    if (version / "adapter_config.json").is_file():
+        return False
+    try:
+        return json.loads((version / LINEAGE).read_text()).get("phase") == "empty"
+    except (OSError, ValueError):
+        return False
 
 
 class AdapterPointer:
@@ -73,6 +84,9 @@ class AdapterPointer:
         latest = Storage(self.storage).latest_version()
         changed = False
         name = self.prefix + latest.name if latest is not None else None
+        if latest is not None and _empty(latest):    # a rebuild with every memory forgotten
+            changed = self._to_base(latest.name) if self._current is not None else False
+            name = None
         if name is not None and name != self._current and name not in self._failed:
             t0 = time.time()
             try:
@@ -95,6 +109,16 @@ class AdapterPointer:
                 changed = True
         self._unload_idle()
         return changed
+
+    def _to_base(self, version: str) -> bool:
+        with self._lock:
+            old, self._current = self._current, None
+            self._retired.append(old)
+        self.swaps.append({"from": self.label(old), "to": BASE, "at": time.time(), "load_seconds": 0.0,
+                           "version": version})
+        log.info("adapter %s%s -> base: version %s has no adapter (every memory was forgotten)",
+                 self.prefix, self.label(old), version)
+        return True
 
     def _unload_idle(self) -> None:
         with self._lock:

@@ -467,7 +467,10 @@ class MemoryStore:
                 continue
             if op == "consolidated":
                 for e in ids:
-                    self._consolidated.setdefault(e, rec.get("sleep_id"))
+                    if rec.get("rebuild"):
+                        self._consolidated[e] = rec.get("sleep_id")
+                    else:
+                        self._consolidated.setdefault(e, rec.get("sleep_id"))
             elif op == "deleted":
                 for e in ids:
                     self._deleted.setdefault(e, rec.get("reason", ""))
@@ -553,13 +556,14 @@ class MemoryStore:
             raise ValueError(f"{what}: unknown episode id(s) {unknown[:10]}")
 
     def mark_consolidated(self, episode_ids: Iterable[str], sleep_id: str,
-                          adapter_version: str | None = None) -> list[str]:
+                          adapter_version: str | None = None, rebuild: bool = False) -> list[str]:
         """Record that ``sleep_id`` trained these episodes into the weights.
 
         Idempotent for the same ``sleep_id`` (returns only the newly marked ids, ``[]``
         when nothing changed). Raises ``AlreadyConsolidatedError`` for an id another
         sleep consolidated, ``ValueError`` for unknown or deleted ids; on error nothing
-        is recorded."""
+        is recorded. ``rebuild``: a sleep that retrained the experts from scratch
+        (``sleepray.forget``) takes over episodes other sleeps consolidated."""
         ids = list(dict.fromkeys(episode_ids))
         if not isinstance(sleep_id, str) or not sleep_id:
             raise ValueError("mark_consolidated: sleep_id must be a non-empty string")
@@ -572,6 +576,13 @@ class MemoryStore:
                                  "and can't be consolidated")
             other = {e: self._consolidated[e] for e in ids
                      if self._consolidated.get(e, sleep_id) != sleep_id}
+            if rebuild:
+                new = [e for e in ids if self._consolidated.get(e) != sleep_id]
+                if new:
+                    self._append_ledger({"op": "consolidated", "episode_ids": new, "sleep_id": sleep_id,
+                                         "rebuild": True, "at": _now().isoformat(),
+                                         **({"adapter_version": adapter_version} if adapter_version else {})})
+                return new
             if other:
                 raise AlreadyConsolidatedError(
                     f"mark_consolidated: episode(s) already consolidated by another sleep: "
@@ -638,6 +649,13 @@ class MemoryStore:
             if episode_id in self._deleted:
                 return "deleted"
             return "consolidated" if episode_id in self._consolidated else "short_term"
+
+    def forgotten(self) -> list[str]:
+        """Ids deleted after a sleep consolidated them: in some version's weights, until a rebuild
+        (``sleepray.forget``) publishes one without them."""
+        with self._locked():
+            self._ensure()
+            return sorted(e for e in self._deleted if e in self._consolidated and e in self._ids)
 
     def consolidated_by(self, sleep_id: str) -> list[str]:
         """Ids a given sleep consolidated (lets a restarted sleep see what it finished)."""

@@ -42,11 +42,15 @@ def publish(cfg, store: Storage, rec: SleepRecord) -> dict:
             "metrics": {"nrem": rec.metrics("nrem"), "rem": rec.metrics("rem")},
             "created_at": time.time(),
         }
+        if rec.rebuild:
+            lineage.update(rebuild=True, forgotten=rec.data["rebuild"]["forgotten"])
         write_version(bank, final, lineage)
     lineage = json.loads((final / LINEAGE).read_text())
     memory = MemoryStore(store.memory)
-    live = [e for e in lineage["episodes"] if memory.status_of(e) == "short_term"]
-    marked = memory.mark_consolidated(live, rec.version, adapter_version=rec.version) if live else []
+    ok = ("short_term", "consolidated") if rec.rebuild else ("short_term",)
+    live = [e for e in lineage["episodes"] if memory.status_of(e) in ok]
+    marked = memory.mark_consolidated(live, rec.version, adapter_version=rec.version,
+                                      rebuild=rec.rebuild) if live else []
     return {"version": rec.version, "marked": len(marked)}
 
 

@@ -24,11 +24,18 @@ def rem_anchor(cfg) -> list[str] | None:
 
 
 def writer_dir(store: Storage, rec: SleepRecord) -> Optional[Path]:
-    """The dream writer of the latest earlier sleep that finished REM (ReST-EM carries over)."""
+    """The dream writer of the latest earlier sleep that finished REM (ReST-EM carries over), not
+    across a rebuild (``sleepray.forget``: it may have learnt from a forgotten memory)."""
+    if rec.rebuild:
+        return None
     for r in reversed(records(store)):
+        if r.number >= rec.number:
+            continue
         d = r.dir / "rem" / "dream_writer"
-        if r.number < rec.number and r.is_done("rem") and d.is_dir():
+        if r.is_done("rem") and d.is_dir():
             return d
+        if r.rebuild:
+            return None
     return None
 
 

@@ -145,6 +145,16 @@ class ReplayBuffer:
         write_table_atomic(t.filter(pa.array(keep)), self.path)
         return keep.count(False)
 
+    def drop_episodes(self, episode_ids: Iterable[str]) -> int:
+        """Remove every row about these episodes (forgotten memories: ``sleepray.forget``)."""
+        gone = set(episode_ids)
+        t = self.table()
+        keep = [e not in gone for e in t.column("episode_id").to_pylist()]
+        if all(keep):
+            return 0
+        write_table_atomic(t.filter(pa.array(keep)), self.path)
+        return keep.count(False)
+
     # ----------------------------------------------------------------- sampling
     def dreams(self, exclude_episodes: Iterable[str] = ()) -> list[Dream]:
         """Every dream in the buffer, oldest first, none about ``exclude_episodes``."""

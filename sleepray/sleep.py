@@ -9,7 +9,8 @@
 This module is the only place the order is written. Each step writes its outputs under the
 sleep's folder, then is marked done in the record: a process that dies anywhere resumes
 at the first unfinished step of the unfinished sleep, and nothing finished is redone.
-Deleted memories are dropped before every step that reads them (``live_episodes``).
+Deleted memories are dropped before every step that reads them (``live_episodes``); when a
+consolidated one was deleted, the next sleep is a rebuild without it (``sleepray.forget``).
 The backend decides only where NREM and REM run: :class:`LocalBackend` in this process,
 ``actors.coordinator.RayBackend`` on RolloutWorkers and a Ray Train learner.
 """
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from sleepray import tb
+from sleepray import forget, tb
 from sleepray.memory import MemoryStore
 from sleepray.nrem_step import nrem_step
 from sleepray.publish import deep_sleep, publish
@@ -64,15 +65,23 @@ def open_sleep(cfg, store: Storage, trigger: str = "request",
     if rec is not None:
         log.info("resuming sleep %s at step %s", rec.sleep_id, rec.next_phase)
         return rec
-    ids = [r["episode_id"] for r in MemoryStore(store.memory).episodes("short_term")]
-    if not ids:
+    memory = MemoryStore(store.memory)
+    rebuild = forget.rebuild_plan(store) if forget.pending(store) else None
+    ids = [r["episode_id"] for r in memory.episodes("all" if rebuild else "short_term")]
+    if not ids and not rebuild:
         log.info("short-term memory is empty: nothing to consolidate")
         return None
+    if rebuild:
+        dropped = forget.purge_replay(store, rebuild["forgotten"])
+        log.info("rebuild: %d memories forgotten (%d replay rows dropped); retraining on the %d left",
+                 len(rebuild["forgotten"]), dropped, len(ids))
     prev = store.latest_version()
     n = max([int(prev.name[1:]) if prev else 0] + [r.number for r in records(store)]) + 1
     rec = SleepRecord.new(store, n, {"parent": prev.name if prev else None, "trigger": trigger,
-                                     "episodes": ids, "phases": plan(cfg, n, only)})
-    log.info("sleep %s (%s): %d episodes, steps %s", rec.sleep_id, trigger, len(ids), rec.phases)
+                                     "episodes": ids, "phases": plan(cfg, n, only),
+                                     **({"rebuild": rebuild} if rebuild else {})})
+    log.info("sleep %s (%s%s): %d episodes, steps %s", rec.sleep_id, trigger, ", rebuild" if rebuild else "",
+             len(ids), rec.phases)
     return rec
 
 
@@ -123,6 +132,8 @@ def rem(cfg, store: Storage, rec: SleepRecord, backend) -> dict:
 
 def publish_and_tell(cfg, store: Storage, rec: SleepRecord, backend) -> dict:
     if "skipped" in rec.metrics("nrem"):
+        if rec.rebuild:   # every memory was forgotten: serve the base model again
+            return forget.publish_empty(cfg, store, rec)
         return {"skipped": "nothing was trained"}
     metrics = publish(cfg, store, rec)
     seconds = backend.published(store.version_dir(rec.version))

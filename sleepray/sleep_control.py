@@ -5,7 +5,8 @@ backend) and by the awake endpoint when no Coordinator runs (``actors/sleeper.py
 sleep as a Ray task; ``sleepray.awake.LocalControl``: in this process). It is given a
 ``sleep(trigger) -> record data or None`` callable and does the rest:
 
-* triggers: a request (:meth:`request_sleep`), memory pressure (short-term tokens reach
+* triggers: a request (:meth:`request_sleep`), a forgotten memory (``sleepray.forget``: a
+  rebuild is due), memory pressure (short-term tokens reach
   ``cycle.capacity_tokens``) and a schedule (``cycle.schedule_seconds`` since the last
   sleep, with something to consolidate), checked every ``cycle.poll_seconds`` when watching;
 * the real step: read from the sleep's record on disk (``nrem``, ``rem``, ``publish``,
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from sleepray import forget
 from sleepray.memory import MemoryStore
 from sleepray.sleep_record import records, summary, unfinished
 from sleepray.storage import LINEAGE, PathLike, Storage
@@ -74,6 +76,8 @@ class SleepController:
     def due(self) -> Optional[str]:
         """The trigger that asks for a sleep now (``pressure``, ``schedule``), if any."""
         cyc = self.cfg.cycle
+        if forget.pending(self.store):
+            return "forget"
         p = MemoryStore(self.store.memory).pressure()
         if p["short_term_tokens"] >= cyc.capacity_tokens:
             return "pressure"

@@ -47,6 +47,11 @@ class SleepRecord:
         return list(self.data["episodes"])
 
     @property
+    def rebuild(self) -> bool:
+        """A rebuild (``sleepray.forget``): fresh experts on the configured base, every live memory."""
+        return bool(self.data.get("rebuild"))
+
+    @property
     def phases(self) -> list[str]:
         return list(self.data["phases"])
 
@@ -103,9 +108,11 @@ def unfinished(store: Storage) -> Optional[SleepRecord]:
 
 
 def live_episodes(store: Storage, rec: SleepRecord) -> list:
-    """The sleep's episodes that are still short-term (a deleted one is never consolidated)."""
+    """The sleep's episodes that are still short-term (a deleted one is never consolidated); a
+    rebuild's (``sleepray.forget``): its episodes that are not deleted."""
     want = set(rec.episodes)
-    return [e for e in MemoryStore(store.memory).export_episodes("short_term") if e.episode_id in want]
+    status = "all" if rec.rebuild else "short_term"
+    return [e for e in MemoryStore(store.memory).export_episodes(status) if e.episode_id in want]
 
 
 def phase_seed(cfg, rec: SleepRecord, phase: str) -> int:

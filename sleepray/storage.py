@@ -6,7 +6,7 @@
     adapters/vNNNN/          a published version: adapter_model.safetensors + adapter_config.json
                              (all L1 experts as ONE PEFT adapter), bank/ (each expert apart),
                              lineage.json (episodes, config, metrics, parent)
-    bases/vNNNN/             a deep sleep's merged base model
+    bases/vNNNN/             a deep sleep's merged base model (ignored once a later rebuild ran)
     ray_train/               Ray Train's run folders (checkpoints of the learner)
     logs/                    run.log (the driver), coordinator.log, learner-*.log; ray/: Ray's session logs
     tensorboard/             TensorBoard event files of every sleep and of the cycle (sleepray.tb)
@@ -159,15 +159,35 @@ class Storage:
         d = self.bases
         return sorted(p for p in d.iterdir() if (p / "config.json").is_file()) if d.is_dir() else []
 
+    def latest_rebuild(self) -> Optional[str]:
+        """The version name of the newest rebuild sleep, published or still running (``sleepray.forget``:
+        it starts again from the configured base with fresh experts)."""
+        newest = None
+        for rec in sorted(self.sleeps.glob("s*/record.json")) if self.sleeps.is_dir() else []:
+            try:
+                data = json.loads(rec.read_text())
+            except (OSError, ValueError):
+                continue
+            if data.get("rebuild"):
+                newest = data.get("version")
+        return newest
+
     def latest_base(self) -> Optional[Path]:
-        """The latest deep-sleep merge: the base model of every later sleep (None: the configured one)."""
-        merged = self.merged_bases()
+        """The latest deep-sleep merge: the base model of every later sleep (None: the configured one).
+        Merges made before the newest rebuild are ignored (they may hold a forgotten memory)."""
+        rebuilt = self.latest_rebuild()
+        merged = [b for b in self.merged_bases() if rebuilt is None or b.name >= rebuilt]
         return merged[-1] if merged else None
 
     def starting_bank(self) -> Optional[Path]:
         """The bank a new sleep starts from: the latest version's, unless a deep sleep merged it
-        into the base (its experts live in the base weights then)."""
+        into the base (its experts live in the base weights then), a rebuild is running, or the
+        version has no bank (an empty rebuild)."""
         latest = self.latest_version()
         if latest is None or any(b.name >= latest.name for b in self.merged_bases()):
             return None
-        return latest / "bank"
+        rebuilt = self.latest_rebuild()
+        if rebuilt is not None and rebuilt > latest.name:
+            return None
+        bank = latest / "bank"
+        return bank if bank.is_dir() else None
