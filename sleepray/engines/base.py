@@ -13,6 +13,29 @@ temperature 1 without top-p filtering, whatever temperature/top_p the request sa
 with (vLLM's default ``logprobs_mode="raw_logprobs"``). Top-k lists are the k most
 likely tokens of that distribution, most likely first, as ``(token_id, logprob)``.
 
+Streaming: ``generate(requests, on_delta=fn)`` calls ``fn(i, GenDelta)`` from the generating
+thread each time the engine has produced new tokens of ``requests[i]`` (vLLM: every engine
+step; transformers: every decoding step). Guarantees, in both engines:
+
+* every generated token is in exactly one delta, in order; the concatenated ``token_ids`` /
+  ``logprobs`` / ``topk`` of a request's deltas equal its ``GenResult``'s;
+* the concatenated ``text`` pieces equal ``GenResult.text``. A piece is already detokenized;
+  while a request has stop strings, the last ``max(len(stop)) - 1`` characters are held back
+  until they are known not to start a stop string (vLLM's own rule), so a stop string (or its
+  start) is never sent; an incomplete UTF-8 tail is held back too. A delta may therefore carry
+  tokens with ``text == ""``;
+* the last delta of each request, and only it, has ``finished=True`` and the
+  ``finish_reason`` of the result; ``t`` is ``time.time()`` when the engine produced the tokens;
+* the return value is the same with or without ``on_delta`` (same batches, same seeds);
+* an exception raised by ``on_delta`` aborts the requests still running in the engine and
+  propagates out of ``generate``; the engine stays usable.
+
+``on_delta`` runs in the generating thread while the engine's lock is held, between engine
+steps: it should only hand the delta on (e.g. ``loop.call_soon_threadsafe``) and must not call
+the engine. Deltas of different requests interleave; where an engine runs a call as several
+batches in turn (vLLM on CPU: base, then adapter requests; transformers: per adapter and
+``batch_size`` chunk) a later batch's first delta comes after the earlier batch's last.
+
 Tokenization: a prompt / score context is tokenized with the model's tokenizer and its
 special tokens (BOS); a string ``continuation`` is tokenized on its own without special
 tokens and appended (pass ``continuation_ids`` to score exact tokens, e.g. a sample's).
@@ -21,11 +44,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from sleepray.config import EngineConfig
 
-__all__ = ["GenRequest", "GenResult", "ScoreRequest", "ScoreResult", "Engine", "DEFAULT_MAX_LORA_RANK"]
+__all__ = ["GenRequest", "GenResult", "GenDelta", "OnDelta", "ScoreRequest", "ScoreResult", "Engine",
+           "DEFAULT_MAX_LORA_RANK"]
 
 DEFAULT_MAX_LORA_RANK = 64
 TopK = list[list[tuple[int, float]]]
@@ -67,6 +91,27 @@ class GenResult:
     topk: Optional[TopK]                   # per generated position, or None (logprobs_topk == 0)
     adapter: Optional[str]
     finish_reason: Optional[str] = None    # "stop" (EOS or stop string) or "length"
+
+
+@dataclass
+class GenDelta:
+    """New output of one request while it is generated (see "Streaming" in the module docstring)."""
+    text: str                              # new text piece ("" while held back)
+    token_ids: list[int]                   # the new tokens
+    logprobs: list[float]                  # of the new tokens
+    t: float                               # time.time() when the engine produced them
+    finished: bool = False                 # True on the request's last delta only
+    finish_reason: Optional[str] = None    # set when finished, as GenResult.finish_reason
+    topk: Optional[TopK] = None            # per new token, or None (logprobs_topk == 0)
+
+
+OnDelta = Callable[[int, GenDelta], None]
+
+
+def stream_holdback(stop: Optional[list[str]]) -> int:
+    """Characters held back from a running request's text so that no piece is the start of a
+    stop string (vLLM's ``stop_buffer_length``)."""
+    return max(len(s) for s in stop) - 1 if stop else 0
 
 
 @dataclass
@@ -114,7 +159,9 @@ class Engine(abc.ABC):
 
     # ---------------------------------------------------------------- API
     @abc.abstractmethod
-    def generate(self, requests: list[GenRequest]) -> list[GenResult]: ...
+    def generate(self, requests: list[GenRequest], on_delta: Optional[OnDelta] = None) -> list[GenResult]:
+        """Generate; ``on_delta(i, GenDelta)`` (optional) streams each request's new tokens
+        as they are made (module docstring, "Streaming")."""
 
     @abc.abstractmethod
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]: ...

@@ -15,6 +15,17 @@
   ``load_adapter``; a batch is grouped by adapter and run with ``set_adapter(name)``
   or inside ``disable_adapter()`` for the base model. A lock serialises calls, since
   switching adapters mutates the model.
+* Streaming (``generate(..., on_delta=fn)``, semantics in base.py): the decoding loop
+  above calls ``fn`` for every row after each step with that step's token (one token per
+  delta), from the calling thread, while it holds the lock. A running row's text is the
+  full decode of its tokens (as the final text) minus the stop-string hold-back
+  (``max(len(stop)) - 1`` characters, vLLM's rule) minus an incomplete UTF-8 tail; with a
+  tokenizer that cleans up tokenization spaces (which may rewrite a trailing space when the
+  next token comes) trailing whitespace is held back too. The last delta carries the rest
+  of the final text. Requests run per adapter and per ``batch_size`` chunk in turn, so a
+  later chunk's first token comes after the earlier chunk's last. Nothing else changes:
+  the same batches, generators and steps run with or without streaming. An exception from
+  ``on_delta`` propagates (the KV cache is local to the call; nothing needs aborting).
 """
 from __future__ import annotations
 
@@ -22,14 +33,15 @@ import contextlib
 import logging
 import random
 import threading
+import time
 from collections import OrderedDict
 from typing import Optional
 
 import torch
 
 from sleepray.config import EngineConfig
-from sleepray.engines.base import (Engine, GenRequest, GenResult, ScoreRequest, ScoreResult,
-                                   _Prepared)
+from sleepray.engines.base import (Engine, GenDelta, GenRequest, GenResult, OnDelta, ScoreRequest,
+                                   ScoreResult, _Prepared, stream_holdback)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +76,7 @@ class HFEngine(Engine):
         self._eos = eos
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._closed = False
+        self._streaming = False   # True while a streamed batch decodes
 
     # --------------------------------------------------------------- model
     @property
@@ -87,6 +100,8 @@ class HFEngine(Engine):
     def _check_open(self):
         if self._closed:
             raise RuntimeError("engine is closed")
+        if self._streaming:  # the lock is held, so this is the streaming thread itself
+            raise RuntimeError("an on_delta callback must not call the engine")
 
     # ------------------------------------------------------------ adapters
     def load_adapter(self, name: str, path: str) -> None:
@@ -110,6 +125,8 @@ class HFEngine(Engine):
 
     def unload_adapter(self, name: str) -> None:
         with self._lock:
+            if self._streaming:
+                raise RuntimeError("an on_delta callback must not call the engine")
             self._check_adapter(name)
             del self._adapters[name]
             if not self._adapters:
@@ -128,11 +145,23 @@ class HFEngine(Engine):
 
     # ------------------------------------------------------------ generate
     @torch.no_grad()
-    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
-        return self._grouped(requests, [self._prepare_gen(r) for r in requests], self._gen_batch)
+    def generate(self, requests: list[GenRequest], on_delta: Optional[OnDelta] = None) -> list[GenResult]:
+        prepared = [self._prepare_gen(r) for r in requests]
+        if on_delta is None:
+            return self._grouped(requests, prepared, self._gen_batch)
+        return self._grouped(requests, prepared, lambda m, rs, ps, where: self._gen_streamed(
+            m, rs, ps, lambda j, d: on_delta(where[j], d)), with_index=True)
 
-    def _grouped(self, requests: list, prepared: list[_Prepared], batch_fn) -> list:
-        """Run ``batch_fn(model, reqs, preps)`` per adapter group and batch, in request order."""
+    def _gen_streamed(self, model, reqs, preps, on_delta: OnDelta) -> list[GenResult]:
+        self._streaming = True  # an on_delta calling the engine would switch adapters mid-batch
+        try:
+            return self._gen_batch(model, reqs, preps, on_delta=on_delta)
+        finally:
+            self._streaming = False
+
+    def _grouped(self, requests: list, prepared: list[_Prepared], batch_fn, with_index: bool = False) -> list:
+        """Run ``batch_fn(model, reqs, preps)`` per adapter group and batch, in request order
+        (``with_index``: ``batch_fn(model, reqs, preps, indices)``, the chunk's request indices)."""
         out: list = [None] * len(requests)
         with self._lock:
             self._check_open()
@@ -140,7 +169,8 @@ class HFEngine(Engine):
                 with self._use(adapter) as model:
                     for s in range(0, len(idx), self.batch_size):
                         chunk = idx[s: s + self.batch_size]
-                        res = batch_fn(model, [requests[i] for i in chunk], [prepared[i] for i in chunk])
+                        args = (model, [requests[i] for i in chunk], [prepared[i] for i in chunk])
+                        res = batch_fn(*args, chunk) if with_index else batch_fn(*args)
                         for i, r in zip(chunk, res):
                             out[i] = r
         return out
@@ -159,7 +189,17 @@ class HFEngine(Engine):
             probs = torch.zeros_like(probs).scatter_(0, si, sp)
         return int(torch.multinomial(probs, 1, generator=gen))
 
-    def _gen_batch(self, model, reqs: list[GenRequest], preps: list[_Prepared]) -> list[GenResult]:
+    def _stream_text(self, text: str, stop: Optional[list[str]]) -> str:
+        """The part of a running row's decoded text that may be sent (module docstring)."""
+        hold = stream_holdback(stop)
+        if hold:
+            text = text[:-hold] if len(text) > hold else ""
+        if getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
+            text = text.rstrip()
+        return text
+
+    def _gen_batch(self, model, reqs: list[GenRequest], preps: list[_Prepared],
+                   on_delta: Optional[OnDelta] = None) -> list[GenResult]:
         B = len(reqs)
         L = max(len(p.prompt_ids) for p in preps)
         input_ids = torch.full((B, L), self._pad, dtype=torch.long)
@@ -182,6 +222,7 @@ class HFEngine(Engine):
         texts: list[Optional[str]] = [None] * B
         finish: list[Optional[str]] = [None] * B
         steps = max(p.max_tokens for p in preps)
+        sent = [""] * B   # streamed text so far, per row
         for step in range(steps):
             logp = torch.log_softmax(logits, -1)
             if kmax:
@@ -201,14 +242,32 @@ class HFEngine(Engine):
                     tks[i].append(list(zip(ti[i][:k], tv[i][:k])))
                 if t in self._eos:
                     finish[i] = "stop"
-                elif r.stop:
+                text = None
+                if finish[i] is None and (r.stop or on_delta is not None):
                     text = self._decode(toks[i])
+                if finish[i] is None and r.stop:
                     hits = [text.find(s) for s in r.stop if s in text]
                     if hits:
                         texts[i], finish[i] = text[:min(hits)], "stop"
                 if finish[i] is None and len(toks[i]) >= p.max_tokens:
                     finish[i] = "length"
                 nxt.append(t)
+                if on_delta is not None:
+                    if finish[i] is not None:
+                        now = texts[i] if texts[i] is not None else (
+                            text if text is not None else self._decode(toks[i]))
+                    else:
+                        now = self._stream_text(text, r.stop)
+                    piece = ""
+                    if now.startswith(sent[i]):
+                        piece, sent[i] = now[len(sent[i]):], now
+                    else:  # the tokenizer rewrote text already sent: cannot be taken back
+                        log.warning("streamed text of a request diverged from its decode: %r -> %r",
+                                    sent[i], now)
+                    on_delta(i, GenDelta(
+                        text=piece, token_ids=[t], logprobs=[lps[i][-1]], t=time.time(),
+                        finished=finish[i] is not None, finish_reason=finish[i],
+                        topk=[tks[i][-1]] if r.logprobs_topk else None))
             if all(f is not None for f in finish):
                 break
             attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=self.device)], 1)

@@ -19,6 +19,19 @@ Choices and vLLM (0.32, CPU) behaviour relied on:
   itself, so positions are never missing.
 * Stop strings: vLLM cuts the stop string out of the text and keeps the token that
   completed it in ``token_ids`` (the transformers engine does the same).
+* Streaming (``generate(..., on_delta=fn)``, semantics in base.py): instead of
+  ``LLM.generate`` the engine drives ``llm.llm_engine`` itself, as ``LLM._run_engine`` does:
+  ``add_request(id, TokensPrompt, SamplingParams(output_kind=CUMULATIVE), lora_request=...)``
+  per request, then ``step()`` until all are finished, under the engine lock. Each step's
+  cumulative output minus what was already sent is one delta, so the final output is the
+  same object ``LLM.generate`` returns (FINAL_ONLY), from the same detokenizer, in the same
+  batch: results are identical with and without streaming. vLLM's cumulative text of a
+  running request holds back ``max(len(stop)) - 1`` characters (its ``stop_buffer_length``)
+  and only grows, so a stop string never reaches a delta. With ``split_base_lora`` (below)
+  the base batch runs to its end before the adapter batch starts: adapter requests of a
+  mixed call get their first token only after the base requests' last. An exception from
+  ``on_delta`` (or from a step) aborts the group's unfinished requests
+  (``llm_engine.abort_request``; later groups were never added) and propagates.
 * Adapters: each registered name gets a fresh positive int id (never reused); the
   ``LoRARequest(name, id, path)`` is preloaded with ``llm_engine.add_lora`` so that a
   bad folder fails in ``load_adapter``, and every request carries it, so an adapter
@@ -55,15 +68,17 @@ and works under pytest and in Ray actors). The CPU platform forces
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
 import threading
+import time
 from typing import Optional
 
 from sleepray.config import EngineConfig
-from sleepray.engines.base import (DEFAULT_MAX_LORA_RANK, Engine, GenRequest, GenResult, ScoreRequest,
-                                   ScoreResult, _round_lora_rank)
+from sleepray.engines.base import (DEFAULT_MAX_LORA_RANK, Engine, GenDelta, GenRequest, GenResult,
+                                   OnDelta, ScoreRequest, ScoreResult, _round_lora_rank)
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +131,8 @@ class VLLMEngine(Engine):
         self._lora: dict[str, object] = {}   # name -> LoRARequest
         self._next_id = 1
         self._lock = threading.RLock()
+        self._stream_ids = itertools.count()
+        self._streaming = False   # True while _stream steps (an on_delta must not re-enter)
         self._closed = False
 
     def _vocab_size(self) -> int:
@@ -124,6 +141,8 @@ class VLLMEngine(Engine):
     def _check_open(self):
         if self._closed:
             raise RuntimeError("engine is closed")
+        if self._streaming:  # the lock is held, so this is the streaming thread itself
+            raise RuntimeError("an on_delta callback must not call the engine")
 
     def _lora_request(self, adapter: Optional[str]):
         return None if adapter is None else self._lora[adapter]
@@ -165,6 +184,8 @@ class VLLMEngine(Engine):
 
     def unload_adapter(self, name: str) -> None:
         with self._lock:
+            if self._streaming:
+                raise RuntimeError("an on_delta callback must not call the engine")
             self._check_adapter(name)
             req = self._lora.pop(name)
             del self._adapters[name]
@@ -188,16 +209,9 @@ class VLLMEngine(Engine):
             gc.collect()
 
     def _run(self, prompts: list, params: list, loras: list) -> list:
-        """``llm.generate`` in input order; base and adapter requests in separate batches
-        when ``split_base_lora`` (the CPU "-1 = last slot" bug, module docstring)."""
-        groups = [list(range(len(prompts)))]
-        if self.split_base_lora:
-            groups = [[i for i, l in enumerate(loras) if l is None],
-                      [i for i, l in enumerate(loras) if l is not None]]
+        """``llm.generate`` in input order, one vLLM batch per :meth:`_groups` group."""
         out: list = [None] * len(prompts)
-        for idx in groups:
-            if not idx:
-                continue
+        for idx in self._groups(loras):
             res = self.llm.generate([prompts[i] for i in idx], [params[i] for i in idx],
                                     lora_request=[loras[i] for i in idx], use_tqdm=False)
             for i, o in zip(idx, res):
@@ -205,7 +219,7 @@ class VLLMEngine(Engine):
         return out
 
     # ------------------------------------------------------------ generate
-    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+    def generate(self, requests: list[GenRequest], on_delta: Optional[OnDelta] = None) -> list[GenResult]:
         from vllm import SamplingParams, TokensPrompt
 
         if not requests:
@@ -221,16 +235,102 @@ class VLLMEngine(Engine):
                     seed=r.seed, stop=list(r.stop) if r.stop else None,
                     logprobs=int(r.logprobs_topk), skip_special_tokens=True))
                 loras.append(self._lora_request(r.adapter))
-            outs = self._run(prompts, params, loras)
-        results = []
-        for r, o in zip(requests, outs):
-            c = o.outputs[0]
-            ids = [int(t) for t in c.token_ids]
-            lps = [float(d[t].logprob) for d, t in zip(c.logprobs, ids)]
-            topk = [_topk_from(d, r.logprobs_topk) for d in c.logprobs] if r.logprobs_topk else None
-            results.append(GenResult(text=c.text, token_ids=ids, logprobs=lps, topk=topk,
-                                     adapter=r.adapter, finish_reason=c.finish_reason))
-        return results
+            if on_delta is None:
+                outs = self._run(prompts, params, loras)
+            else:
+                outs = self._stream(requests, prompts, params, loras, on_delta)
+        return [self._result(r, o.outputs[0]) for r, o in zip(requests, outs)]
+
+    @staticmethod
+    def _result(r: GenRequest, c) -> GenResult:
+        """A GenResult from a finished (FINAL_ONLY or CUMULATIVE) ``CompletionOutput``."""
+        ids = [int(t) for t in c.token_ids]
+        lps = [float(d[t].logprob) for d, t in zip(c.logprobs, ids)]
+        topk = [_topk_from(d, r.logprobs_topk) for d in c.logprobs] if r.logprobs_topk else None
+        return GenResult(text=c.text, token_ids=ids, logprobs=lps, topk=topk,
+                         adapter=r.adapter, finish_reason=c.finish_reason)
+
+    def _groups(self, loras: list) -> list[list[int]]:
+        """Request indices per vLLM batch: all in one, or base and adapter requests apart
+        (``split_base_lora``, the CPU "-1 = last slot" bug, module docstring)."""
+        if not self.split_base_lora:
+            return [list(range(len(loras)))]
+        return [g for g in ([i for i, l in enumerate(loras) if l is None],
+                            [i for i, l in enumerate(loras) if l is not None]) if g]
+
+    def _stream(self, requests: list[GenRequest], prompts: list, params: list, loras: list,
+                on_delta: OnDelta) -> list:
+        """Drive ``llm.llm_engine`` step by step (what ``LLM.generate`` does in ``_run_engine``)
+        with CUMULATIVE outputs, calling ``on_delta`` with each request's new tokens; returns
+        each request's final ``RequestOutput`` in input order. The caller holds the lock.
+
+        CUMULATIVE, not DELTA: the final output is then the very object ``LLM.generate``
+        (FINAL_ONLY) returns, from the same detokenizer state, so the result cannot differ;
+        a delta is the cumulative output minus what was already sent. vLLM's cumulative text
+        of a running request already holds back ``max(len(stop)) - 1`` characters and only
+        grows (a stop string is cut at or after that point), which this checks."""
+        eng = self.llm.llm_engine
+        out: list = [None] * len(prompts)
+        self._streaming = True
+        try:
+            for idx in self._groups(loras):
+                self._stream_group(eng, idx, requests, prompts, params, loras, on_delta, out)
+        finally:
+            self._streaming = False
+        return out
+
+    def _stream_group(self, eng, idx: list[int], requests: list[GenRequest], prompts: list,
+                      params: list, loras: list, on_delta: OnDelta, out: list) -> None:
+        """One vLLM batch of :meth:`_stream`; fills ``out[i]`` for ``i`` in ``idx``."""
+        from vllm.sampling_params import RequestOutputKind
+
+        index: dict[str, int] = {}              # vLLM request id -> request index
+        sent: dict[int, tuple[int, str]] = {}   # index -> (tokens sent, text sent)
+        running: set[str] = set()
+        try:
+            for i in idx:
+                params[i].output_kind = RequestOutputKind.CUMULATIVE
+                rid = f"sleepray-stream-{next(self._stream_ids)}"
+                eng.add_request(rid, prompts[i], params[i], lora_request=loras[i])
+                index[rid], sent[i] = i, (0, "")
+                running.add(rid)
+            while running:
+                if not eng.has_unfinished_requests():
+                    raise RuntimeError(f"vLLM has no unfinished requests but {len(running)} "
+                                       "streamed requests never finished")
+                step = eng.step()
+                t = time.time()
+                for o in step:
+                    i = index.get(o.request_id)
+                    if i is None or out[i] is not None:
+                        continue
+                    c = o.outputs[0]
+                    n, text = sent[i]
+                    if not c.text.startswith(text):  # never seen: vLLM only appends
+                        raise RuntimeError(f"vLLM's streamed text of request {i} changed: "
+                                           f"{text!r} -> {c.text!r}")
+                    new = [int(x) for x in c.token_ids[n:]]
+                    if not new and not o.finished:
+                        continue
+                    sent[i] = (n + len(new), c.text)
+                    rows = c.logprobs[n: n + len(new)]
+                    k = requests[i].logprobs_topk
+                    if o.finished:
+                        out[i] = o
+                        running.discard(o.request_id)
+                    on_delta(i, GenDelta(
+                        text=c.text[len(text):], token_ids=new,
+                        logprobs=[float(d[x].logprob) for d, x in zip(rows, new)], t=t,
+                        finished=bool(o.finished),
+                        finish_reason=c.finish_reason if o.finished else None,
+                        topk=[_topk_from(d, k) for d in rows] if k else None))
+        except BaseException:
+            if running:
+                try:
+                    eng.abort_request(sorted(running))
+                except Exception as e:  # pragma: no cover - the engine itself is broken
+                    log.warning("vLLM abort_request after a failed stream: %s", e)
+            raise
 
     # --------------------------------------------------------------- score
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
