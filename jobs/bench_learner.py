@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -49,6 +50,8 @@ def learner_records(args, save=lambda records: None) -> list[dict]:
     bare = [v for v in args.bare.split(",") if v and v != "none"] if not args.only_nrem else []
     workers = [int(n) for n in args.ray_workers.split(",") if n]
     if workers:
+        if args.ray_poll_s is not None:
+            os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(args.ray_poll_s)
         _ray_up(device)
     records = []
     for shape, B in combos:
@@ -210,6 +213,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ray-workers", default="", help="comma list of Ray Train worker counts to run the NREM "
                                                       "step (alpha 1) on too, one GPU (or CPU) each; e.g. 1,2")
     ap.add_argument("--ray-cpus", type=float, default=1, help="CPUs per Ray Train worker (the learner's default 1)")
+    ap.add_argument("--ray-poll-s", type=float, default=None,
+                    help="Ray Train's controller poll interval (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, default 2 s): a "
+                         "worker's train.report waits for the last one to be polled, so a run that reports every step "
+                         "takes at least this long a step; set before Ray starts")
     ap.add_argument("--only-nrem", action="store_true", help="the NREM step alone: no bare loop, loss memory "
                                                              "or decode measurement")
     ap.add_argument("--warm", type=int, default=2)

@@ -5,7 +5,10 @@ a Ray Train ``TorchTrainer`` on ``workers`` workers as the project's learner run
 (``actors/learner.py``): one worker a GPU (NCCL) or a CPU (gloo), ``B // workers`` rows each,
 the new expert's gradients all-reduced every step by ``nrem.NREMHooks.allreduce`` (DDP's
 semantics by hand, the learner's own), every rank calling ``ray.train.report`` after every
-step as ``nrem_step.LearnerHooks`` does (no checkpoint in the timed steps). Each worker builds
+step as ``nrem_step.LearnerHooks`` does (no checkpoint in the timed steps). Ray Train 2.60's
+report waits until the controller has polled the previous one (a queue of one, polled every
+``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default): a step that reports takes at least
+that long; ``ray_train_poll_s`` records the interval a run had. Each worker builds
 the same model (``learner_bench.build_model``, seed 0) on its own device.
 
 ``tok_s`` of a run: the loss tokens of one step summed over the ranks (median per rank) over
@@ -16,6 +19,7 @@ once per sleep.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -97,6 +101,7 @@ def bench_nrem_ray(shape: str, B: int, new_tokens: int, workers: int, use_gpu: b
             ranks = json.loads((Path(folder) / "ranks.json").read_text())
     return {**summarize(ranks), "mode": mode, "B": B, "new_tokens": new_tokens, "use_gpu": use_gpu,
             "backend": "nccl" if use_gpu else "gloo", "cpus_per_worker": cpus_per_worker, "fit_s": fit_s,
+            "ray_train_poll_s": float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)),
             "ranks": ranks}
 
 
