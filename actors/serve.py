@@ -117,7 +117,9 @@ class AwakeModel:
                              max_lora_rank=cfg.experts.rank * cfg.experts.max_slots,
                              dtype=cfg.model.dtype, seed=cfg.seed.seed,
                              lora_target_modules=list(cfg.experts.target_modules))
-        self.service = AwakeService(cfg, engine, RayBackends(cfg), storage).start()
+        self.service = AwakeService(cfg, engine, RayBackends(cfg), storage)
+        self.service.replica = serve.get_replica_context().replica_id.unique_id
+        self.service.start()
 
     def check_health(self):
         self.service.check_health()

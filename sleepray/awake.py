@@ -35,10 +35,7 @@ The memory backend and the sleep control of each tenant come from a ``backends``
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures as cf
 import logging
-import queue
-import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -46,75 +43,28 @@ from typing import Optional
 from sleepray.adapter_pointer import Poller, warm_up
 from sleepray.awake_backends import Tenant
 from sleepray.engines.base import GenRequest, ScoreRequest
+from sleepray.gen_batcher import ChatText, DeltaStream, GenBatcher
 from sleepray.serve_api import (APIError, ChatRequest, CompletionRequest, MemoryCreate, MemoryItem,
-                                chat_logprobs, chat_response, check_lengths, completion_logprobs,
-                                completion_response, memory_object, merge_logprobs, new_id, render_chat,
-                                select_context, usage, user_turns, with_context)
+                                chat_chunks, chat_logprobs, chat_response, check_lengths,
+                                completion_chunks, completion_logprobs, completion_response, memory_object,
+                                merge_logprobs, new_id, render_chat, select_context, stream_chunk, usage,
+                                user_turns, with_context)
 from sleepray.tenants import DEFAULT, KeyRing, Principal, RateLimiter, tenant_storage
 
 log = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------- batching
-class GenBatcher:
-    """One worker thread that runs the queued generation requests as one engine batch."""
-
-    def __init__(self, engine, max_batch: int):
-        self.engine = engine
-        self.max_batch = int(max_batch)
-        self._q: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="gen-batcher", daemon=True)
-        self._thread.start()
-
-    async def generate(self, reqs: list[GenRequest]):
-        fut: cf.Future = cf.Future()
-        self._q.put((reqs, fut))
-        return await asyncio.wrap_future(fut)
-
-    def stop(self) -> None:
-        self._q.put(None)
-
-    def _run(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            items, n = [item], len(item[0])
-            while n < self.max_batch:
-                try:
-                    nxt = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._q.put(None)
-                    break
-                items.append(nxt)
-                n += len(nxt[0])
-            self._serve(items)
-
-    def _serve(self, items) -> None:
-        try:
-            flat = [r for reqs, _ in items for r in reqs]
-            results = self.engine.generate(flat)
-        except Exception as e:
-            if len(items) == 1:
-                _settle(items[0][1], exc=e)
-            else:  # isolate the request that failed the batch
-                for one in items:
-                    self._serve([one])
-            return
-        i = 0
-        for reqs, fut in items:
-            _settle(fut, result=results[i: i + len(reqs)])
-            i += len(reqs)
+async def _aiter(items):
+    for x in items:
+        yield x
 
 
-def _settle(fut: cf.Future, result=None, exc: Optional[BaseException] = None) -> None:
-    if fut.set_running_or_notify_cancel():
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)
+class _StreamDone:
+    """What a stream does after its last token: record, and the usage chunk."""
+
+    def __init__(self, record, answers, users, n, endpoint, include_usage, n_in, context):
+        self.record, self.answers, self.users, self.n, self.endpoint = record, answers, users, n, endpoint
+        self.include_usage, self.n_in, self.context = include_usage, n_in, context
 
 
 # ----------------------------------------------------------------------------- service
@@ -135,6 +85,7 @@ class AwakeService:
         self.batcher = GenBatcher(engine, cfg.serve.max_batch_size)
         self.poller = Poller(lambda: [t.pointer for t in self.tenants.values()], cfg.serve.poll_seconds)
         self._has_bos = self.n_tokens("") > 0   # "" tokenizes to [BOS]
+        self.replica = "local"                  # the Serve replica's id (actors/serve.py sets it)
         self.created = int(time.time())
 
     @property
@@ -401,6 +352,77 @@ class AwakeService:
         resp = chat_response(new_id("chatcmpl"), self.model_id, choices,
                              usage(n_in, sum(len(g.token_ids) for g in results)), version, extra)
         return resp, version
+
+    # -------------------------------------------------------------- streaming
+    async def stream(self, t: Tenant, req, record: bool, use_ctx: bool, endpoint: str,
+                     answers: Optional[bool] = None):
+        """``(version, async iterator of chunks)`` of a streamed completion or chat. Checks, the
+        context and the version are settled before it returns (their errors are plain 4xx); then
+        every chunk leaves as the engine makes its tokens. With ``echo`` or log-probs the answer is
+        made whole first and then sent as chunks."""
+        chat = isinstance(req, ChatRequest)
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        if (req.logprobs if chat else (req.echo or req.logprobs is not None)):
+            resp, version = await (self.chat if chat else self.complete)(t, req, record, use_ctx, endpoint, answers)
+            return version, _aiter(chat_chunks(resp, include) if chat else completion_chunks(resp, include))
+        self.check_model(req.model)
+        check_lengths(req, self.scfg)
+        record, use_ctx, answers = self._switches(record, use_ctx, answers)
+        if chat:
+            prompts, users, stops = [render_chat(req.messages, self.tok)], [user_turns(req.messages)], \
+                list(dict.fromkeys(req.stops + list(self.scfg.chat_stop)))
+            mt = req.requested_max_tokens
+            if mt is None:
+                mt = max(1, min(self.scfg.max_tokens_limit, self.max_len - self.n_tokens(prompts[0])))
+        else:
+            prompts, users, stops = req.prompts, req.prompts, req.stops
+            mt = 16 if req.max_tokens is None else req.max_tokens
+        self._check_max_tokens(mt)
+        hold = t.pointer.use()
+        version, adapter = hold.__enter__()
+        try:
+            prepared = [await self._prepare(t, p, mt, use_ctx) for p in prompts]
+        except BaseException:
+            hold.__exit__(None, None, None)
+            raise
+        reqs = [g for full, _, _ in prepared for g in self._gen_requests(full, req, mt, adapter, stops, 0)]
+        base = {"id": new_id("chatcmpl" if chat else "cmpl"), "created": int(time.time()),
+                "object": "chat.completion.chunk" if chat else "text_completion", "model": self.model_id,
+                "system_fingerprint": version}
+        done = _StreamDone(record, answers, users, req.n, endpoint, include, sum(n for _, _, n in prepared),
+                           sorted({c.episode_id for _, ctx, _ in prepared for c in ctx}))
+        return version, self._events(t, reqs, base, chat, hold, done)
+
+    async def _events(self, t: Tenant, reqs: list[GenRequest], base: dict, chat: bool, hold, done: "_StreamDone"):
+        texts = [ChatText() for _ in reqs]
+        try:
+            if chat:
+                for i in range(len(reqs)):
+                    yield stream_chunk(base, i, {"delta": {"role": "assistant", "content": ""}}, None, time.time())
+            stream = DeltaStream(self.batcher, reqs)
+            async for i, d in stream:
+                piece = texts[i].feed(d.text) if chat else d.text
+                finish = (d.finish_reason or "stop") if d.finished else None
+                if piece or finish:
+                    part = {"delta": {"content": piece} if piece else {}} if chat else {"text": piece}
+                    yield stream_chunk(base, i, part, finish, d.t)
+            results = await stream.results()
+        except APIError as e:
+            yield e.body()
+            return
+        except (ValueError, TypeError) as e:     # the engine's own input checks
+            yield APIError(400, f"the engine rejected the request: {e}").body()
+            return
+        finally:
+            hold.__exit__(None, None, None)
+        recorded = []
+        if done.record:
+            sent = [(u, (results[k * done.n].text.strip() if chat else results[k * done.n].text)
+                     if done.answers else None) for k, u in enumerate(done.users)]
+            recorded = await self._record(t, sent, f"serve:{done.endpoint}")
+        if done.include_usage:
+            yield {**base, "choices": [], "usage": usage(done.n_in, sum(len(g.token_ids) for g in results)),
+                   "memory": {"context": done.context, "recorded": recorded}}
 
     # -------------------------------------------------------------- models
     def models(self, t: Tenant) -> dict:

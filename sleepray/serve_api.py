@@ -480,6 +480,13 @@ def chat_chunks(resp: dict, include_usage: bool) -> list[dict]:
     return out
 
 
+def stream_chunk(base: dict, index: int, part: dict, finish: Optional[str], engine_time: float) -> dict:
+    """One chunk of a real stream: ``part`` is ``{"text": ...}`` (completions) or ``{"delta": ...}``
+    (chat); ``engine_time`` is when the engine made its tokens (``time.time()``)."""
+    return {**base, "choices": [{"index": index, **part, "logprobs": None, "finish_reason": finish}],
+            "usage": None, "engine_time": engine_time}
+
+
 def sse(obj: Any) -> str:
     """One server-sent event (``data: ...``); ``sse("[DONE]")`` ends a stream."""
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"

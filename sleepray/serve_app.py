@@ -19,7 +19,9 @@ Routes (OpenAI-compatible where OpenAI has them):
 Every ``/v1`` route but the admin ones acts on the caller's own tenant (its key's; the
 tenant "default" when no key is configured): its memories, its sleeps, its adapter.
 
-Streaming (``"stream": true``) answers with server-sent events in OpenAI's chunk format.
+Streaming (``"stream": true``) answers with server-sent events in OpenAI's chunk format, each
+chunk sent as the engine makes its tokens (``engine_time`` in each chunk: when it did); with
+``echo`` or log-probs the answer is made whole first, then sent as chunks.
 
 Limits, checked before any tokenizing: a body over ``serve.max_body_bytes`` is refused
 unread (413), a prompt / chat / memory over ``serve.max_prompt_chars`` /
@@ -37,13 +39,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sleepray.serve_api import (APIError, ChatRequest, CompletionRequest, MemoryCreate, SleepRequest,
-                                chat_chunks, completion_chunks, flag, parse_body, sse)
+from sleepray.serve_api import (APIError, ChatRequest, CompletionRequest, MemoryCreate, SleepRequest, flag,
+                                parse_body, sse)
 from sleepray.tenants import Principal
 
 log = logging.getLogger(__name__)
 
 ADAPTER_HEADER = "x-sleepray-adapter"
+REPLICA_HEADER = "x-sleepray-replica"     # which replica answered (several replicas, one storage)
 
 
 def _error(status: int, message: str, type: str, code: Optional[str] = None) -> JSONResponse:
@@ -106,17 +109,19 @@ def build_app(service) -> FastAPI:
             else flag(None, answers, False)
         return record, use_ctx, answers
 
-    def answer(resp: dict, version: str, stream: bool, chunks) -> object:
-        headers = {ADAPTER_HEADER: version}
-        if not stream:
-            return JSONResponse(resp, headers=headers)
+    def headers(version: str) -> dict:
+        return {ADAPTER_HEADER: version, REPLICA_HEADER: service.replica}
+
+    async def streamed(t, body, request: Request, endpoint: str):
+        record, use_ctx, answers = switches(request, body)
+        version, chunks = await service.stream(t, body, record, use_ctx, endpoint, answers)
 
         async def events():
-            for c in chunks:
+            async for c in chunks:
                 yield sse(c)
             yield sse("[DONE]")
         return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={**headers, "cache-control": "no-cache"})
+                                 headers={**headers(version), "cache-control": "no-cache"})
 
     @app.get("/health")
     async def health():
@@ -134,19 +139,20 @@ def build_app(service) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request, t=Depends(tenant)):
         body = parse_body(CompletionRequest, await read_body(request))
+        if body.stream:
+            return await streamed(t, body, request, "/v1/completions")
         record, use_ctx, answers = switches(request, body)
         resp, version = await service.complete(t, body, record, use_ctx, "/v1/completions", answers)
-        include = bool(body.stream_options and body.stream_options.include_usage)
-        return answer(resp, version, body.stream,
-                      completion_chunks(resp, include) if body.stream else None)
+        return JSONResponse(resp, headers=headers(version))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request, t=Depends(tenant)):
         body = parse_body(ChatRequest, await read_body(request))
+        if body.stream:
+            return await streamed(t, body, request, "/v1/chat/completions")
         record, use_ctx, answers = switches(request, body)
         resp, version = await service.chat(t, body, record, use_ctx, "/v1/chat/completions", answers)
-        include = bool(body.stream_options and body.stream_options.include_usage)
-        return answer(resp, version, body.stream, chat_chunks(resp, include) if body.stream else None)
+        return JSONResponse(resp, headers=headers(version))
 
     @app.post("/v1/memories", status_code=201)
     async def add_memory(request: Request, t=Depends(tenant)):

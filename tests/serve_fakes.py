@@ -6,6 +6,7 @@ adapter pointer can be driven in milliseconds. The MemoryStore, the SleepControl
 the sleeps behind it are real. The real engine and Ray Serve are in tests/test_serve.py.
 """
 import json
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -14,7 +15,7 @@ from sleepray.adapter_pointer import WARMUP_PROMPT
 from sleepray.awake import AwakeService
 from sleepray.awake_backends import LocalBackends
 from sleepray.config import load_config
-from sleepray.engines.base import Engine, GenResult, ScoreResult
+from sleepray.engines.base import Engine, GenDelta, GenResult, ScoreResult
 from sleepray.memory import MemoryStore
 from sleepray.serve_app import build_app
 from sleepray.storage import Storage
@@ -32,12 +33,13 @@ class FakeEngine(Engine):
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.prompts, self.loaded, self.unloaded, self.used = [], [], [], []
         self.gate = None   # a threading.Event that generate waits on, when set
+        self.after_first = None   # one that a streamed generation waits on after its first delta
 
-    def generate(self, requests):
+    def generate(self, requests, on_delta=None):
         if self.gate is not None and requests[0].prompt != WARMUP_PROMPT:
             self.gate.wait(10)
         out = []
-        for r in requests:
+        for i, r in enumerate(requests):
             p = self._prepare_gen(r)
             self.prompts.append(r.prompt)
             self.used.append(r.adapter)
@@ -45,6 +47,14 @@ class FakeEngine(Engine):
             topk = [[(i, -0.1)] * r.logprobs_topk for i in ids] if r.logprobs_topk else None
             out.append(GenResult(self.tokenizer.decode(ids), ids, [-0.5] * len(ids), topk, r.adapter,
                                  "length"))
+            sent = ""
+            for j in range(len(ids) if on_delta else 0):   # one token a delta
+                text = self.tokenizer.decode(ids[: j + 1])
+                on_delta(i, GenDelta(text[len(sent):], ids[j: j + 1], [-0.5], time.time(),
+                                     j == len(ids) - 1, "length" if j == len(ids) - 1 else None))
+                sent = text
+                if j == 0 and self.after_first is not None:
+                    self.after_first.wait(10)
         return out
 
     def score(self, requests):

@@ -199,3 +199,52 @@ def test_a_public_address_needs_a_key_unless_forced(tmp_path):
         check_bind(load_config(None, ["serve.host=0.0.0.0"]).serve)
     check_bind(load_config(None, ["serve.host=0.0.0.0", "serve.api_key=k"]).serve)
     check_bind(load_config(None, ["serve.host=0.0.0.0", "serve.allow_open=true"]).serve)
+
+
+def test_a_stream_sends_its_first_tokens_before_the_generation_ends(made):
+    """The FakeEngine blocks after its first delta until the test has received a chunk: a stream
+    that waited for the whole generation would never get there."""
+    import asyncio
+    import threading
+
+    from sleepray.serve_api import ChatRequest, CompletionRequest
+    svc, client, store, engine = made()
+    t = svc.tenants[DEFAULT]
+
+    async def first_then_rest(req):
+        engine.after_first = threading.Event()
+        version, chunks = await svc.stream(t, req, True, True, "/v1/completions")
+        got = [await chunks.__anext__()]
+        first_text = [c for c in got if c["choices"] and (c["choices"][0].get("text") or
+                                                         c["choices"][0].get("delta", {}).get("content"))]
+        while not first_text:                 # chat starts with the role chunk
+            got.append(await asyncio.wait_for(chunks.__anext__(), 5))
+            first_text = [c for c in got[-1:] if c["choices"] and c["choices"][0].get("delta", {}).get("content")]
+        engine.after_first.set()              # only now may the engine go on
+        got += [c async for c in chunks]
+        return version, got
+
+    req = CompletionRequest.model_validate({**COMPLETION, "max_tokens": 8, "stream": True, "n": 2,
+                                            "stream_options": {"include_usage": True}})
+    version, chunks = asyncio.run(first_then_rest(req))
+    text = {i: "".join(c["choices"][0]["text"] for c in chunks if c["choices"] and c["choices"][0]["index"] == i)
+            for i in (0, 1)}
+    assert version == "base" and text == {0: " Paris is nice", 1: " Paris is nice"}
+    assert all(c["engine_time"] > 0 for c in chunks if c["choices"])
+    n_tok = len(engine.tokenizer(" Paris is nice", add_special_tokens=False)["input_ids"])
+    assert chunks[-1]["usage"]["completion_tokens"] == 2 * n_tok and len(chunks[-1]["memory"]["recorded"]) == 1
+    assert store.episodes()[-1]["text"] == COMPLETION["prompt"]      # recorded after the stream
+
+    chat = ChatRequest.model_validate({"model": "sleepray", "stream": True,
+                                       "messages": [{"role": "user", "content": "Where?"}]})
+    _, chunks = asyncio.run(first_then_rest(chat))
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "Paris is nice"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_text_strips_like_the_whole_reply():
+    from sleepray.gen_batcher import ChatText
+    for pieces in (["  Par", "is ", " is", " nice ", "\n"], [" ", " ", "a"], ["a b", "  "], [" "]):
+        ct = ChatText()
+        assert "".join(ct.feed(p) for p in pieces) == "".join(pieces).strip()
