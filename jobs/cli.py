@@ -116,6 +116,22 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_keys(args) -> int:
+    from sleepray.tenants import add_key, load_keys
+    if args.action == "add":
+        if (args.tenant is None) == (not args.admin):
+            raise ValueError("give --tenant NAME, or --admin for an admin key")
+        key = add_key(args.file, args.tenant, admin=args.admin)
+        who = "an admin key" if args.admin else f"a key of tenant {args.tenant!r}"
+        print(f"{key}\n\n{who}: shown once, only its SHA-256 is in {args.file} (serve.tenants_file)",
+              flush=True)
+        return 0
+    for h, p in sorted(load_keys(args.file).items(), key=lambda kv: (kv[1].tenant or "", kv[0])):
+        print(f"{p.tenant or '(admin)':20s} {'admin ' if p.admin else ''}sha256:{h[:12]}..."
+              + (f" rate_limit_rps={p.rate_limit_rps}" if p.rate_limit_rps is not None else ""))
+    return 0
+
+
 def cmd_eval(args) -> int:
     from sleepray.eval_report import methods_table
     from sleepray.eval_run import run_and_report
@@ -192,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "starts a local cluster; blocks until Ctrl-C.")
     _add_config_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("keys", help="API keys of the endpoint's tenants (serve.tenants_file)",
+                       description="add: make a key for a tenant (or an admin key), print it once and store "
+                                   "only its SHA-256 in FILE; list: the tenants and key hashes in FILE. "
+                                   "Each tenant has its own memory, sleeps and adapter "
+                                   "(cycle.storage/tenants/NAME).")
+    p.add_argument("action", choices=["add", "list"])
+    p.add_argument("--file", "-f", required=True, help="the tenants file (YAML; created if missing)")
+    p.add_argument("--tenant", "-t", help="tenant name (a-z 0-9 _ -)")
+    p.add_argument("--admin", action="store_true", help="an admin key: lists tenants, asks for their sleeps")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("cycle", help="run the wake/sleep cycle job on Ray (jobs.cycle)",
                        description="Feed the configured stream in cycle.n_sleeps parts to the MemoryStore "

@@ -13,8 +13,10 @@ Serve deployment (``actors/serve.py``) builds one per replica. It is plain Pytho
   in-flight requests finish on the version they started with. Every response names its
   version (``x-sleepray-adapter`` header, ``system_fingerprint`` and ``adapter_version``);
   ``"base"`` before the tenant's first sleep.
-* **Batching.** Generation requests of concurrent HTTP requests are collected by one
-  worker thread into a single ``engine.generate`` call (up to ``serve.max_batch_size``).
+* **Batching and streaming.** Generation requests of concurrent HTTP requests are collected
+  by one worker thread into a single ``engine.generate`` call (up to ``serve.max_batch_size``;
+  ``sleepray.gen_batcher``); a streamed request gets its tokens as the engine makes them
+  (:meth:`AwakeService.stream`).
 * **Memory.** With ``serve.memory`` on, the short-term memory (``episodes("short_term")``
   of the memory backend) goes in front of the prompt, chosen by
   ``serve_api.select_context`` within ``max_model_len``; every generated interaction

@@ -136,23 +136,22 @@ def build_app(service) -> FastAPI:
         service.check_model(model_id)
         return JSONResponse(service.model_card(t), headers={ADAPTER_HEADER: t.pointer.version})
 
+    async def generate(request: Request, t, schema, endpoint: str):
+        body = parse_body(schema, await read_body(request))
+        if body.stream:
+            return await streamed(t, body, request, endpoint)
+        record, use_ctx, answers = switches(request, body)
+        run = service.chat if schema is ChatRequest else service.complete
+        resp, version = await run(t, body, record, use_ctx, endpoint, answers)
+        return JSONResponse(resp, headers=headers(version))
+
     @app.post("/v1/completions")
     async def completions(request: Request, t=Depends(tenant)):
-        body = parse_body(CompletionRequest, await read_body(request))
-        if body.stream:
-            return await streamed(t, body, request, "/v1/completions")
-        record, use_ctx, answers = switches(request, body)
-        resp, version = await service.complete(t, body, record, use_ctx, "/v1/completions", answers)
-        return JSONResponse(resp, headers=headers(version))
+        return await generate(request, t, CompletionRequest, "/v1/completions")
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request, t=Depends(tenant)):
-        body = parse_body(ChatRequest, await read_body(request))
-        if body.stream:
-            return await streamed(t, body, request, "/v1/chat/completions")
-        record, use_ctx, answers = switches(request, body)
-        resp, version = await service.chat(t, body, record, use_ctx, "/v1/chat/completions", answers)
-        return JSONResponse(resp, headers=headers(version))
+        return await generate(request, t, ChatRequest, "/v1/chat/completions")
 
     @app.post("/v1/memories", status_code=201)
     async def add_memory(request: Request, t=Depends(tenant)):

@@ -6,7 +6,7 @@ import pytest
 
 from jobs.cli import build_parser, main
 
-SUBCOMMANDS = ["run", "seed", "config", "world", "memory", "sleep", "serve", "cycle", "bench", "eval"]
+SUBCOMMANDS = ["run", "seed", "config", "world", "memory", "sleep", "serve", "keys", "cycle", "bench", "eval"]
 
 
 def test_every_subcommand_has_help(capsys):
@@ -19,6 +19,22 @@ def test_every_subcommand_has_help(capsys):
     # the parser lists exactly the subcommands that exist
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert sorted(sub.choices) == sorted(SUBCOMMANDS)
+
+
+def test_keys_add_prints_the_key_once_and_stores_its_hash(tmp_path, capsys):
+    from sleepray.tenants import key_hash, load_keys
+    f = tmp_path / "keys.yaml"
+    assert main(["keys", "add", "--file", str(f), "--tenant", "alice"]) == 0
+    key = capsys.readouterr().out.split()[0]
+    assert key.startswith("sr-") and key not in f.read_text() and load_keys(f)[key_hash(key)].tenant == "alice"
+    assert main(["keys", "add", "-f", str(f), "--admin"]) == 0
+    capsys.readouterr()
+    assert main(["keys", "list", "-f", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "alice" in out and "(admin)" in out and key not in out
+    assert main(["keys", "add", "-f", str(f)]) == 2            # neither --tenant nor --admin
+    assert main(["keys", "add", "-f", str(f), "--tenant", "Bad Name"]) == 2
+    assert "tenant name" in capsys.readouterr().err
 
 
 def test_console_script_help():

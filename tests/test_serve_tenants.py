@@ -248,3 +248,45 @@ def test_chat_text_strips_like_the_whole_reply():
     for pieces in (["  Par", "is ", " is", " nice ", "\n"], [" ", " ", "a"], ["a b", "  "], [" "]):
         ct = ChatText()
         assert "".join(ct.feed(p) for p in pieces) == "".join(pieces).strip()
+
+
+def test_every_route_fuzzed_with_any_key_gets_no_5xx(keyed):
+    """Every route the app defines (read from the app), any path parameter, body and switch header,
+    sent with a tenant's key, an admin's, a wrong one or none."""
+    import re
+    from urllib.parse import quote
+
+    from fastapi.routing import APIRoute
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    svc, client, engine, h = keyed()
+    for t in svc.tenants.values():
+        t.control.sleeper.request_sleep = lambda reason: {"accepted": False, "phase": "wake"}
+    routes = sorted({(m, r.path) for r in client.app.routes if isinstance(r, APIRoute)
+                     for m in r.methods if m not in ("HEAD", "OPTIONS")})
+    assert len(routes) == 13      # a new route is fuzzed too: update the count
+    keys = st.sampled_from([h["alice"], h["bob"], h["admin"], {"Authorization": "Bearer nope"}, {}])
+    value = st.none() | st.booleans() | st.integers(-5, 10**6) | st.text(max_size=60) \
+        | st.lists(st.text(max_size=10), max_size=3)
+    body = st.fixed_dictionaries({}, optional={
+        "model": st.sampled_from(["sleepray", "x"]) | value, "prompt": st.text(max_size=80) | value,
+        "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]),
+                                                     "content": st.text(max_size=30)}), max_size=3) | value,
+        "max_tokens": st.integers(-2, 40) | value, "stream": st.booleans(), "text": st.text(max_size=40) | value,
+        "documents": value, "record_answers": value, "memory": value, "reason": value, "id": value})
+    seen = []
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(routes), st.text(max_size=12), body, keys,
+           st.sampled_from([None, "on", "off", "maybe"]))
+    def check(route, param, payload, key, answers):
+        method, path = route
+        url = re.sub(r"\{[^}]+\}", lambda _: quote(param, safe="") or "x", path)
+        headers = dict(key)
+        if answers is not None:
+            headers["x-sleepray-record-answers"] = answers
+        r = client.request(method, url, json=payload if method in ("POST", "DELETE") else None, headers=headers)
+        seen.append(r.status_code)
+        assert r.status_code < 500, (method, url, payload, r.text)
+    check()
+    assert {200, 401, 403} <= set(seen)
