@@ -5,6 +5,7 @@ rollout samples and drafts, checkpoints reported here); REM: ``rem_step`` on one
 resumes from the last checkpoint; a Coordinator that comes back re-creates the same trainer.
 """
 import json
+import os
 from contextlib import contextmanager, nullcontext
 
 from ray import train
@@ -14,6 +15,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from sleepray.config import Config
 from sleepray.console import log_to_file
 from sleepray.nrem_step import LearnerHooks, nrem_step
+from sleepray.raycluster import train_env
 from sleepray.rem_step import rem_step
 from sleepray.sleep_record import SleepRecord
 from sleepray.storage import Storage
@@ -46,6 +48,7 @@ def fit_step(cfg, store: Storage, rec, step: str, workers: int, **extra) -> dict
     """Step ``step`` ("nrem" or "rem") of sleep ``rec`` on ``workers`` Ray Train workers; its metrics."""
     out = rec.dir / step
     if not ((out / "bank" / "bank.json").is_file() and (out / "metrics.json").is_file()):
+        os.environ.update(train_env(cfg.ray))     # Ray Train hands it on to its controller and workers
         TorchTrainer(
             _step_loop, train_loop_config={"cfg": cfg.model_dump(mode="json"), "storage": str(store.root),
                                            "record": str(rec.path), "step": step, **extra},

@@ -239,6 +239,11 @@ class RayConfig(_Section):
     publish_every: int = Field(10, ge=1, description="NREM steps between adapter publishes to the rollouts")
     checkpoint_every: int = Field(10, ge=1, description="NREM steps between Ray Train checkpoints")
     max_failures: int = Field(2, ge=0, description="Ray Train FailureConfig.max_failures")
+    train_poll_seconds: float = Field(0.1, gt=0, description="Ray Train's controller poll interval "
+                                                              "(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): the learner "
+                                                              "reports every NREM step and a report waits for "
+                                                              "the next poll, so Ray's default 2 s holds every "
+                                                              "step to 2 s")
     actor_max_restarts: int = Field(3, ge=0, description="restarts of a dead RolloutWorker")
     detached: bool = Field(False, description="keep the Coordinator alive after the driver exits")
     rollout_resources: dict[str, float] = Field(

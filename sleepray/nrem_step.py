@@ -161,4 +161,6 @@ class LearnerHooks(nrem.NREMHooks):
 
     def summary(self) -> dict:
         return {"rollout_workers": len(self.pool.workers),
-                "nrem_sampling": "rollouts" if self.on_rollouts else "learner"}
+                "nrem_sampling": "rollouts" if self.on_rollouts else "learner",
+                # the poll interval this worker's Ray Train run got (ray.train_poll_seconds)
+                "ray_train_poll_s": float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0))}

@@ -32,6 +32,13 @@ def ensure_token() -> None:
     log.info("generated a Ray auth token at %s", token_path())
 
 
+def train_env(rcfg) -> dict[str, str]:
+    """Environment of the learner's Ray Train runs (set where ``TorchTrainer.fit`` is called; Ray Train
+    passes it to its controller): its poll interval. Every NREM step reports, and in Ray 2.60 a
+    worker's report waits until the controller has polled the previous one."""
+    return {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": f"{rcfg.train_poll_seconds:g}"}
+
+
 def connect(rcfg, log_to_driver: bool = True, own_logging: bool = False) -> dict:
     """``ray.init`` per the config; returns ``ray.cluster_resources()``. Idempotent.
 

@@ -121,6 +121,7 @@ def test_memory_pressure_starts_a_sleep_and_a_killed_learner_worker_resumes(ray_
         nrem = st["last_sleep"]["metrics"]["nrem"]
         assert nrem["step"] == 8 and nrem["resumed_from"] >= 2     # restored, not restarted
         assert nrem["learner_workers"] == 2
+        assert nrem["ray_train_poll_s"] == cfg.ray.train_poll_seconds    # not Ray's 2 s a report
         # on CPU (ray.use_gpu false) NREM samples with the learner's own loop: no drafts published
         assert nrem["nrem_sampling"] == "learner" and not list((tmp_path / "sleeps").glob("s*/nrem/drafts/*"))
         assert_consolidated_once(tmp_path, ids)
