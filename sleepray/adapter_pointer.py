@@ -10,7 +10,6 @@ version label (``v0002``, ``"base"`` before the first sleep).
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from sleepray.engines.base import GenRequest
-from sleepray.storage import LINEAGE, Storage
+from sleepray.storage import Storage, read_lineage
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +35,7 @@ def warm_up(engine, adapter: Optional[str] = None) -> None:
 
 def _empty(version: Path) -> bool:
     """A version without an adapter: an empty rebuild (``sleepray.forget``), served as the base."""
-    if (version / "adapter_config.json").is_file():
-        return False
-    try:
-        return json.loads((version / LINEAGE).read_text()).get("phase") == "empty"
-    except (OSError, ValueError):
-        return False
+    return not (version / "adapter_config.json").is_file() and read_lineage(version).get("phase") == "empty"
 
 
 class AdapterPointer:
@@ -130,8 +124,6 @@ class AdapterPointer:
                 log.info("unloaded retired adapter %s", n)
             except Exception as e:
                 log.warning("unloading adapter %s: %s", n, e)
-
-
 
 
 class Poller:

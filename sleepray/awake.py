@@ -137,17 +137,19 @@ class AwakeService:
                            type="rate_limit_error", code="rate_limit_exceeded", retry_after=wait)
         return self.tenants[principal.tenant]
 
-    def admin_tenant(self, principal: Principal, name: str) -> Tenant:
+    @staticmethod
+    def _admin_only(principal: Principal, what: str) -> None:
         if not principal.admin:
-            raise APIError(403, "only an admin key may manage tenants", type="permission_error",
-                           code="not_admin")
+            raise APIError(403, f"only an admin key may {what}", type="permission_error", code="not_admin")
+
+    def admin_tenant(self, principal: Principal, name: str) -> Tenant:
+        self._admin_only(principal, "manage tenants")
         if name not in self.tenants:
             raise APIError(404, f"no tenant {name!r}", code="tenant_not_found")
         return self.tenants[name]
 
     async def list_tenants(self, principal: Principal) -> dict:
-        if not principal.admin:
-            raise APIError(403, "only an admin key may list tenants", type="permission_error", code="not_admin")
+        self._admin_only(principal, "list tenants")
         data = []
         for name, t in self.tenants.items():
             data.append({"id": name, "object": "tenant", "adapter_version": t.pointer.version,
@@ -271,13 +273,27 @@ class AwakeService:
         on = self.use_memory()
         return record and on, use_ctx and on, self.scfg.record_answers if answers is None else answers
 
+    def _plan(self, req) -> tuple[list[str], int, list[str]]:
+        """(prompts, max_tokens, stop strings) of a completion or chat request, checked against the
+        model, the lengths and the server's token limit."""
+        self.check_model(req.model)
+        check_lengths(req, self.scfg)
+        if isinstance(req, ChatRequest):
+            prompt = render_chat(req.messages, self.tok)
+            mt = req.requested_max_tokens
+            if mt is not None:
+                self._check_max_tokens(mt)
+            else:  # default: as much as fits, up to the server's limit
+                mt = max(1, min(self.scfg.max_tokens_limit, self.max_len - self.n_tokens(prompt)))
+            return [prompt], mt, list(dict.fromkeys(req.stops + list(self.scfg.chat_stop)))
+        mt = 16 if req.max_tokens is None else req.max_tokens
+        self._check_max_tokens(mt)
+        return req.prompts, mt, req.stops
+
     # -------------------------------------------------------------- completions
     async def complete(self, t: Tenant, req: CompletionRequest, record: bool, use_ctx: bool, endpoint: str,
                        answers: Optional[bool] = None):
-        self.check_model(req.model)
-        check_lengths(req, self.scfg)
-        mt = 16 if req.max_tokens is None else req.max_tokens
-        self._check_max_tokens(mt)
+        _, mt, _ = self._plan(req)
         record, use_ctx, answers = self._switches(record, use_ctx, answers)
         topk = req.logprobs or 0
         with t.pointer.use() as (version, adapter):
@@ -320,16 +336,8 @@ class AwakeService:
     # -------------------------------------------------------------- chat
     async def chat(self, t: Tenant, req: ChatRequest, record: bool, use_ctx: bool, endpoint: str,
                    answers: Optional[bool] = None):
-        self.check_model(req.model)
-        check_lengths(req, self.scfg)
+        (prompt,), mt, stops = self._plan(req)
         record, use_ctx, answers = self._switches(record, use_ctx, answers)
-        prompt = render_chat(req.messages, self.tok)
-        mt = req.requested_max_tokens
-        if mt is not None:
-            self._check_max_tokens(mt)
-        else:  # default: as much as fits, up to the server's limit
-            mt = max(1, min(self.scfg.max_tokens_limit, self.max_len - self.n_tokens(prompt)))
-        stops = list(dict.fromkeys(req.stops + list(self.scfg.chat_stop)))
         topk = (req.top_logprobs or 0) if req.logprobs else 0
         with t.pointer.use() as (version, adapter):
             full, ctx, n_in = await self._prepare(t, prompt, mt, use_ctx)
@@ -367,19 +375,9 @@ class AwakeService:
         if (req.logprobs if chat else (req.echo or req.logprobs is not None)):
             resp, version = await (self.chat if chat else self.complete)(t, req, record, use_ctx, endpoint, answers)
             return version, _aiter(chat_chunks(resp, include) if chat else completion_chunks(resp, include))
-        self.check_model(req.model)
-        check_lengths(req, self.scfg)
+        prompts, mt, stops = self._plan(req)
+        users = [user_turns(req.messages)] if chat else prompts
         record, use_ctx, answers = self._switches(record, use_ctx, answers)
-        if chat:
-            prompts, users, stops = [render_chat(req.messages, self.tok)], [user_turns(req.messages)], \
-                list(dict.fromkeys(req.stops + list(self.scfg.chat_stop)))
-            mt = req.requested_max_tokens
-            if mt is None:
-                mt = max(1, min(self.scfg.max_tokens_limit, self.max_len - self.n_tokens(prompts[0])))
-        else:
-            prompts, users, stops = req.prompts, req.prompts, req.stops
-            mt = 16 if req.max_tokens is None else req.max_tokens
-        self._check_max_tokens(mt)
         hold = t.pointer.use()
         version, adapter = hold.__enter__()
         try:

@@ -23,37 +23,25 @@ excluded from every read (``sleepray.memory``).
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
+from typing import Optional
 
 from sleepray.memory import MemoryStore
 from sleepray.replay import ReplayBuffer
-from sleepray.storage import LINEAGE, Storage, write_json
+from sleepray.storage import LINEAGE, Storage, read_lineage, write_json
 
 log = logging.getLogger(__name__)
 
 
-def lineage(version_dir) -> dict:
-    try:
-        return json.loads((version_dir / LINEAGE).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def pending(store: Storage) -> list[str]:
+def pending(store: Storage, memory: Optional[MemoryStore] = None) -> list[str]:
     """Forgotten memories the latest version may still hold (a rebuild is due when non-empty)."""
-    forgotten = MemoryStore(store.memory).forgotten()
+    forgotten = (memory or MemoryStore(store.memory)).forgotten()
     if not forgotten:
         return []
     latest = store.latest_version()
-    covered = set(lineage(latest).get("forgotten") or []) if latest is not None else set()
+    covered = set(read_lineage(latest).get("forgotten") or []) if latest is not None else set()
     return [e for e in forgotten if e not in covered]
-
-
-def rebuild_plan(store: Storage) -> dict:
-    """What a rebuild sleep records: every memory forgotten so far."""
-    return {"forgotten": MemoryStore(store.memory).forgotten()}
 
 
 def purge_replay(store: Storage, episode_ids: list[str]) -> int:
@@ -61,10 +49,6 @@ def purge_replay(store: Storage, episode_ids: list[str]) -> int:
     if not store.replay.is_file():
         return 0
     return ReplayBuffer(store.replay).drop_episodes(episode_ids)
-
-
-def is_rebuild_version(version_dir) -> bool:
-    return bool(lineage(version_dir).get("rebuild"))
 
 
 def publish_empty(cfg, store: Storage, rec) -> dict:

@@ -300,7 +300,7 @@ def user_turns(messages: list[ChatMessage]) -> str:
     return "\n".join(m.text for m in messages[last + 1:] if m.role == "user" and m.text.strip())
 
 
-def flag(body_value: Optional[bool], header: Optional[str], default: bool) -> bool:
+def flag(body_value: Optional[bool], header: Optional[str], default: Optional[bool]) -> Optional[bool]:
     """A per-request on/off switch: the body field, else the header, else the default."""
     if body_value is not None:
         return bool(body_value)

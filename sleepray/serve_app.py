@@ -104,9 +104,7 @@ def build_app(service) -> FastAPI:
         h = request.headers
         record = flag(body.memory, h.get("x-sleepray-memory"), True)
         use_ctx = flag(body.memory_context, h.get("x-sleepray-memory-context"), True)
-        answers = h.get("x-sleepray-record-answers")
-        answers = body.record_answers if body.record_answers is not None or answers is None \
-            else flag(None, answers, False)
+        answers = flag(body.record_answers, h.get("x-sleepray-record-answers"), None)   # None: the config's
         return record, use_ctx, answers
 
     def headers(version: str) -> dict:
@@ -129,12 +127,12 @@ def build_app(service) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(t=Depends(tenant)):
-        return JSONResponse(service.models(t), headers={ADAPTER_HEADER: t.pointer.version})
+        return JSONResponse(service.models(t), headers=headers(t.pointer.version))
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, t=Depends(tenant)):
         service.check_model(model_id)
-        return JSONResponse(service.model_card(t), headers={ADAPTER_HEADER: t.pointer.version})
+        return JSONResponse(service.model_card(t), headers=headers(t.pointer.version))
 
     async def generate(request: Request, t, schema, endpoint: str):
         body = parse_body(schema, await read_body(request))

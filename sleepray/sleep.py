@@ -66,7 +66,7 @@ def open_sleep(cfg, store: Storage, trigger: str = "request",
         log.info("resuming sleep %s at step %s", rec.sleep_id, rec.next_phase)
         return rec
     memory = MemoryStore(store.memory)
-    rebuild = forget.rebuild_plan(store) if forget.pending(store) else None
+    rebuild = {"forgotten": memory.forgotten()} if forget.pending(store, memory) else None
     ids = [r["episode_id"] for r in memory.episodes("all" if rebuild else "short_term")]
     if not ids and not rebuild:
         log.info("short-term memory is empty: nothing to consolidate")

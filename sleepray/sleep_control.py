@@ -74,11 +74,12 @@ class SleepController:
         return self._thread is not None and self._thread.is_alive()
 
     def due(self) -> Optional[str]:
-        """The trigger that asks for a sleep now (``pressure``, ``schedule``), if any."""
+        """The trigger that asks for a sleep now (``forget``, ``pressure``, ``schedule``), if any."""
         cyc = self.cfg.cycle
-        if forget.pending(self.store):
+        memory = MemoryStore(self.store.memory)
+        if forget.pending(self.store, memory):
             return "forget"
-        p = MemoryStore(self.store.memory).pressure()
+        p = memory.pressure()
         if p["short_term_tokens"] >= cyc.capacity_tokens:
             return "pressure"
         if cyc.schedule_seconds and time.time() - self._last_sleep_at >= cyc.schedule_seconds \

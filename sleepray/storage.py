@@ -75,6 +75,14 @@ def write_json(path: PathLike, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
+def read_lineage(version_dir: PathLike) -> dict:
+    """A version folder's ``lineage.json``; {} when it is missing or unreadable."""
+    try:
+        return json.loads((Path(version_dir) / LINEAGE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def save_peft_adapter(model, adapter: str, out: PathLike) -> Path:
     """Adapter ``adapter`` of a PEFT model as ``out/adapter_config.json`` + safetensors,
     swapped in atomically (PEFT nests a non-"default" adapter in a subfolder: moved up)."""

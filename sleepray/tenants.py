@@ -136,15 +136,18 @@ def load_keys(path) -> dict[str, Principal]:
 def add_key(path, tenant: Optional[str], admin: bool = False) -> str:
     """A new random key for ``tenant`` (or an admin key); only its hash is written to ``path``."""
     p = Path(path).expanduser()
-    data = (yaml.safe_load(p.read_text()) or {}) if p.exists() else {}
-    load_keys(p) if p.exists() else None         # refuse to extend a malformed file
+    data = {}
+    if p.exists():
+        load_keys(p)                                   # refuse to extend a malformed file
+        data = yaml.safe_load(p.read_text()) or {}
     key = "sr-" + secrets.token_urlsafe(32)
     if admin:
         data.setdefault("admins", []).append(key_hash(key))
     else:
-        spec = data.setdefault("tenants", {}).setdefault(check_name(tenant), {}) or {}
+        tenants = data.setdefault("tenants", {})
+        spec = tenants.get(check_name(tenant)) or {}
         spec.setdefault("keys", []).append(key_hash(key))
-        data["tenants"][tenant] = spec
+        tenants[tenant] = spec
     write_text(p, yaml.safe_dump(data, sort_keys=True))
     p.chmod(0o600)
     return key
