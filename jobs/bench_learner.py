@@ -61,7 +61,7 @@ def learner_records(args, save=lambda records: None) -> list[dict]:
         for mode in args.modes.split(","):
             log.info("%s B=%d: NREM %s", shape, B, mode)
             rec["nrem"].append(_safe(lb.bench_nrem, make(), tok, mode, B, args.new_tokens, device,
-                                     args.warm, args.iters))
+                                     args.warm, args.iters, 4, tuple(args.overrides)))
         if workers:
             from sleepray.learner_bench_ray import bench_nrem_ray
             rec["ray_train"] = []
@@ -122,11 +122,13 @@ def _best(rows: list[dict], key: str):
 def _headline(rec: dict) -> dict:
     from sleepray.learner_bench_ray import headline
     bare = _best(rec.get("bare", []), "tok_s")
-    alpha1 = next((r for r in rec["nrem"] if r.get("mode") == "alpha1"), None)
+    # the NREM step alpha 1, the fastest of its variants (plain, compiled blocks) that ran
+    alpha1 = _best([r for r in rec["nrem"] if r.get("mode", "").startswith("alpha1")], "nrem_tok_s")
     rec.update(headline(alpha1, rec.get("ray_train", [])))
     rec.update({
         "bare_variant": bare and bare["variant"], "bare_tok_s": bare and bare["tok_s"],
         "bare_mfu_6n": bare and bare["mfu_6n"],
+        "nrem_mode": alpha1 and alpha1.get("mode"),
         "nrem_tok_s": alpha1 and alpha1.get("nrem_tok_s"),
         "nrem_tok_s_nosample": alpha1 and alpha1.get("nrem_tok_s_nosample"),
         "switch_ms": alpha1 and alpha1.get("switch_ms"),
@@ -209,7 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=512, help="tokens per row of the bare loop")
     ap.add_argument("--bare", default="peft,tuned", help="bare-loop variants: peft, tuned (liger's fused linear "
                                                           "CE where installed), tuned_chunked, tuned_compile")
-    ap.add_argument("--modes", default="alpha1,lti,anchor", help="NREM modes: alpha1, lti, anchor")
+    ap.add_argument("--modes", default="alpha1,lti,anchor",
+                    help="NREM modes: alpha1, alpha1_compiled (nrem.compile_blocks on), lti, anchor")
     ap.add_argument("--ray-workers", default="", help="comma list of Ray Train worker counts to run the NREM "
                                                       "step (alpha 1) on too, one GPU (or CPU) each; e.g. 1,2")
     ap.add_argument("--ray-cpus", type=float, default=1, help="CPUs per Ray Train worker (the learner's default 1)")
@@ -225,7 +228,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-default", action="store_true",
                     help="the default config's NREM step and whole sleep on seed:small, on this CPU")
     ap.add_argument("--out", default=None)
-    ap.add_argument("overrides", nargs="*", help="config overrides for --cpu-default (section.key=value)")
+    ap.add_argument("overrides", nargs="*", help="config overrides (section.key=value) of the NREM step, and of "
+                                                 "the whole sleep with --cpu-default")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import torch

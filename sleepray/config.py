@@ -7,7 +7,7 @@ the key. Every knob of the method (DESIGN.md section 1) is a field with a defaul
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -128,6 +128,11 @@ class NREMConfig(_Anchored):
     loss_chunk: int = Field(512, ge=1, description="positions per chunk of the fused losses (peak memory ~ 6 x chunk x vocabulary x 4 bytes)")
     reuse_context_kv: bool = Field(True, description="the teacher's episode context is run once per NREM and its "
                                                      "keys/values reused by every teacher forward")
+    compile_blocks: Union[bool, Literal["auto"]] = Field(
+        False, description="torch.compile the pieces of every decoder block that do not touch the KV cache (norms, "
+                           "the MLP with its LoRA layers) for the student and teacher passes; auto: on a GPU")
+    compile_backend: str = Field("inductor", description="torch.compile backend of compile_blocks ('aot_eager': "
+                                                         "traced, no generated kernels)")
 
     @model_validator(mode="after")
     def _prefix_range(self):

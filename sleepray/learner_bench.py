@@ -294,6 +294,7 @@ def mask_above(model, n: int, flag: dict | None = None):
 
 NREM_MODES = {
     "alpha1": ["nrem.alpha=1.0"],
+    "alpha1_compiled": ["nrem.alpha=1.0", "nrem.compile_blocks=true"],   # decoder blocks' pieces compiled
     "lti": ["nrem.alpha=0.5", "nrem.judge=exact"],
     "anchor": ["nrem.alpha=1.0", "nrem.anchor_weight=1.0", "nrem.anchor_batch=8"],
 }

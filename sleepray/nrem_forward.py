@@ -13,12 +13,15 @@ continuation's positions only. :class:`Scorer` makes them for one NREM run:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import weakref
 from collections import defaultdict
 from typing import Optional
 
 import torch
 
+from sleepray.compiled_blocks import CompiledBlocks
 from sleepray.fused_losses import _logprob, fused_jsd, fused_token_logprobs
 from sleepray.lm_forward import (PrefixKV, UnsupportedModel, _gather, _right_padded, common_prefix, lm_parts,
                                  span_hidden)
@@ -34,6 +37,7 @@ class Scorer:
         self.bank, self.tok, self.ncfg = bank, tok, ncfg
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.fused = ncfg.fused_loss and self._splits(bank.model)
+        self.blocks = compiled_blocks(bank.model, ncfg)
         self._prefix_len: dict[str, int] = {}
         self._kv: dict[str, PrefixKV] = {}
         self._ids: dict[str, list[int]] = {}
@@ -61,10 +65,11 @@ class Scorer:
     # ------------------------------------------------------------------ states
     def _states(self, model, rows, starts, lens, prefix=None) -> torch.Tensor:
         """[N, H] hidden states (fused) or [N, V] logits (plain) predicting each row's span."""
-        if self.fused:
-            return span_hidden(model, rows, starts, lens, self.pad, prefix)
-        ids, attn = _right_padded(rows, self.pad, next(model.parameters()).device)
-        return _gather(model(input_ids=ids, attention_mask=attn).logits, starts, lens)
+        with self.blocks.on() if self.blocks else contextlib.nullcontext():
+            if self.fused:
+                return span_hidden(model, rows, starts, lens, self.pad, prefix)
+            ids, attn = _right_padded(rows, self.pad, next(model.parameters()).device)
+            return _gather(model(input_ids=ids, attention_mask=attn).logits, starts, lens)
 
     def student(self, prompt_rows: list[list[int]], conts: list[list[int]]) -> torch.Tensor:
         """States predicting ``conts`` after ``prompt_rows`` under the model now (gradient on)."""
@@ -115,6 +120,20 @@ class Scorer:
         with torch.no_grad(), self.bank.teacher_mode():
             t = self._states(self.bank.model, rows, starts, lens)
         return self.jsd(self._states(self.bank.model, rows, starts, lens), t, 0.0)
+
+
+def compiled_blocks(model, ncfg) -> Optional[CompiledBlocks]:
+    """The model's compiled block pieces when ``nrem.compile_blocks`` asks (auto: on a GPU)."""
+    on = ncfg.compile_blocks is True or (ncfg.compile_blocks == "auto" and next(model.parameters()).is_cuda)
+    if not on:
+        return None
+    key = (ncfg.compile_backend,)
+    if _BLOCKS.get(model, (None,))[0] != key:     # one set per model: its graphs are compiled once
+        _BLOCKS[model] = (key, CompiledBlocks(model, ncfg.compile_backend))
+    return _BLOCKS[model][1]
+
+
+_BLOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def padded(flat: torch.Tensor, lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
