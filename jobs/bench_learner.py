@@ -122,7 +122,7 @@ def _best(rows: list[dict], key: str):
 def _headline(rec: dict) -> dict:
     from sleepray.learner_bench_ray import headline
     bare = _best(rec.get("bare", []), "tok_s")
-    # the NREM step alpha 1, the fastest of its variants (plain, compiled blocks) that ran
+    # the NREM step alpha 1, the fastest of its variants (plain, compiled blocks, teacher graph) that ran
     alpha1 = _best([r for r in rec["nrem"] if r.get("mode", "").startswith("alpha1")], "nrem_tok_s")
     rec.update(headline(alpha1, rec.get("ray_train", [])))
     rec.update({
@@ -212,7 +212,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bare", default="peft,tuned", help="bare-loop variants: peft, tuned (liger's fused linear "
                                                           "CE where installed), tuned_chunked, tuned_compile")
     ap.add_argument("--modes", default="alpha1,lti,anchor",
-                    help="NREM modes: alpha1, alpha1_compiled (nrem.compile_blocks on), lti, anchor")
+                    help="NREM modes: alpha1, alpha1_compiled (nrem.compile_blocks on), alpha1_graphs (and "
+                         "nrem.teacher_graph), lti, anchor")
     ap.add_argument("--ray-workers", default="", help="comma list of Ray Train worker counts to run the NREM "
                                                       "step (alpha 1) on too, one GPU (or CPU) each; e.g. 1,2")
     ap.add_argument("--ray-cpus", type=float, default=1, help="CPUs per Ray Train worker (the learner's default 1)")

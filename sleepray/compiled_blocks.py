@@ -1,18 +1,17 @@
-"""Compiled pieces of a causal LM's decoder blocks for NREM's forward and backward passes.
+"""Compiled decoder blocks for NREM's forward and backward passes (``nrem.compile_blocks``).
 
 NREM's student and teacher passes run a few thousand tokens a step (16 rows of ~70): on a
-GPU they are bound by kernel launches and Python, not arithmetic. ``torch.compile`` fuses a
-block's norms, its MLP with the LoRA layers in it (casts, scaling, adds) and its activation
-into a few kernels. What is compiled is every piece of a decoder block that does not touch
-the KV cache: the block's children other than its attention, and the attention's own
-children that are not projections (Qwen3's q/k norms). Attention with the teacher's cached
-episode context stays eager (a cache indexed by the layer's number would recompile once
-per layer).
+GPU they are bound by Python and kernel launches, not arithmetic (the H200 profile: the
+student's forward takes as long at 64 rows as at 16). ``torch.compile`` of each decoder
+block makes it one call of fused kernels: its norms, attention projections, rotary
+embedding, MLP with the LoRA layers in it (casts, scaling, adds) and residual adds.
 
-Every block's pieces run the same code, so they share compiled graphs (PyTorch's regional
-compilation: compile time is one block's, not the model's). The compiled calls are on only
-inside :meth:`CompiledBlocks.on` (the scorer's passes); sampling keeps its own path (the
-CUDA-graph decode records eager kernels).
+Every block runs the same code, so all share the compiled graphs (PyTorch's regional
+compilation: compile time is one block's, not the model's). A block is compiled whole only
+for passes without a KV cache (the student, the anchor): the teacher's pass after its
+cached episode context indexes the cache by the block's number, which would compile once
+per block, so it stays eager. The compiled calls are on only inside
+:meth:`CompiledBlocks.on`; sampling keeps its own path (the CUDA-graph decode).
 """
 from __future__ import annotations
 
@@ -37,43 +36,26 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return best
 
 
-def _touches_cache(m: nn.Module) -> bool:
-    return any(hasattr(x, "layer_idx") for x in m.modules())
-
-
-def _is_projection(m: nn.Module) -> bool:
-    """A linear layer, bare or wrapped by PEFT (whose LoRA factors are ``lora_A``/``lora_B``)."""
-    return isinstance(m, nn.Linear) or hasattr(m, "base_layer")
-
-
 def compile_targets(model: nn.Module) -> list[nn.Module]:
-    """The pieces of every decoder block :class:`CompiledBlocks` compiles."""
-    out: list[nn.Module] = []
-    for layer in decoder_layers(model):
-        for child in layer.children():
-            if not _touches_cache(child):
-                out.append(child)
-                continue
-            out += [g for g in child.children()
-                    if not _is_projection(g) and not _touches_cache(g) and any(True for _ in g.parameters())]
-    return out
+    """What :class:`CompiledBlocks` compiles: every decoder block."""
+    return list(decoder_layers(model))
 
 
 class CompiledBlocks:
-    """``with blocks.on(): ...``: the pieces of :func:`compile_targets` run compiled (``backend``:
-    torch.compile's, "inductor" by default; "aot_eager" traces without generating kernels)."""
+    """``with blocks.on(): ...``: the decoder blocks run compiled, for passes without a KV cache
+    (``backend``: torch.compile's, "inductor" by default; "aot_eager" traces without generating
+    kernels)."""
 
     def __init__(self, model: nn.Module, backend: str = "inductor"):
         self.targets = compile_targets(model)
-        # each piece's own forward (one code object per block class: a norm's and an MLP's
-        # graphs do not crowd one cache); the few shapes and modes NREM runs fit the limit
+        # the block's own forward (its graphs do not crowd the cache of nn.Module's call); the
+        # modes (gradient or not, teacher or student adapters) and shapes NREM runs fit the limit
         lim = getattr(torch._dynamo.config, "recompile_limit", None)
         if lim is not None and lim < 32:
             torch._dynamo.config.recompile_limit = 32
         self.compiled = [torch.compile(m.forward, backend=backend) for m in self.targets]
         self._depth = 0
-        log.info("NREM: %d pieces of %d decoder blocks compiled (%s)", len(self.targets),
-                 len(decoder_layers(model)), backend)
+        log.info("NREM: %d decoder blocks compiled (%s)", len(self.targets), backend)
 
     @contextlib.contextmanager
     def on(self) -> Iterator[None]:

@@ -131,6 +131,12 @@ class NREMConfig(_Anchored):
     compile_blocks: Union[bool, Literal["auto"]] = Field(
         False, description="torch.compile the pieces of every decoder block that do not touch the KV cache (norms, "
                            "the MLP with its LoRA layers) for the student and teacher passes; auto: on a GPU")
+    teacher_graph: Union[bool, Literal["auto"]] = Field(
+        False, description="the teacher's pass after its episode's cached context replayed from a CUDA graph over "
+                           "a static KV cache holding the context for every row (needs reuse_context_kv and "
+                           "fused_loss); auto: on a GPU")
+    teacher_graph_tokens: int = Field(128, ge=1, description="a graphed teacher pass's own tokens per row (longer "
+                                                             "rows run eager)")
     compile_backend: str = Field("inductor", description="torch.compile backend of compile_blocks ('aot_eager': "
                                                          "traced, no generated kernels)")
 

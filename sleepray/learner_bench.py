@@ -294,7 +294,8 @@ def mask_above(model, n: int, flag: dict | None = None):
 
 NREM_MODES = {
     "alpha1": ["nrem.alpha=1.0"],
-    "alpha1_compiled": ["nrem.alpha=1.0", "nrem.compile_blocks=true"],   # decoder blocks' pieces compiled
+    "alpha1_compiled": ["nrem.alpha=1.0", "nrem.compile_blocks=true"],      # decoder blocks compiled
+    "alpha1_graphs": ["nrem.alpha=1.0", "nrem.compile_blocks=true", "nrem.teacher_graph=true"],  # + teacher graph
     "lti": ["nrem.alpha=0.5", "nrem.judge=exact"],
     "anchor": ["nrem.alpha=1.0", "nrem.anchor_weight=1.0", "nrem.anchor_batch=8"],
 }

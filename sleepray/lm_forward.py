@@ -115,7 +115,7 @@ def span_hidden(model, rows: list[list[int]], starts: list[int], lens: list[int]
     device = head.weight.device
     ids, attn = _right_padded(rows, pad_id, device)
     if prefix is None:
-        hidden = backbone(input_ids=ids, attention_mask=attn).last_hidden_state
+        hidden = backbone(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
     else:
         p = len(prefix.ids)
         pos = torch.arange(p, p + ids.shape[1], device=device)[None].expand(len(rows), -1)
@@ -138,13 +138,13 @@ class PrefixKV:
             x = torch.tensor([self.ids], dtype=torch.long, device=head.weight.device)
             cache = backbone(input_ids=x, use_cache=True, past_key_values=DynamicCache(config=self._config)
                              ).past_key_values
-        self._kv = [(layer.keys, layer.values) for layer in cache.layers]
+        self.kv = [(layer.keys, layer.values) for layer in cache.layers]   # per layer [1, heads, len, d]
 
     def for_rows(self, n: int):
         """A fresh cache holding the prefix for ``n`` rows (the stored one is never written)."""
         from transformers import DynamicCache
         return DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
-                                            for k, v in self._kv], config=self._config)
+                                            for k, v in self.kv], config=self._config)
 
 
 def common_prefix(rows: list[list[int]]) -> int:

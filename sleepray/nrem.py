@@ -251,8 +251,8 @@ class NREMTrainer:
         if ncfg.teacher_samples and (ncfg.lam < 1 or (ncfg.use_lti and ncfg.alpha < 1)):
             sampler = TeacherPool(sampler, [p.teacher_prompt for p in prompts], ncfg.teacher_samples, self.rng)
         self.sampler = sampler
-        self.scorer = Scorer(bank, tok, ncfg, contexts=_by_episode(prompts))
         self.per_rank = max(1, ncfg.batch_size // hooks.world)
+        self.scorer = Scorer(bank, tok, ncfg, contexts=_by_episode(prompts), rows=self.per_rank)
 
     def step(self) -> dict:
         """One optimizer step on a fresh batch; its metrics."""

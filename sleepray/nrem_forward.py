@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from sleepray.compiled_blocks import CompiledBlocks
+from sleepray.prefix_graph import PrefixGraph
 from sleepray.fused_losses import _logprob, fused_jsd, fused_token_logprobs
 from sleepray.lm_forward import (PrefixKV, UnsupportedModel, _gather, _right_padded, common_prefix, lm_parts,
                                  span_hidden)
@@ -31,9 +32,10 @@ log = logging.getLogger(__name__)
 
 
 class Scorer:
-    def __init__(self, bank, tok, ncfg, contexts: Optional[dict[str, list[str]]] = None):
+    def __init__(self, bank, tok, ncfg, contexts: Optional[dict[str, list[str]]] = None, rows: int = 0):
         """``contexts``: episode id -> its teacher prompts (what the shared prefix is found
-        from); without it every teacher forward reads the whole prompt."""
+        from); without it every teacher forward reads the whole prompt. ``rows``: the most rows
+        of one teacher pass (the batch), for ``nrem.teacher_graph``."""
         self.bank, self.tok, self.ncfg = bank, tok, ncfg
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.fused = ncfg.fused_loss and self._splits(bank.model)
@@ -44,6 +46,7 @@ class Scorer:
         if contexts and ncfg.reuse_context_kv and self.fused:
             for ep, prompts in contexts.items():
                 self._prefix_len[ep] = common_prefix([self.ids(p) for p in prompts])
+        self.graph = prefix_graph(bank.model, ncfg, rows, max(self._prefix_len.values(), default=0))
 
     def ids(self, text: str) -> list[int]:
         """``tok.encode(text)``, remembered: NREM's prompts come back every step."""
@@ -65,7 +68,7 @@ class Scorer:
     # ------------------------------------------------------------------ states
     def _states(self, model, rows, starts, lens, prefix=None) -> torch.Tensor:
         """[N, H] hidden states (fused) or [N, V] logits (plain) predicting each row's span."""
-        with self.blocks.on() if self.blocks else contextlib.nullcontext():
+        with self.blocks.on() if self.blocks and prefix is None else contextlib.nullcontext():
             if self.fused:
                 return span_hidden(model, rows, starts, lens, self.pad, prefix)
             ids, attn = _right_padded(rows, self.pad, next(model.parameters()).device)
@@ -86,13 +89,26 @@ class Scorer:
         with self.bank.teacher_mode():
             for ep, idx in groups.items():
                 p = self._prefix_len.get(ep, 0) if ep is not None else 0
-                prefix = self._context(ep, prompt_rows[idx[0]][:p]) if p else None
                 rows = [prompt_rows[i][p:] + conts[i] for i in idx]
-                states = self._states(self.bank.model, rows, [len(prompt_rows[i]) - p for i in idx],
-                                      [len(conts[i]) for i in idx], prefix)
+                starts, lens = [len(prompt_rows[i]) - p for i in idx], [len(conts[i]) for i in idx]
+                states = self._graphed(ep, prompt_rows[idx[0]][:p], rows, starts, lens) if p else None
+                if states is None:
+                    prefix = self._context(ep, prompt_rows[idx[0]][:p]) if p else None
+                    states = self._states(self.bank.model, rows, starts, lens, prefix)
                 for i, part in zip(idx, torch.split(states, [len(conts[i]) for i in idx])):
                     out[i] = part
         return torch.cat(out) if out else torch.zeros(0)
+
+    def _graphed(self, ep: str, prefix: list[int], rows, starts, lens) -> Optional[torch.Tensor]:
+        """The teacher's states of ``rows`` after the episode's context from the CUDA graph
+        (``nrem.teacher_graph``); None where there is none or the rows do not fit it."""
+        if self.graph is None:
+            return None
+        kv = self._context(ep, prefix)
+        if not self.graph.fits(kv, rows):
+            return None
+        ids, attn = _right_padded(rows, self.pad, self.graph.ids.device)
+        return _gather(self.graph(self.bank.model, kv, ids, attn), starts, lens)
 
     def _context(self, ep: str, ids: list[int]) -> PrefixKV:
         if ep not in self._kv:
@@ -134,6 +150,15 @@ def compiled_blocks(model, ncfg) -> Optional[CompiledBlocks]:
 
 
 _BLOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def prefix_graph(model, ncfg, rows: int, max_prefix: int) -> Optional[PrefixGraph]:
+    """The teacher's CUDA-graph pass after the episodes' contexts when ``nrem.teacher_graph``
+    asks (auto: on a GPU), for passes of up to ``rows`` rows after up to ``max_prefix`` tokens."""
+    cuda = next(model.parameters()).is_cuda
+    if rows < 1 or max_prefix < 1 or not (ncfg.teacher_graph is True or (ncfg.teacher_graph == "auto" and cuda)):
+        return None
+    return PrefixGraph(model, rows, max_prefix, ncfg.teacher_graph_tokens)
 
 
 def padded(flat: torch.Tensor, lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
