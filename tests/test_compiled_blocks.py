@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
+from bank_helpers import moved_bank
 from sleepray.compiled_blocks import compile_targets, decoder_layers
 from sleepray.config import load_config
-from sleepray.experts import ExpertBank
 from sleepray.models import load_model
 from sleepray.nrem import _by_episode
 from sleepray.nrem_forward import Scorer
@@ -23,23 +23,8 @@ def qwen3(tmp_path_factory):
     return str(build_tiny_model("qwen3", tmp_path_factory.mktemp("qwen3") / "m"))
 
 
-def _bank(path, cfg):
-    torch.manual_seed(0)
-    bank = ExpertBank(load_model(path)[0], cfg.experts)
-    frozen = bank.open_new_expert()
-    with torch.no_grad():
-        for p in bank.slot_parameters(frozen):
-            p.add_(0.05 * torch.randn_like(p))
-    bank.freeze_current()
-    bank.open_new_expert()
-    with torch.no_grad():
-        for p in bank.trainable_parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return bank
-
-
 def test_the_compiled_pieces_are_the_decoder_blocks(qwen3):
-    bank = _bank(qwen3, load_config(None, []))
+    bank = moved_bank(qwen3, load_config(None, []))
     targets = compile_targets(bank.model)
     assert [type(m).__name__ for m in targets] == ["Qwen3DecoderLayer"] * 2
     assert decoder_layers(bank.model) is bank.model.base_model.model.model.layers
@@ -55,7 +40,7 @@ def test_compiled_blocks_give_the_plain_losses_and_gradients(qwen3):
     counters.clear()
     for mode in ("false", "true"):
         cfg = load_config(None, [f"nrem.compile_blocks={mode}", "nrem.compile_backend=inductor"])
-        bank = _bank(qwen3, cfg)
+        bank = moved_bank(qwen3, cfg)
         sc = Scorer(bank, tok, cfg.nrem, contexts=_by_episode(prompts))
         assert (sc.blocks is not None) is (mode == "true") and sc.fused
         rows = [tok.encode(p.prompt) for p in prompts]
@@ -92,7 +77,7 @@ def test_the_graphed_teacher_pass_equals_the_eager_one(qwen3):
     out = {}
     for on in ("false", "true"):
         cfg = load_config(None, [f"nrem.teacher_graph={on}", "nrem.teacher_graph_tokens=32"])
-        bank = _bank(qwen3, cfg)
+        bank = moved_bank(qwen3, cfg)
         sc = Scorer(bank, tok, cfg.nrem, contexts=_by_episode(prompts), rows=len(prompts))
         out[on] = sc.teacher(eps, [tok.encode(p.teacher_prompt) for p in prompts], ys)
         again = sc.teacher(eps[:3], [tok.encode(p.teacher_prompt) for p in prompts[:3]], ys[:3])

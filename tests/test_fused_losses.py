@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from bank_helpers import moved_bank
 from sleepray.config import load_config
 from sleepray.experts import ExpertBank
 from sleepray.fused_losses import fused_jsd, fused_token_logprobs
@@ -80,21 +81,6 @@ def setup(seed_test_model):
     return str(seed_test_model), tok, prompts
 
 
-def _moved_bank(path, cfg):
-    torch.manual_seed(0)
-    bank = ExpertBank(load_model(path)[0], cfg.experts)
-    frozen = bank.open_new_expert()
-    with torch.no_grad():
-        for p in bank.slot_parameters(frozen):
-            p.add_(0.05 * torch.randn_like(p))
-    bank.freeze_current()
-    bank.open_new_expert()
-    with torch.no_grad():
-        for p in bank.trainable_parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return bank
-
-
 def test_scorer_fused_with_shared_context_equals_the_plain_path(setup):
     """Divergence, LTI log-probs, the anchor KL and every LoRA gradient: fused head+loss with the
     teacher's context keys/values computed once == full logits and whole teacher prompts."""
@@ -103,7 +89,7 @@ def test_scorer_fused_with_shared_context_equals_the_plain_path(setup):
     out = {}
     for fused in (False, True):
         cfg = load_config(None, [f"nrem.fused_loss={fused}", f"nrem.reuse_context_kv={fused}", "nrem.loss_chunk=7"])
-        bank = _moved_bank(path, cfg)
+        bank = moved_bank(path, cfg)
         sc = Scorer(bank, tok, cfg.nrem, contexts=_by_episode(prompts))
         assert sc.fused is fused and (min(sc._prefix_len.values()) > 10 if fused else not sc._prefix_len)
         rows = [tok.encode(p.prompt) for p in prompts]
@@ -170,7 +156,7 @@ def test_the_teacher_pool_samples_once_and_draws_from_it(setup):
 def test_the_cached_mode_switch_matches_peft_and_keeps_grad_flags(setup):
     path, tok, _ = setup
     cfg = load_config(None, [])
-    bank = _moved_bank(path, cfg)
+    bank = moved_bank(path, cfg)
     x = torch.tensor([tok.encode("Q: Where does the person live?\nA:")])
     trainable = {id(p) for p in bank.trainable_parameters()}
     with torch.no_grad():
