@@ -20,3 +20,16 @@ def moved_bank(path, cfg) -> ExpertBank:
         for p in bank.trainable_parameters():
             p.add_(0.05 * torch.randn_like(p))
     return bank
+
+
+def losses_and_grads(sc, tok, prompts, ys) -> tuple:
+    """A scorer's divergence, the student's log-probs of ``ys``, the anchor KL and every LoRA
+    gradient of their sum: what the learner's equivalence tests compare between two paths."""
+    rows = [tok.encode(p.prompt) for p in prompts]
+    s = sc.student(rows, ys)
+    t = sc.teacher([p.episode_id for p in prompts], [tok.encode(p.teacher_prompt) for p in prompts], ys)
+    div = sc.jsd(s, t, 0.5)
+    lp = sc.token_logprobs(s, ys)
+    kl = sc.anchor_kl(["Some text that has nothing to do with it.", "Another line."])
+    (div + lp.mean() + kl).backward()
+    return div.item(), lp.detach(), kl.item(), [p.grad.clone() for p in sc.bank.trainable_parameters()]

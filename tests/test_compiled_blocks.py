@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from bank_helpers import moved_bank
+from bank_helpers import losses_and_grads, moved_bank
 from sleepray.compiled_blocks import compile_targets, decoder_layers
 from sleepray.config import load_config
 from sleepray.models import load_model
@@ -43,14 +43,7 @@ def test_compiled_blocks_give_the_plain_losses_and_gradients(qwen3):
         bank = moved_bank(qwen3, cfg)
         sc = Scorer(bank, tok, cfg.nrem, contexts=_by_episode(prompts))
         assert (sc.blocks is not None) is (mode == "true") and sc.fused
-        rows = [tok.encode(p.prompt) for p in prompts]
-        s = sc.student(rows, ys)
-        t = sc.teacher([p.episode_id for p in prompts], [tok.encode(p.teacher_prompt) for p in prompts], ys)
-        div = sc.jsd(s, t, 0.5)
-        lp = sc.token_logprobs(s, ys)
-        kl = sc.anchor_kl(["Some text that has nothing to do with it.", "Another line."])
-        (div + lp.mean() + kl).backward()
-        out[mode] = (div.item(), lp.detach(), kl.item(), [p.grad.clone() for p in bank.trainable_parameters()])
+        out[mode] = losses_and_grads(sc, tok, prompts, ys)
         if mode == "true":
             assert all(m._compiled_call_impl is None for m in sc.blocks.targets)   # off outside the passes
             graphs = counters["stats"]["unique_graphs"]

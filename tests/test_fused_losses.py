@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from bank_helpers import moved_bank
+from bank_helpers import losses_and_grads, moved_bank
 from sleepray.config import load_config
 from sleepray.experts import ExpertBank
 from sleepray.fused_losses import fused_jsd, fused_token_logprobs
@@ -92,14 +92,7 @@ def test_scorer_fused_with_shared_context_equals_the_plain_path(setup):
         bank = moved_bank(path, cfg)
         sc = Scorer(bank, tok, cfg.nrem, contexts=_by_episode(prompts))
         assert sc.fused is fused and (min(sc._prefix_len.values()) > 10 if fused else not sc._prefix_len)
-        rows = [tok.encode(p.prompt) for p in prompts]
-        s = sc.student(rows, ys)
-        t = sc.teacher([p.episode_id for p in prompts], [tok.encode(p.teacher_prompt) for p in prompts], ys)
-        div = sc.jsd(s, t, 0.5)
-        lp = sc.token_logprobs(s, ys)
-        kl = sc.anchor_kl(["Some text that has nothing to do with it.", "Another line."])
-        (div + lp.mean() + kl).backward()
-        out[fused] = (div.item(), lp.detach(), kl.item(), [p.grad.clone() for p in bank.trainable_parameters()])
+        out[fused] = losses_and_grads(sc, tok, prompts, ys)
     (d0, lp0, kl0, g0), (d1, lp1, kl1, g1) = out[False], out[True]
     assert d1 == pytest.approx(d0, rel=1e-5, abs=1e-6) and d0 > 0
     assert kl1 == pytest.approx(kl0, rel=1e-5, abs=1e-6) and kl0 > 0
