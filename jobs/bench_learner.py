@@ -61,7 +61,7 @@ def learner_records(args, save=lambda records: None) -> list[dict]:
         for mode in args.modes.split(","):
             log.info("%s B=%d: NREM %s", shape, B, mode)
             rec["nrem"].append(_safe(lb.bench_nrem, make(), tok, mode, B, args.new_tokens, device,
-                                     args.warm, args.iters, 4, tuple(args.overrides)))
+                                     args.warm, args.iters, extra=tuple(args.overrides)))
         if workers:
             from sleepray.learner_bench_ray import bench_nrem_ray
             rec["ray_train"] = []
@@ -106,9 +106,9 @@ def _with_expert(model):
     return bank.model
 
 
-def _safe(fn, *a):
+def _safe(fn, *a, **k):
     try:
-        return fn(*a)
+        return fn(*a, **k)
     except Exception as e:   # one failed measurement is recorded, the others still run
         log.exception("%s failed", fn.__name__)
         return {"error": repr(e)[:500]}

@@ -36,9 +36,21 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return best
 
 
-def compile_targets(model: nn.Module) -> list[nn.Module]:
-    """What :class:`CompiledBlocks` compiles: every decoder block."""
-    return list(decoder_layers(model))
+def allow_recompiles(n: int = 32) -> None:
+    """torch.compile's recompile limit raised to at least ``n``: the modes (gradient or not, teacher
+    or student adapters) and shapes the learner's compiled calls meet."""
+    if torch._dynamo.config.recompile_limit < n:
+        torch._dynamo.config.recompile_limit = n
+
+
+def compile_once(model: nn.Module, name: str, fn, **kwargs):
+    """``torch.compile(fn, **kwargs)``, made the first time and kept on ``model`` as ``name``."""
+    compiled = getattr(model, name, None)
+    if compiled is None:
+        allow_recompiles()
+        compiled = torch.compile(fn, **kwargs)
+        object.__setattr__(model, name, compiled)
+    return compiled
 
 
 class CompiledBlocks:
@@ -47,12 +59,9 @@ class CompiledBlocks:
     kernels)."""
 
     def __init__(self, model: nn.Module, backend: str = "inductor"):
-        self.targets = compile_targets(model)
-        # the block's own forward (its graphs do not crowd the cache of nn.Module's call); the
-        # modes (gradient or not, teacher or student adapters) and shapes NREM runs fit the limit
-        lim = getattr(torch._dynamo.config, "recompile_limit", None)
-        if lim is not None and lim < 32:
-            torch._dynamo.config.recompile_limit = 32
+        self.targets, self.backend = list(decoder_layers(model)), backend
+        allow_recompiles()
+        # the block's own forward: its graphs do not crowd the cache of nn.Module's call
         self.compiled = [torch.compile(m.forward, backend=backend) for m in self.targets]
         self._depth = 0
         log.info("NREM: %d decoder blocks compiled (%s)", len(self.targets), backend)

@@ -129,8 +129,8 @@ class NREMConfig(_Anchored):
     reuse_context_kv: bool = Field(True, description="the teacher's episode context is run once per NREM and its "
                                                      "keys/values reused by every teacher forward")
     compile_blocks: Union[bool, Literal["auto"]] = Field(
-        False, description="torch.compile the pieces of every decoder block that do not touch the KV cache (norms, "
-                           "the MLP with its LoRA layers) for the student and teacher passes; auto: on a GPU")
+        False, description="torch.compile every decoder block (all blocks share the graphs) for the passes without a "
+                           "KV cache: the student's and the anchor's; auto: on a GPU")
     teacher_graph: Union[bool, Literal["auto"]] = Field(
         False, description="the teacher's pass after its episode's cached context replayed from a CUDA graph over "
                            "a static KV cache holding the context for every row (needs reuse_context_kv and "

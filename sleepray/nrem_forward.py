@@ -22,11 +22,11 @@ from typing import Optional
 import torch
 
 from sleepray.compiled_blocks import CompiledBlocks
-from sleepray.prefix_graph import PrefixGraph
 from sleepray.fused_losses import _logprob, fused_jsd, fused_token_logprobs
 from sleepray.lm_forward import (PrefixKV, UnsupportedModel, _gather, _right_padded, common_prefix, lm_parts,
                                  span_hidden)
 from sleepray.losses import generalized_jsd
+from sleepray.prefix_graph import PrefixGraph
 
 log = logging.getLogger(__name__)
 
@@ -139,14 +139,15 @@ class Scorer:
 
 
 def compiled_blocks(model, ncfg) -> Optional[CompiledBlocks]:
-    """The model's compiled block pieces when ``nrem.compile_blocks`` asks (auto: on a GPU)."""
+    """The model's compiled decoder blocks when ``nrem.compile_blocks`` asks (auto: on a GPU); one
+    set per model and backend, so that its graphs are compiled once."""
     on = ncfg.compile_blocks is True or (ncfg.compile_blocks == "auto" and next(model.parameters()).is_cuda)
     if not on:
         return None
-    key = (ncfg.compile_backend,)
-    if _BLOCKS.get(model, (None,))[0] != key:     # one set per model: its graphs are compiled once
-        _BLOCKS[model] = (key, CompiledBlocks(model, ncfg.compile_backend))
-    return _BLOCKS[model][1]
+    blocks = _BLOCKS.get(model)
+    if blocks is None or blocks.backend != ncfg.compile_backend:
+        blocks = _BLOCKS[model] = CompiledBlocks(model, ncfg.compile_backend)
+    return blocks
 
 
 _BLOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from sleepray.compiled_blocks import compile_once
 from sleepray.lm_forward import PrefixKV, _causal, lm_parts
 
 
@@ -77,14 +78,9 @@ class PrefixGraph:
 
 def _graph_pass(model):
     """The backbone's pass after a static cache, compiled once per model with CUDA graphs."""
-    fn = getattr(model, "_sleepray_prefix_pass", None)
-    if fn is None:
-        backbone, _ = lm_parts(model)
+    backbone, _ = lm_parts(model)
 
-        def one(input_ids, position_ids, cache_position, attention_mask, cache):
-            return backbone(input_ids=input_ids, position_ids=position_ids, cache_position=cache_position,
-                            attention_mask=attention_mask, past_key_values=cache, use_cache=True).last_hidden_state
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-        fn = torch.compile(one, mode="reduce-overhead", dynamic=False)
-        object.__setattr__(model, "_sleepray_prefix_pass", fn)
-    return fn
+    def one(input_ids, position_ids, cache_position, attention_mask, cache):
+        return backbone(input_ids=input_ids, position_ids=position_ids, cache_position=cache_position,
+                        attention_mask=attention_mask, past_key_values=cache, use_cache=True).last_hidden_state
+    return compile_once(model, "_sleepray_prefix_pass", one, mode="reduce-overhead", dynamic=False)

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from sleepray.compiled_blocks import compile_once
 from sleepray.prompt_format import stop_token_ids
 
 
@@ -144,15 +145,10 @@ def _static_cache(model, B: int, L: int):
 def _graph_step(model):
     """The decode step of ``model``, compiled once per model with CUDA graphs ("reduce-overhead"):
     each step is replayed from a recorded graph instead of launching every kernel from Python."""
-    fn = getattr(model, "_sleepray_decode_step", None)
-    if fn is None:
-        def one(input_ids, position_ids, cache_position, attention_mask, cache):
-            return model(input_ids=input_ids, position_ids=position_ids, cache_position=cache_position,
-                         attention_mask=attention_mask, past_key_values=cache, use_cache=True).logits[:, -1]
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-        fn = torch.compile(one, mode="reduce-overhead", dynamic=False)
-        object.__setattr__(model, "_sleepray_decode_step", fn)
-    return fn
+    def one(input_ids, position_ids, cache_position, attention_mask, cache):
+        return model(input_ids=input_ids, position_ids=position_ids, cache_position=cache_position,
+                     attention_mask=attention_mask, past_key_values=cache, use_cache=True).logits[:, -1]
+    return compile_once(model, "_sleepray_decode_step", one, mode="reduce-overhead", dynamic=False)
 
 
 def decode_static(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, temperature: float,

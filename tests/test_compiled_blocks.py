@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bank_helpers import losses_and_grads, moved_bank
-from sleepray.compiled_blocks import compile_targets, decoder_layers
+from sleepray.compiled_blocks import CompiledBlocks, decoder_layers
 from sleepray.config import load_config
 from sleepray.models import load_model
 from sleepray.nrem import _by_episode
@@ -25,7 +25,7 @@ def qwen3(tmp_path_factory):
 
 def test_the_compiled_pieces_are_the_decoder_blocks(qwen3):
     bank = moved_bank(qwen3, load_config(None, []))
-    targets = compile_targets(bank.model)
+    targets = CompiledBlocks(bank.model).targets
     assert [type(m).__name__ for m in targets] == ["Qwen3DecoderLayer"] * 2
     assert decoder_layers(bank.model) is bank.model.base_model.model.model.layers
 
