@@ -137,6 +137,9 @@ class NREMConfig(_Anchored):
                            "fused_loss); auto: on a GPU")
     teacher_graph_tokens: int = Field(128, ge=1, description="a graphed teacher pass's own tokens per row (longer "
                                                              "rows run eager)")
+    compile_loss: Union[bool, Literal["auto"]] = Field(
+        False, description="the fused JSD's loss and gradient on each chunk of logits compiled with torch.compile "
+                           "(its softmaxes and elementwise passes fused into a few kernels); auto: on a GPU")
     compile_backend: str = Field("inductor", description="torch.compile backend of compile_blocks ('aot_eager': "
                                                          "traced, no generated kernels)")
 

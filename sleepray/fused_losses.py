@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 def _chunks(n: int, chunk: int):
     for i in range(0, n, max(1, chunk)):
         yield i, min(n, i + chunk)
@@ -61,9 +60,25 @@ def _jsd_and_grad(s_logits: torch.Tensor, t_logits: torch.Tensor, beta: float, t
     return loss, grad / temperature
 
 
+_COMPILED: dict = {}
+
+
+def jsd_and_grad_fn(compiled: bool):
+    """:func:`_jsd_and_grad`, or (``compiled``) the same compiled once per process with
+    ``torch.compile`` (the number of rows dynamic): its dozen passes over the [rows, V] chunk
+    fused into a few kernels."""
+    if not compiled:
+        return _jsd_and_grad
+    if "jsd" not in _COMPILED:
+        from sleepray.compiled_blocks import allow_recompiles
+        allow_recompiles()
+        _COMPILED["jsd"] = torch.compile(_jsd_and_grad, dynamic=True)
+    return _COMPILED["jsd"]
+
+
 class _FusedJSD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_s, h_t, weight, head, beta, temperature, chunk):
+    def forward(ctx, h_s, h_t, weight, head, beta, temperature, chunk, fn=_jsd_and_grad):
         grad_h = torch.zeros_like(h_s) if h_s.requires_grad else None
         grad_w = torch.zeros_like(weight) if weight.requires_grad else None
         total = h_s.new_zeros((), dtype=torch.float32)
@@ -74,7 +89,7 @@ class _FusedJSD(torch.autograd.Function):
                 hs = h_s[i:j].detach().requires_grad_(grad_h is not None)
                 w = weight.detach().requires_grad_(grad_w is not None)
                 s_logits = head(hs, w)
-                loss, g_logits = _jsd_and_grad(s_logits.detach(), t_logits, beta, temperature)
+                loss, g_logits = fn(s_logits.detach(), t_logits, beta, temperature)
                 del t_logits
                 wanted = [x for x in (hs, w) if x.requires_grad]
                 grads = list(torch.autograd.grad(s_logits, wanted, g_logits.to(s_logits.dtype))) if wanted else []
@@ -92,7 +107,7 @@ class _FusedJSD(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         gh = saved.pop(0) * go if ctx.has[0] else None
         gw = saved.pop(0) * go if ctx.has[1] else None
-        return gh, None, gw, None, None, None, None
+        return gh, None, gw, None, None, None, None, None
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -134,19 +149,22 @@ def _logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def fused_jsd(h_student: torch.Tensor, h_teacher: torch.Tensor, head, beta: float,
-              temperature: float = 1.0, chunk: int = 512) -> torch.Tensor:
+              temperature: float = 1.0, chunk: int = 512, compiled: bool = False) -> torch.Tensor:
     """Mean over the N positions of the generalized JSD(beta) between the student's and the
     teacher's next-token distributions, from their final hidden states [N, H].
 
     ``head``: an ``sleepray.lm_forward.Head`` (``head(h, weight=None)`` -> logits). The
     teacher side gets no gradient; the head's weight gets one only if it requires it.
+    ``compiled``: the loss and its gradient on each chunk's logits from ``torch.compile``
+    (``nrem.compile_loss``).
     """
     if h_student.shape != h_teacher.shape:
         raise ValueError(f"student {tuple(h_student.shape)} and teacher {tuple(h_teacher.shape)} "
                          "hidden states differ in shape")
     if h_student.shape[0] == 0:
         return h_student.sum() * 0.0
-    total = _FusedJSD.apply(h_student, h_teacher.detach(), head.weight, head, beta, temperature, chunk)
+    total = _FusedJSD.apply(h_student, h_teacher.detach(), head.weight, head, beta, temperature, chunk,
+                            jsd_and_grad_fn(compiled))
     return total / h_student.shape[0]
 
 

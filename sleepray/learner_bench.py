@@ -296,6 +296,8 @@ NREM_MODES = {
     "alpha1": ["nrem.alpha=1.0"],
     "alpha1_compiled": ["nrem.alpha=1.0", "nrem.compile_blocks=true"],      # decoder blocks compiled
     "alpha1_graphs": ["nrem.alpha=1.0", "nrem.compile_blocks=true", "nrem.teacher_graph=true"],  # + teacher graph
+    "alpha1_fast": ["nrem.alpha=1.0", "nrem.compile_blocks=true", "nrem.teacher_graph=true",
+                    "nrem.compile_loss=true"],                                                # + compiled loss
     "lti": ["nrem.alpha=0.5", "nrem.judge=exact"],
     "anchor": ["nrem.alpha=1.0", "nrem.anchor_weight=1.0", "nrem.anchor_batch=8"],
 }

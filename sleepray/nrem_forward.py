@@ -40,6 +40,7 @@ class Scorer:
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.fused = ncfg.fused_loss and self._splits(bank.model)
         self.blocks = compiled_blocks(bank.model, ncfg)
+        self.compile_loss = _wanted(ncfg.compile_loss, bank.model)
         self._prefix_len: dict[str, int] = {}
         self._kv: dict[str, PrefixKV] = {}
         self._ids: dict[str, list[int]] = {}
@@ -119,7 +120,8 @@ class Scorer:
     def jsd(self, s_states: torch.Tensor, t_states: torch.Tensor, beta: float) -> torch.Tensor:
         """Mean over positions of the generalized JSD(beta) between student and teacher."""
         if self.fused:
-            return fused_jsd(s_states, t_states, lm_parts(self.bank.model)[1], beta, chunk=self.ncfg.loss_chunk)
+            return fused_jsd(s_states, t_states, lm_parts(self.bank.model)[1], beta, chunk=self.ncfg.loss_chunk,
+                             compiled=self.compile_loss)
         return generalized_jsd(s_states, t_states, beta)
 
     def token_logprobs(self, states: torch.Tensor, conts: list[list[int]]) -> torch.Tensor:
@@ -138,11 +140,15 @@ class Scorer:
         return self.jsd(self._states(self.bank.model, rows, starts, lens), t, 0.0)
 
 
+def _wanted(switch, model) -> bool:
+    """A learner switch that is true, or "auto" with the model on a GPU."""
+    return switch is True or (switch == "auto" and next(model.parameters()).is_cuda)
+
+
 def compiled_blocks(model, ncfg) -> Optional[CompiledBlocks]:
     """The model's compiled decoder blocks when ``nrem.compile_blocks`` asks (auto: on a GPU); one
     set per model and backend, so that its graphs are compiled once."""
-    on = ncfg.compile_blocks is True or (ncfg.compile_blocks == "auto" and next(model.parameters()).is_cuda)
-    if not on:
+    if not _wanted(ncfg.compile_blocks, model):
         return None
     blocks = _BLOCKS.get(model)
     if blocks is None or blocks.backend != ncfg.compile_backend:
@@ -156,8 +162,7 @@ _BLOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def prefix_graph(model, ncfg, rows: int, max_prefix: int) -> Optional[PrefixGraph]:
     """The teacher's CUDA-graph pass after the episodes' contexts when ``nrem.teacher_graph``
     asks (auto: on a GPU), for passes of up to ``rows`` rows after up to ``max_prefix`` tokens."""
-    cuda = next(model.parameters()).is_cuda
-    if rows < 1 or max_prefix < 1 or not (ncfg.teacher_graph is True or (ncfg.teacher_graph == "auto" and cuda)):
+    if rows < 1 or max_prefix < 1 or not _wanted(ncfg.teacher_graph, model):
         return None
     return PrefixGraph(model, rows, max_prefix, ncfg.teacher_graph_tokens)
 

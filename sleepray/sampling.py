@@ -169,12 +169,13 @@ def decode_static(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: 
         lambda i, p, c, m, kv: model(input_ids=i, position_ids=p, cache_position=c, attention_mask=m,
                                      past_key_values=kv, use_cache=True).logits[:, -1])
     pos = pos[:, -1:].clone()
+    cpos = torch.full((1,), n - 1, dtype=torch.long, device=ids.device)
 
     def step(nxt, t):
-        nonlocal pos
+        nonlocal pos, cpos
         mask[:, n + t] = 1
-        pos = pos + 1
-        return one(nxt[:, None], pos, torch.tensor([n + t], device=ids.device), mask, cache).clone()
+        pos, cpos = pos + 1, cpos + 1   # on the device: a host tensor copied in every step syncs
+        return one(nxt[:, None], pos, cpos, mask, cache).clone()
     return _sample_loop(logits, step, max_new_tokens, temperature, stop_ids, pad_id, stopped)
 
 
