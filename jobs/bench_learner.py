@@ -103,7 +103,7 @@ def _with_expert(model):
     from sleepray.experts import ExpertBank
     bank = ExpertBank(model, ExpertConfig(rank=8, lora_alpha=16))
     bank.open_new_expert()
-    return bank.model
+    return bank
 
 
 def _safe(fn, *a, **k):

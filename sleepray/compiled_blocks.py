@@ -36,6 +36,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return best
 
 
+def switched_on(switch, model: nn.Module) -> bool:
+    """A learner speed switch (``nrem.compile_blocks`` and the like) that is true, or "auto" with
+    ``model`` on a GPU."""
+    return switch is True or (switch == "auto" and next(model.parameters()).is_cuda)
+
+
 def allow_recompiles(n: int = 32) -> None:
     """torch.compile's recompile limit raised to at least ``n``: the modes (gradient or not, teacher
     or student adapters) and shapes the learner's compiled calls meet."""

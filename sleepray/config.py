@@ -137,6 +137,10 @@ class NREMConfig(_Anchored):
                            "fused_loss); auto: on a GPU")
     teacher_graph_tokens: int = Field(128, ge=1, description="a graphed teacher pass's own tokens per row (longer "
                                                              "rows run eager)")
+    merged_sampling: Union[bool, Literal["auto"]] = Field(
+        False, description="the learner samples with its active experts merged into a copy of the adapted weights "
+                           "and LoRA off (no skinny LoRA products in every decode step; costs one copy of those "
+                           "weights' memory); auto: on a GPU")
     compile_loss: Union[bool, Literal["auto"]] = Field(
         False, description="the fused JSD's loss and gradient on each chunk of logits compiled with torch.compile "
                            "(its softmaxes and elementwise passes fused into a few kernels); auto: on a GPU")

@@ -297,7 +297,7 @@ NREM_MODES = {
     "alpha1_compiled": ["nrem.alpha=1.0", "nrem.compile_blocks=true"],      # decoder blocks compiled
     "alpha1_graphs": ["nrem.alpha=1.0", "nrem.compile_blocks=true", "nrem.teacher_graph=true"],  # + teacher graph
     "alpha1_fast": ["nrem.alpha=1.0", "nrem.compile_blocks=true", "nrem.teacher_graph=true",
-                    "nrem.compile_loss=true"],                                                # + compiled loss
+                    "nrem.compile_loss=true", "nrem.merged_sampling=true"],   # + compiled loss, merged sampling
     "lti": ["nrem.alpha=0.5", "nrem.judge=exact"],
     "anchor": ["nrem.alpha=1.0", "nrem.anchor_weight=1.0", "nrem.anchor_batch=8"],
 }
@@ -317,6 +317,7 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
     takes ``B // world`` rows a step, gradients all-reduced) and its ``after_step``, timed with
     the step as a runner calls it; the default is one process whose ``after_step`` does nothing."""
     from sleepray import nrem, nrem_forward, nrem_samplers, rewards
+    from sleepray.compiled_blocks import switched_on
     from sleepray.anchor import anchor_texts
     from sleepray.config import load_config
     from sleepray.experts import ExpertBank
@@ -330,7 +331,8 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
     prompts = consolidation_prompts(episode, ncfg.prompts_per_episode, random.Random(0))
     bank = ExpertBank(model, cfg.experts)
     bank.open_new_expert()
-    sampler = _InVocab(nrem_samplers.LocalSampler(bank, tok, new_tokens, ncfg.temperature, ncfg.decode),
+    sampler = _InVocab(nrem_samplers.LocalSampler(bank, tok, new_tokens, ncfg.temperature, ncfg.decode,
+                                                  merged=switched_on(ncfg.merged_sampling, bank.model)),
                        model, len(tok))
     ph = Phases(device)
     undo = [ph.wrap(nrem_samplers.TeacherPool, "__init__", "teacher_pool"),
@@ -425,23 +427,30 @@ def bench_loss_memory(model, device, rows: int = 256, tokens: int = 64, chunk: i
 
 
 @torch.no_grad()
-def bench_decode(model, tok, B: int, new_tokens: int, device, prompt_tokens: int = 64, iters: int = 3) -> dict:
-    """ms per decode step of ``sampling.decode`` (prefill excluded), and the weight-read floor."""
+def bench_decode(bank, tok, B: int, new_tokens: int, device, prompt_tokens: int = 64, iters: int = 3) -> dict:
+    """ms per decode step of the learner's sampling loops on ``bank``'s student (prefill excluded):
+    eager, the CUDA-graph step, and on a GPU the graph step with the experts merged
+    (``nrem.merged_sampling``); and the weight-read floor."""
+    from sleepray.merged_sampling import MergedWeights
     from sleepray.sampling import decode, decode_static
+    model = bank.model
     V = len(tok)
     g = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(3, V, (B, prompt_tokens), device=device, generator=g)
     attn = torch.ones_like(ids)
     h = mask_above(model, V)
     out = {"B": B}
-    loops = {"own": decode, "graph": functools.partial(decode_static, graphs=True)} if device.type == "cuda" \
-        else {"own": decode}
+    graph = functools.partial(decode_static, graphs=True)
+    merged = MergedWeights(bank)
+    loops = {"own": (decode, None), "graph": (graph, None), "graph_merged": (graph, merged)} \
+        if device.type == "cuda" else {"own": (decode, None)}
     try:
-        for name, fn in loops.items():
+        for name, (fn, merge) in loops.items():
             def run(n):
                 sync(device)
                 t = time.perf_counter()
-                fn(model, ids, attn, n, 1.0, [], tok.pad_token_id)
+                with merge.on() if merge else contextlib.nullcontext():
+                    fn(model, ids, attn, n, 1.0, [], tok.pad_token_id)
                 sync(device)
                 return time.perf_counter() - t
             t0 = time.perf_counter()

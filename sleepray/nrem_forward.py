@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from sleepray.compiled_blocks import CompiledBlocks
+from sleepray.compiled_blocks import CompiledBlocks, switched_on
 from sleepray.fused_losses import _logprob, fused_jsd, fused_token_logprobs
 from sleepray.lm_forward import (PrefixKV, UnsupportedModel, _gather, _right_padded, common_prefix, lm_parts,
                                  span_hidden)
@@ -40,7 +40,7 @@ class Scorer:
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.fused = ncfg.fused_loss and self._splits(bank.model)
         self.blocks = compiled_blocks(bank.model, ncfg)
-        self.compile_loss = _wanted(ncfg.compile_loss, bank.model)
+        self.compile_loss = switched_on(ncfg.compile_loss, bank.model)
         self._prefix_len: dict[str, int] = {}
         self._kv: dict[str, PrefixKV] = {}
         self._ids: dict[str, list[int]] = {}
@@ -140,15 +140,10 @@ class Scorer:
         return self.jsd(self._states(self.bank.model, rows, starts, lens), t, 0.0)
 
 
-def _wanted(switch, model) -> bool:
-    """A learner switch that is true, or "auto" with the model on a GPU."""
-    return switch is True or (switch == "auto" and next(model.parameters()).is_cuda)
-
-
 def compiled_blocks(model, ncfg) -> Optional[CompiledBlocks]:
     """The model's compiled decoder blocks when ``nrem.compile_blocks`` asks (auto: on a GPU); one
     set per model and backend, so that its graphs are compiled once."""
-    if not _wanted(ncfg.compile_blocks, model):
+    if not switched_on(ncfg.compile_blocks, model):
         return None
     blocks = _BLOCKS.get(model)
     if blocks is None or blocks.backend != ncfg.compile_backend:
@@ -162,7 +157,7 @@ _BLOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def prefix_graph(model, ncfg, rows: int, max_prefix: int) -> Optional[PrefixGraph]:
     """The teacher's CUDA-graph pass after the episodes' contexts when ``nrem.teacher_graph``
     asks (auto: on a GPU), for passes of up to ``rows`` rows after up to ``max_prefix`` tokens."""
-    if rows < 1 or max_prefix < 1 or not _wanted(ncfg.teacher_graph, model):
+    if rows < 1 or max_prefix < 1 or not switched_on(ncfg.teacher_graph, model):
         return None
     return PrefixGraph(model, rows, max_prefix, ncfg.teacher_graph_tokens)
 

@@ -17,6 +17,7 @@ the rollout's own log-probs.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -31,9 +32,14 @@ def _nonempty(ids: list[int], newline: int) -> list[int]:
 
 
 class LocalSampler:
-    def __init__(self, bank, tok, max_new_tokens: int, temperature: float, decode: str = "auto"):
-        """``decode``: ``nrem.decode`` (auto: CUDA graphs on a GPU, the eager loop on CPU)."""
+    def __init__(self, bank, tok, max_new_tokens: int, temperature: float, decode: str = "auto",
+                 merged: bool = False):
+        """``decode``: ``nrem.decode`` (auto: CUDA graphs on a GPU, the eager loop on CPU);
+        ``merged``: sample with the active experts merged into the weights (``nrem.merged_sampling``,
+        ``sleepray.merged_sampling``)."""
+        from sleepray.merged_sampling import MergedWeights
         self.bank, self.tok = bank, tok
+        self.merged = MergedWeights(bank) if merged else None
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.newline = tok.encode("\n", add_special_tokens=False)[-1]
         self.stop = format_of(tok).stop
@@ -42,9 +48,10 @@ class LocalSampler:
 
     def _sample(self, prompts, prefixes=None) -> Samples:
         from sleepray.sampling import sample_ids
-        return [_nonempty(ids, self.newline) for ids in sample_ids(
-            self.bank.model, self.tok, prompts, self.max_new_tokens, self.temperature, prefixes, self.stop,
-            loop=self.loop)]
+        with self.merged.on() if self.merged else contextlib.nullcontext():
+            return [_nonempty(ids, self.newline) for ids in sample_ids(
+                self.bank.model, self.tok, prompts, self.max_new_tokens, self.temperature, prefixes, self.stop,
+                loop=self.loop)]
 
     def teacher(self, prompts: list[str]) -> Samples:
         with self.bank.teacher_mode():
