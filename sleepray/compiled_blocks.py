@@ -59,16 +59,32 @@ def compile_once(model: nn.Module, name: str, fn, **kwargs):
     return compiled
 
 
+def repeat_call(fn):
+    """``fn`` (a compiled function) with torch.compile checking only the guards that tell its
+    graphs apart (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``), for calls that repeat
+    one just made with every guard checked: the same shapes, modes and kinds of weights. On a
+    PEFT model with eight expert slots a full check is ~1 ms of host time a call (the H200
+    profile), more than a decode step's kernels."""
+    def call(*a, **k):
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            return fn(*a, **k)
+    return call
+
+
 class CompiledBlocks:
     """``with blocks.on(): ...``: the decoder blocks run compiled, for passes without a KV cache
     (``backend``: torch.compile's, "inductor" by default; "aot_eager" traces without generating
-    kernels)."""
+    kernels). ``fast_guards``: blocks after the second skip the guards that do not tell graphs
+    apart (:func:`repeat_call`); the first has an input without gradient, the second checks
+    every guard, and the rest repeat it."""
 
-    def __init__(self, model: nn.Module, backend: str = "inductor"):
-        self.targets, self.backend = list(decoder_layers(model)), backend
+    def __init__(self, model: nn.Module, backend: str = "inductor", fast_guards: bool = False):
+        self.targets, self.backend, self.fast_guards = list(decoder_layers(model)), backend, fast_guards
         allow_recompiles()
         # the block's own forward: its graphs do not crowd the cache of nn.Module's call
         self.compiled = [torch.compile(m.forward, backend=backend) for m in self.targets]
+        if fast_guards:
+            self.compiled = self.compiled[:2] + [repeat_call(c) for c in self.compiled[2:]]
         self._depth = 0
         log.info("NREM: %d decoder blocks compiled (%s)", len(self.targets), backend)
 

@@ -141,6 +141,15 @@ class NREMConfig(_Anchored):
         False, description="the learner samples with its active experts merged into a copy of the adapted weights "
                            "and LoRA off (no skinny LoRA products in every decode step; costs one copy of those "
                            "weights' memory); auto: on a GPU")
+    fast_guards: Union[bool, Literal["auto"]] = Field(
+        False, description="calls of compiled code that repeat the one before (decode steps after a sampling call's "
+                           "first, decoder blocks after the second) check only the guards that tell torch.compile's "
+                           "graphs apart (skip_guard_eval_unsafe); auto: on a GPU")
+    attention: Literal["auto", "cudnn", "efficient", "flash", "math"] = Field(
+        "auto", description="PyTorch's scaled-dot-product attention kernel for the learner's passes (student, anchor, "
+                            "the teacher's context and eager pass; not sampling or the teacher's graph); auto: PyTorch's choice "
+                            "(cuDNN on a Hopper GPU, whose backward costs ~1 ms of host time a block). 'flash' "
+                            "cannot take the padding mask of right-padded rows")
     compile_loss: Union[bool, Literal["auto"]] = Field(
         False, description="the fused JSD's loss and gradient on each chunk of logits compiled with torch.compile "
                            "(its softmaxes and elementwise passes fused into a few kernels); auto: on a GPU")

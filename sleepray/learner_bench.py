@@ -292,12 +292,15 @@ def mask_above(model, n: int, flag: dict | None = None):
     return model.get_output_embeddings().register_forward_hook(hook)
 
 
+_COMPILED = ["nrem.alpha=1.0", "nrem.compile_blocks=true"]                  # decoder blocks compiled
+_GRAPHS = _COMPILED + ["nrem.teacher_graph=true"]                           # + the teacher's CUDA graph
+_FAST = _GRAPHS + ["nrem.compile_loss=true", "nrem.merged_sampling=true", "nrem.fast_guards=true"]
 NREM_MODES = {
     "alpha1": ["nrem.alpha=1.0"],
-    "alpha1_compiled": ["nrem.alpha=1.0", "nrem.compile_blocks=true"],      # decoder blocks compiled
-    "alpha1_graphs": ["nrem.alpha=1.0", "nrem.compile_blocks=true", "nrem.teacher_graph=true"],  # + teacher graph
-    "alpha1_fast": ["nrem.alpha=1.0", "nrem.compile_blocks=true", "nrem.teacher_graph=true",
-                    "nrem.compile_loss=true", "nrem.merged_sampling=true"],   # + compiled loss, merged sampling
+    "alpha1_compiled": _COMPILED,
+    "alpha1_graphs": _GRAPHS,
+    "alpha1_fast": _FAST,                  # + compiled loss, merged sampling, repeated calls' guards skipped
+    "alpha1_fast_efficient": _FAST + ["nrem.attention=efficient"],          # + the efficient attention kernel
     "lti": ["nrem.alpha=0.5", "nrem.judge=exact"],
     "anchor": ["nrem.alpha=1.0", "nrem.anchor_weight=1.0", "nrem.anchor_batch=8"],
 }
@@ -317,7 +320,6 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
     takes ``B // world`` rows a step, gradients all-reduced) and its ``after_step``, timed with
     the step as a runner calls it; the default is one process whose ``after_step`` does nothing."""
     from sleepray import nrem, nrem_forward, nrem_samplers, rewards
-    from sleepray.compiled_blocks import switched_on
     from sleepray.anchor import anchor_texts
     from sleepray.config import load_config
     from sleepray.experts import ExpertBank
@@ -331,9 +333,7 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
     prompts = consolidation_prompts(episode, ncfg.prompts_per_episode, random.Random(0))
     bank = ExpertBank(model, cfg.experts)
     bank.open_new_expert()
-    sampler = _InVocab(nrem_samplers.LocalSampler(bank, tok, new_tokens, ncfg.temperature, ncfg.decode,
-                                                  merged=switched_on(ncfg.merged_sampling, bank.model)),
-                       model, len(tok))
+    sampler = _InVocab(nrem_samplers.LocalSampler.for_nrem(bank, tok, ncfg), model, len(tok))
     ph = Phases(device)
     undo = [ph.wrap(nrem_samplers.TeacherPool, "__init__", "teacher_pool"),
             ph.wrap(_InVocab, "teacher", "sampling"), ph.wrap(_InVocab, "complete", "sampling"),

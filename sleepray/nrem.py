@@ -29,7 +29,6 @@ import torch
 from tqdm.auto import tqdm
 
 from sleepray.anchor import AnchorBatch, anchor_batch, anchor_loss
-from sleepray.compiled_blocks import switched_on
 from sleepray.nrem_forward import Scorer, padded
 from sleepray.nrem_samplers import LocalSampler, TeacherPool
 from sleepray.prompts import ConsolidationPrompt
@@ -247,8 +246,7 @@ class NREMTrainer:
             judge = make_judge(ncfg, bank, tok) if ncfg.gamma > 0 else None
         self.judge = judge
         sampler = sampler or hooks.make_sampler(bank, tok, ncfg, self.start) \
-            or LocalSampler(bank, tok, ncfg.max_new_tokens, ncfg.temperature, ncfg.decode,
-                            merged=switched_on(ncfg.merged_sampling, bank.model))
+            or LocalSampler.for_nrem(bank, tok, ncfg)
         bank.model.eval()  # no dropout; the LoRA weights still train
         if ncfg.teacher_samples and (ncfg.lam < 1 or (ncfg.use_lti and ncfg.alpha < 1)):
             sampler = TeacherPool(sampler, [p.teacher_prompt for p in prompts], ncfg.teacher_samples, self.rng)

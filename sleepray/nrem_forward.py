@@ -69,11 +69,19 @@ class Scorer:
     # ------------------------------------------------------------------ states
     def _states(self, model, rows, starts, lens, prefix=None) -> torch.Tensor:
         """[N, H] hidden states (fused) or [N, V] logits (plain) predicting each row's span."""
-        with self.blocks.on() if self.blocks and prefix is None else contextlib.nullcontext():
+        with self.blocks.on() if self.blocks and prefix is None else contextlib.nullcontext(), self._attention():
             if self.fused:
                 return span_hidden(model, rows, starts, lens, self.pad, prefix)
             ids, attn = _right_padded(rows, self.pad, next(model.parameters()).device)
             return _gather(model(input_ids=ids, attention_mask=attn).logits, starts, lens)
+
+    def _attention(self):
+        """The attention kernel ``nrem.attention`` asks for (its backward follows the forward's)."""
+        if self.ncfg.attention == "auto":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel([{"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                             "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}[self.ncfg.attention]])
 
     def student(self, prompt_rows: list[list[int]], conts: list[list[int]]) -> torch.Tensor:
         """States predicting ``conts`` after ``prompt_rows`` under the model now (gradient on)."""
@@ -113,7 +121,8 @@ class Scorer:
 
     def _context(self, ep: str, ids: list[int]) -> PrefixKV:
         if ep not in self._kv:
-            self._kv[ep] = PrefixKV(self.bank.model, ids)
+            with self._attention():
+                self._kv[ep] = PrefixKV(self.bank.model, ids)
         return self._kv[ep]
 
     # ------------------------------------------------------------------ losses
@@ -145,9 +154,10 @@ def compiled_blocks(model, ncfg) -> Optional[CompiledBlocks]:
     set per model and backend, so that its graphs are compiled once."""
     if not switched_on(ncfg.compile_blocks, model):
         return None
+    fast = switched_on(ncfg.fast_guards, model)
     blocks = _BLOCKS.get(model)
-    if blocks is None or blocks.backend != ncfg.compile_backend:
-        blocks = _BLOCKS[model] = CompiledBlocks(model, ncfg.compile_backend)
+    if blocks is None or (blocks.backend, blocks.fast_guards) != (ncfg.compile_backend, fast):
+        blocks = _BLOCKS[model] = CompiledBlocks(model, ncfg.compile_backend, fast)
     return blocks
 
 

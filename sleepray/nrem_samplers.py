@@ -33,13 +33,14 @@ def _nonempty(ids: list[int], newline: int) -> list[int]:
 
 class LocalSampler:
     def __init__(self, bank, tok, max_new_tokens: int, temperature: float, decode: str = "auto",
-                 merged: bool = False):
+                 merged: bool = False, fast_guards: bool = False):
         """``decode``: ``nrem.decode`` (auto: CUDA graphs on a GPU, the eager loop on CPU);
         ``merged``: sample with the active experts merged into the weights (``nrem.merged_sampling``,
-        ``sleepray.merged_sampling``)."""
+        ``sleepray.merged_sampling``); ``fast_guards``: ``nrem.fast_guards`` for the decode steps."""
         from sleepray.merged_sampling import MergedWeights
         self.bank, self.tok = bank, tok
         self.merged = MergedWeights(bank) if merged else None
+        self.fast_guards = fast_guards
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.newline = tok.encode("\n", add_special_tokens=False)[-1]
         self.stop = format_of(tok).stop
@@ -51,7 +52,15 @@ class LocalSampler:
         with self.merged.on() if self.merged else contextlib.nullcontext():
             return [_nonempty(ids, self.newline) for ids in sample_ids(
                 self.bank.model, self.tok, prompts, self.max_new_tokens, self.temperature, prefixes, self.stop,
-                loop=self.loop)]
+                loop=self.loop, fast_guards=self.fast_guards)]
+
+    @classmethod
+    def for_nrem(cls, bank, tok, ncfg) -> "LocalSampler":
+        """The sampler of ``NREMConfig`` ``ncfg`` on ``bank``'s model."""
+        from sleepray.compiled_blocks import switched_on
+        return cls(bank, tok, ncfg.max_new_tokens, ncfg.temperature, ncfg.decode,
+                   merged=switched_on(ncfg.merged_sampling, bank.model),
+                   fast_guards=switched_on(ncfg.fast_guards, bank.model))
 
     def teacher(self, prompts: list[str]) -> Samples:
         with self.bank.teacher_mode():

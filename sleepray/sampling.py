@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from sleepray.compiled_blocks import compile_once
+from sleepray.compiled_blocks import compile_once, repeat_call
 from sleepray.prompt_format import stop_token_ids
 
 
@@ -32,7 +32,7 @@ def _seeded(device: torch.device, seed: int | None):
 @torch.no_grad()
 def sample_ids(model, tok, prompts: list[str], max_new_tokens: int, temperature: float,
                prefix_ids: list[list[int]] | None = None, stop: Sequence[str] = ("\n",),
-               seed: int | None = None, loop: str = "own") -> list[list[int]]:
+               seed: int | None = None, loop: str = "own", fast_guards: bool = False) -> list[list[int]]:
     """Sampled continuations (token ids) of ``prompts`` (+ optional forced ``prefix_ids``).
 
     Left-padded batch, plain ancestral sampling (no top-k/top-p). Each continuation ends
@@ -41,6 +41,8 @@ def sample_ids(model, tok, prompts: list[str], max_new_tokens: int, temperature:
     only, no per-step processors), "static" / "graph" (:func:`decode_static`: a static KV
     cache; "graph" replays each decode step from a CUDA graph) or "generate" (transformers'
     ``generate``, the reference: with the same seed "own" and "static" draw the same tokens).
+    ``fast_guards``: the graphed decode steps after the first skip the guards that do not tell
+    compiled graphs apart (``sleepray.compiled_blocks.repeat_call``).
     """
     stop_ids, stop_texts = stop_token_ids(tok, stop)
     rows = [tok.encode(p) + (prefix_ids[i] if prefix_ids else []) for i, p in enumerate(prompts)]
@@ -53,7 +55,8 @@ def sample_ids(model, tok, prompts: list[str], max_new_tokens: int, temperature:
     device = next(model.parameters()).device
     with _seeded(device, seed):
         if loop in ("own", "static", "graph"):
-            fn = decode if loop == "own" else functools.partial(decode_static, graphs=loop == "graph")
+            fn = decode if loop == "own" else functools.partial(decode_static, graphs=loop == "graph",
+                                                                fast_guards=fast_guards)
             out = fn(model, ids.to(device), attn.to(device), max_new_tokens, temperature,
                      [tok.eos_token_id, *stop_ids], tok.pad_token_id,
                      (lambda row: any(s in tok.decode(row[-8:]) for s in stop_texts)) if stop_texts else None)
@@ -152,7 +155,8 @@ def _graph_step(model):
 
 
 def decode_static(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, temperature: float,
-                  stop_ids: list[int], pad_id: int, stopped=None, graphs: bool = False) -> torch.Tensor:
+                  stop_ids: list[int], pad_id: int, stopped=None, graphs: bool = False,
+                  fast_guards: bool = False) -> torch.Tensor:
     """:func:`decode` over a static KV cache (length rounded up to 64, reused across calls of the
     same shape) and a fixed-size attention mask, so that every decode step has the same shapes
     and addresses; ``graphs``: each step replayed from a CUDA graph (``torch.compile``
@@ -168,6 +172,7 @@ def decode_static(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: 
     one = _graph_step(model) if graphs else (
         lambda i, p, c, m, kv: model(input_ids=i, position_ids=p, cache_position=c, attention_mask=m,
                                      past_key_values=kv, use_cache=True).logits[:, -1])
+    again = repeat_call(one) if graphs and fast_guards else one   # steps after the first repeat it
     pos = pos[:, -1:].clone()
     cpos = torch.full((1,), n - 1, dtype=torch.long, device=ids.device)
 
@@ -175,7 +180,7 @@ def decode_static(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: 
         nonlocal pos, cpos
         mask[:, n + t] = 1
         pos, cpos = pos + 1, cpos + 1   # on the device: a host tensor copied in every step syncs
-        return one(nxt[:, None], pos, cpos, mask, cache).clone()
+        return (again if t else one)(nxt[:, None], pos, cpos, mask, cache).clone()
     return _sample_loop(logits, step, max_new_tokens, temperature, stop_ids, pad_id, stopped)
 
 

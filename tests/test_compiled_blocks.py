@@ -38,24 +38,81 @@ def test_compiled_blocks_give_the_plain_losses_and_gradients(qwen3):
     out = {}
     torch._dynamo.reset()
     counters.clear()
-    for mode in ("false", "true"):
-        cfg = load_config(None, [f"nrem.compile_blocks={mode}", "nrem.compile_backend=inductor"])
+    modes = {"plain": ["nrem.compile_blocks=false"], "compiled": ["nrem.compile_blocks=true"],
+             # blocks after the second skip the guards that do not tell graphs apart (nrem.fast_guards)
+             "fast_guards": ["nrem.compile_blocks=true", "nrem.fast_guards=true"]}
+    for mode, over in modes.items():
+        cfg = load_config(None, [*over, "nrem.compile_backend=inductor", "experts.max_slots=3"])
         bank = moved_bank(qwen3, cfg)
         sc = Scorer(bank, tok, cfg.nrem, contexts=_by_episode(prompts))
-        assert (sc.blocks is not None) is (mode == "true") and sc.fused
-        out[mode] = losses_and_grads(sc, tok, prompts, ys)
-        if mode == "true":
+        assert (sc.blocks is not None) is (mode != "plain") and sc.fused
+        for _ in range(2 if mode == "fast_guards" else 1):   # the second time from the graphs the first made
+            out[mode] = losses_and_grads(sc, tok, prompts, ys)
+            bank.model.zero_grad(set_to_none=True)
+        if mode == "compiled":
             assert all(m._compiled_call_impl is None for m in sc.blocks.targets)   # off outside the passes
             graphs = counters["stats"]["unique_graphs"]
-    (d0, lp0, kl0, g0), (d1, lp1, kl1, g1) = out["false"], out["true"]
-    assert d1 == pytest.approx(d0, rel=1e-4, abs=1e-6) and d0 > 0
-    assert kl1 == pytest.approx(kl0, rel=1e-4, abs=1e-6) and kl0 > 0
-    assert torch.allclose(lp0, lp1, atol=1e-4)
-    for a, b in zip(g0, g1):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-3)
+    d0, lp0, kl0, g0 = out["plain"]
+    for mode in ("compiled", "fast_guards"):
+        d1, lp1, kl1, g1 = out[mode]
+        assert d1 == pytest.approx(d0, rel=1e-4, abs=1e-6) and d0 > 0
+        assert kl1 == pytest.approx(kl0, rel=1e-4, abs=1e-6) and kl0 > 0
+        assert torch.allclose(lp0, lp1, atol=1e-4)
+        for a, b in zip(g0, g1):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-3)
     # the compiled code ran, and the blocks share graphs: the student's (gradient) and the anchor's
     # teacher (none), a static and a dynamic shape each; a graph per block would double them
     assert 2 <= graphs <= 8, dict(counters["stats"])
+
+
+def test_repeat_call_checks_only_the_guards_that_tell_graphs_apart():
+    """What nrem.fast_guards relies on and why it is only for repeated calls: with one graph
+    compiled, a call through repeat_call checks no guard at all (a changed global is not seen)."""
+    from sleepray.compiled_blocks import repeat_call
+    torch._dynamo.reset()
+    scale = {"v": 2.0}
+    f = torch.compile(lambda x: x * scale["v"], backend="eager")
+    x = torch.ones(3)
+    assert f(x).tolist() == [2.0] * 3
+    scale["v"] = 3.0
+    assert repeat_call(f)(x).tolist() == [2.0] * 3     # the guard on scale["v"] skipped
+    assert f(x).tolist() == [3.0] * 3                  # checked: recompiled
+
+
+def test_the_graphed_decode_with_fast_guards_draws_what_the_eager_loop_draws(qwen3):
+    """nrem.decode=graph with nrem.fast_guards: decode steps after a call's first skip the guards
+    that do not tell graphs apart; the draws are the eager loop's (CUDA graphs need a GPU: here the
+    compiled step runs without them)."""
+    from sleepray.sampling import sample_ids
+    bank = moved_bank(qwen3, load_config(None, ["experts.max_slots=3"]))
+    tok = load_model(qwen3)[1]
+    texts = ["Q: Where does Ada live?\nA:", "Q: What does Bo do?\nA:"]
+    runs = {}
+    for loop, fast in (("own", False), ("graph", True)):
+        runs[loop] = [sample_ids(bank.model, tok, texts, 12, 1.0, stop=(), seed=s, loop=loop, fast_guards=fast)
+                      for s in (1, 2)]
+    assert runs["graph"] == runs["own"] and runs["own"][0] != runs["own"][1]
+
+
+def test_the_attention_kernel_switch_is_on_in_the_passes_and_changes_no_loss(qwen3):
+    """nrem.attention: the learner's passes run under the asked kernel (here 'math', which a CPU
+    has) and give auto's losses and gradients."""
+    tok = load_model(qwen3)[1]
+    prompts = [p for e in World(3, 1, 0, 0, 1).episodes(1) for p in consolidation_prompts(e, 4, random.Random(0))]
+    ys = [tok.encode(f" answer {i}\n", add_special_tokens=False) for i in range(len(prompts))]
+    out, seen = {}, []
+    for kernel in ("auto", "math"):
+        cfg = load_config(None, [f"nrem.attention={kernel}"])
+        bank = moved_bank(qwen3, cfg)
+        sc = Scorer(bank, tok, cfg.nrem)     # its one check of the model's head runs as it is
+        hook = decoder_layers(bank.model)[0].register_forward_pre_hook(
+            lambda *_: seen.append((kernel, torch.backends.cuda.flash_sdp_enabled())))
+        out[kernel] = losses_and_grads(sc, tok, prompts, ys)
+        hook.remove()
+    assert {f for k, f in seen if k == "math"} == {False} and {f for k, f in seen if k == "auto"} == {True}
+    assert out["math"][0] == pytest.approx(out["auto"][0], rel=1e-5)
+    for a, b in zip(out["math"][3], out["auto"][3]):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
 def test_the_graphed_teacher_pass_equals_the_eager_one(qwen3):
