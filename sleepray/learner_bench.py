@@ -429,8 +429,8 @@ def bench_loss_memory(model, device, rows: int = 256, tokens: int = 64, chunk: i
 @torch.no_grad()
 def bench_decode(bank, tok, B: int, new_tokens: int, device, prompt_tokens: int = 64, iters: int = 3) -> dict:
     """ms per decode step of the learner's sampling loops on ``bank``'s student (prefill excluded):
-    eager, the CUDA-graph step, and on a GPU the graph step with the experts merged
-    (``nrem.merged_sampling``); and the weight-read floor."""
+    eager, and on a GPU the CUDA-graph step, alone and with the experts merged and the repeated
+    steps' guards skipped (``nrem.merged_sampling``, ``nrem.fast_guards``); and the weight-read floor."""
     from sleepray.merged_sampling import MergedWeights
     from sleepray.sampling import decode, decode_static
     model = bank.model
@@ -441,8 +441,9 @@ def bench_decode(bank, tok, B: int, new_tokens: int, device, prompt_tokens: int 
     h = mask_above(model, V)
     out = {"B": B}
     graph = functools.partial(decode_static, graphs=True)
-    merged = MergedWeights(bank)
-    loops = {"own": (decode, None), "graph": (graph, None), "graph_merged": (graph, merged)} \
+    # graph_fast: what NREM's alpha1_fast mode samples with (experts merged, repeated steps' guards skipped)
+    fast = functools.partial(decode_static, graphs=True, fast_guards=True)
+    loops = {"own": (decode, None), "graph": (graph, None), "graph_fast": (fast, MergedWeights(bank))} \
         if device.type == "cuda" else {"own": (decode, None)}
     try:
         for name, (fn, merge) in loops.items():
