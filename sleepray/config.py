@@ -148,8 +148,9 @@ class NREMConfig(_Anchored):
     attention: Literal["auto", "cudnn", "efficient", "flash", "math"] = Field(
         "auto", description="PyTorch's scaled-dot-product attention kernel for the learner's passes (student, anchor, "
                             "the teacher's context and eager pass; not sampling or the teacher's graph); auto: PyTorch's choice "
-                            "(cuDNN on a Hopper GPU, whose backward costs ~1 ms of host time a block). 'flash' "
-                            "cannot take the padding mask of right-padded rows")
+                            "(cuDNN on a Hopper GPU, whose backward costs ~1 ms of host time a block); 'math' inside "
+                            "compiled blocks is fused by inductor. 'flash' cannot take the padding mask of "
+                            "right-padded rows, 'efficient' not grouped-query attention")
     compile_loss: Union[bool, Literal["auto"]] = Field(
         False, description="the fused JSD's loss and gradient on each chunk of logits compiled with torch.compile "
                            "(its softmaxes and elementwise passes fused into a few kernels); auto: on a GPU")

@@ -300,7 +300,7 @@ NREM_MODES = {
     "alpha1_compiled": _COMPILED,
     "alpha1_graphs": _GRAPHS,
     "alpha1_fast": _FAST,                  # + compiled loss, merged sampling, repeated calls' guards skipped
-    "alpha1_fast_efficient": _FAST + ["nrem.attention=efficient"],          # + the efficient attention kernel
+    "alpha1_fast_math": _FAST + ["nrem.attention=math"],    # + attention from its math form, compiled in the blocks
     "lti": ["nrem.alpha=0.5", "nrem.judge=exact"],
     "anchor": ["nrem.alpha=1.0", "nrem.anchor_weight=1.0", "nrem.anchor_batch=8"],
 }
