@@ -61,7 +61,7 @@ def learner_records(args, save=lambda records: None) -> list[dict]:
         for mode in args.modes.split(","):
             log.info("%s B=%d: NREM %s", shape, B, mode)
             rec["nrem"].append(_safe(lb.bench_nrem, make(), tok, mode, B, args.new_tokens, device,
-                                     args.warm, args.iters, extra=tuple(args.overrides)))
+                                     args.warm, args.iters, extra=tuple(args.overrides), profile=args.profile))
         if workers:
             from sleepray.learner_bench_ray import bench_nrem_ray
             rec["ray_train"] = []
@@ -213,7 +213,8 @@ def main(argv=None) -> int:
                                                           "CE where installed), tuned_chunked, tuned_compile")
     ap.add_argument("--modes", default="alpha1,lti,anchor",
                     help="NREM modes: alpha1, alpha1_compiled (nrem.compile_blocks on), alpha1_graphs (and "
-                         "nrem.teacher_graph), lti, anchor")
+                         "nrem.teacher_graph), alpha1_fast (and nrem.compile_loss, merged_sampling, fast_guards), "
+                         "alpha1_fast_math (and nrem.attention=math), lti, anchor")
     ap.add_argument("--ray-workers", default="", help="comma list of Ray Train worker counts to run the NREM "
                                                       "step (alpha 1) on too, one GPU (or CPU) each; e.g. 1,2")
     ap.add_argument("--ray-cpus", type=float, default=1, help="CPUs per Ray Train worker (the learner's default 1)")
@@ -223,6 +224,9 @@ def main(argv=None) -> int:
                          "takes at least this long a step; set before Ray starts")
     ap.add_argument("--only-nrem", action="store_true", help="the NREM step alone: no bare loop, loss memory "
                                                              "or decode measurement")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="after the timed steps, this many more under torch.profiler: wall, kernel time, launches, "
+                         "top kernels and host ops by phase, in each NREM record's 'profile'")
     ap.add_argument("--warm", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")

@@ -112,6 +112,40 @@ def param_bytes(model) -> int:
     return n
 
 
+PHASE = "phase:"
+
+
+def phase_profile(prof, top: int = 6) -> dict:
+    """A torch.profiler run over NREM steps, by phase (``Phases`` synchronises at each phase's
+    ends, so a kernel belongs to the phase whose host range it starts in): wall ms, device
+    kernel ms and launches, the top kernels and the top host ops by self time. A host-bound
+    phase has far less kernel time than wall time."""
+    events = list(prof.events())
+    ranges = [(e.name[len(PHASE):], e.time_range.start, e.time_range.end) for e in events
+              if e.name.startswith(PHASE) and e.device_type.name == "CPU"]
+    out: dict = {}
+    for name, a, b in ranges:
+        out.setdefault(name, {"wall_ms": 0.0, "kernel_ms": 0.0, "kernels": 0, "_k": {}, "_h": {}})["wall_ms"] += \
+            (b - a) / 1e3
+    for e in events:
+        if e.name.startswith(PHASE):
+            continue
+        phase = next((n for n, a, b in ranges if a <= e.time_range.start <= b), None)
+        if phase is None:
+            continue
+        rec = out[phase]
+        if e.device_type.name == "CUDA":
+            rec["kernel_ms"] += e.device_time / 1e3
+            rec["kernels"] += 1
+            rec["_k"][e.name[:80]] = rec["_k"].get(e.name[:80], 0.0) + e.device_time / 1e3
+        else:
+            rec["_h"][e.name[:80]] = rec["_h"].get(e.name[:80], 0.0) + e.self_cpu_time_total / 1e3
+    for rec in out.values():
+        for key, name in (("_k", "top_kernels_ms"), ("_h", "top_host_ms")):
+            rec[name] = dict(sorted(rec.pop(key).items(), key=lambda kv: -kv[1])[:top])
+    return out
+
+
 class Phases:
     """Synchronised wall time per phase name, summed over the calls inside one measurement."""
 
@@ -128,9 +162,10 @@ class Phases:
         sync(self.device)
         t = time.perf_counter()
         try:
-            yield
+            with torch.profiler.record_function(PHASE + key):   # what phase_profile sorts by
+                yield
+                sync(self.device)
         finally:
-            sync(self.device)
             self.acc[key] = self.acc.get(key, 0.0) + time.perf_counter() - t
             self._depth -= 1
 
@@ -313,8 +348,9 @@ def bench_tokenizer():
 
 
 def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int, iters: int,
-               people: int = 4, extra: tuple[str, ...] = (), hooks=None) -> dict:
-    """The NREM step on ``model`` (wrapped in a fresh expert bank), phase by phase.
+               people: int = 4, extra: tuple[str, ...] = (), hooks=None, profile: int = 0) -> dict:
+    """The NREM step on ``model`` (wrapped in a fresh expert bank), phase by phase; ``profile``: that
+    many more steps under torch.profiler, summed by phase (:func:`phase_profile`).
 
     ``hooks`` (``nrem.NREMHooks``): this process's rank among ``world`` data-parallel ones (it
     takes ``B // world`` rows a step, gradients all-reduced) and its ``after_step``, timed with
@@ -368,6 +404,14 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
             if i >= warm:
                 steps.append(time.perf_counter() - t)
                 phases.append(dict(ph.acc))
+        prof = None
+        if profile:
+            activities = [torch.profiler.ProfilerActivity.CPU] + \
+                ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with torch.profiler.profile(activities=activities) as prof:
+                for _ in range(profile):
+                    trainer.step()
+                sync(device)
     finally:
         nrem._draw_samples = orig_draw
         sampler.remove()
@@ -387,6 +431,8 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
            "sampling_s": sampling, "teacher_pool_s": pool_s, "phases_s": per,
            "peak_gib": peak_bytes(device) / 2**30, "switch_ms": switch_ms, "divergence": rec["divergence"],
            "prompt_tokens": statistics.mean(len(tok.encode(p.teacher_prompt)) for p in prompts)}
+    if prof is not None:
+        out["profile"] = {"steps": profile, "phases": phase_profile(prof)}
     del trainer, bank, sampler
     free(device)
     return out

@@ -28,6 +28,20 @@ def test_the_learner_benchmark_writes_its_record(tmp_path, seed_test_model):
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_the_learner_benchmark_profiles_the_nrem_step_by_phase(tmp_path, seed_test_model):
+    """--profile: steps under torch.profiler, summed by phase (host ops here; kernels on a GPU)."""
+    out = tmp_path / "bench_learner_prof.json"
+    assert main(["--shapes", "tiny", "--batches", "4", "--new-tokens", "6", "--warm", "1", "--iters", "1",
+                 "--device", "cpu", "--modes", "alpha1", "--only-nrem", "--profile", "2", "--out", str(out)]) == 0
+    [rec] = json.loads(out.read_text())
+    [a1] = rec["nrem"]
+    prof = a1["profile"]
+    assert prof["steps"] == 2 and {"sampling", "student_forward", "backward", "loss"} <= set(prof["phases"])
+    student = prof["phases"]["student_forward"]
+    assert student["wall_ms"] > 0 and student["kernels"] == 0 and student["top_host_ms"]
+    assert any("linear" in k or "mm" in k for k in student["top_host_ms"]), student["top_host_ms"]
+
+
 def test_the_learner_benchmark_runs_the_nrem_step_on_ray_train(ray_client, tmp_path, seed_test_model):
     """The Ray Train path (one CPU worker, gloo) on a real local Ray: the same step as in process
     (same seeds, same rows: the same loss tokens and divergence), its tok/s beside the in-process one."""
