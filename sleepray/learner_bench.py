@@ -355,7 +355,7 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
     ``hooks`` (``nrem.NREMHooks``): this process's rank among ``world`` data-parallel ones (it
     takes ``B // world`` rows a step, gradients all-reduced) and its ``after_step``, timed with
     the step as a runner calls it; the default is one process whose ``after_step`` does nothing."""
-    from sleepray import nrem, nrem_forward, nrem_samplers, rewards
+    from sleepray import nrem, nrem_forward, nrem_samplers
     from sleepray.anchor import anchor_texts
     from sleepray.config import load_config
     from sleepray.experts import ExpertBank
