@@ -18,6 +18,7 @@ Both are checked equal to the plain path (values and gradients) by tests/test_fu
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -59,20 +60,18 @@ def _jsd_and_grad(s_logits: torch.Tensor, t_logits: torch.Tensor, beta: float, t
     return loss, grad / temperature
 
 
-_COMPILED: dict = {}
-
-
 def jsd_and_grad_fn(compiled: bool):
     """:func:`_jsd_and_grad`, or (``compiled``) the same compiled once per process with
     ``torch.compile`` (the number of rows dynamic): its dozen passes over the [rows, V] chunk
     fused into a few kernels."""
-    if not compiled:
-        return _jsd_and_grad
-    if "jsd" not in _COMPILED:
-        from sleepray.compiled_blocks import allow_recompiles
-        allow_recompiles()
-        _COMPILED["jsd"] = torch.compile(_jsd_and_grad, dynamic=True)
-    return _COMPILED["jsd"]
+    return _compiled_jsd_and_grad() if compiled else _jsd_and_grad
+
+
+@functools.cache
+def _compiled_jsd_and_grad():
+    from sleepray.compiled_blocks import allow_recompiles
+    allow_recompiles()
+    return torch.compile(_jsd_and_grad, dynamic=True)
 
 
 class _FusedJSD(torch.autograd.Function):

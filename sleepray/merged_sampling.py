@@ -19,13 +19,10 @@ once to the model's dtype. In float32 the logits equal the LoRA path's within 1e
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Iterator, Optional
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 
 def _mergeable(layer) -> bool:
