@@ -120,6 +120,10 @@ class NREMConfig(_Anchored):
     teacher_samples: int = Field(4, ge=0, description="teacher samples per prompt, drawn in one batched pass "
                                                       "before the first step and reused (the teacher is frozen "
                                                       "and its context fixed); 0 = sample the teacher every step")
+    sample_ahead: int = Field(1, ge=1, description="optimizer steps whose sequences are drawn in one sampler call "
+                                                   "(1: every step samples the student as it is; k: the student's "
+                                                   "samples are up to k - 1 steps old, and LTI's importance ratio "
+                                                   "uses the log-probs of the student that drew them)")
     fused_loss: bool = Field(True, description="losses from hidden states at the scored positions, the LM head "
                                                "and the loss fused a chunk at a time; false: full logits")
     decode: Literal["auto", "own", "graph"] = Field(

@@ -336,6 +336,8 @@ NREM_MODES = {
     "alpha1_graphs": _GRAPHS,
     "alpha1_fast": _FAST,                  # + compiled loss, merged sampling, repeated calls' guards skipped
     "alpha1_fast_math": _FAST + ["nrem.attention=math"],    # + attention from its math form, compiled in the blocks
+    "alpha1_ahead4": ["nrem.alpha=1.0", "nrem.sample_ahead=4"],   # four steps' samples from one sampler call
+    "alpha1_fast_ahead4": _FAST + ["nrem.sample_ahead=4"],
     "lti": ["nrem.alpha=0.5", "nrem.judge=exact"],
     "anchor": ["nrem.alpha=1.0", "nrem.anchor_weight=1.0", "nrem.anchor_batch=8"],
 }
@@ -379,19 +381,14 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
             ph.wrap(nrem_forward.Scorer, "anchor_kl", "anchor"), ph.wrap(nrem, "lti_reward", "reward"),
             ph.wrap(torch.Tensor, "backward", "backward"), ph.wrap(torch.optim.AdamW, "step", "optimizer")]
     loss_tokens = []
-    orig_draw = nrem._draw_samples
-
-    def counted(*a, **k):
-        ys, lti = orig_draw(*a, **k)
-        loss_tokens.append(sum(len(y) for y in ys))
-        return ys, lti
-    nrem._draw_samples = counted
     try:
         trainer = nrem.NREMTrainer(bank, tok, prompts, ncfg, seed=0, sampler=sampler,
                                    anchor_texts=anchor_texts(cfg) if ncfg.anchor_weight > 0 else None,
                                    hooks=hooks)
         pool_s = ph.acc.get("teacher_pool", 0.0)
         steps, phases = [], []
+        k = ncfg.sample_ahead
+        warm, iters = -(-warm // k) * k, -(-iters // k) * k    # whole groups of k steps
         for i in range(warm + iters):
             if i == warm:
                 reset_peak(device)
@@ -401,6 +398,7 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
             rec = trainer.step()
             trainer.hooks.after_step(i + 1, rec, trainer.params, trainer.opt)
             sync(device)
+            loss_tokens.append(rec["loss_tokens"])
             if i >= warm:
                 steps.append(time.perf_counter() - t)
                 phases.append(dict(ph.acc))
@@ -413,17 +411,19 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
                     trainer.step()
                 sync(device)
     finally:
-        nrem._draw_samples = orig_draw
         sampler.remove()
         for u in undo:
             u()
-    step = statistics.median(steps)
-    per = {k: statistics.median(p.get(k, 0.0) for p in phases) for k in set().union(*phases)}
+    # with nrem.sample_ahead k, one step in k samples for all k: the mean over whole groups
+    avg = statistics.median if ncfg.sample_ahead == 1 else statistics.fmean
+    step = avg(steps)
+    per = {k: avg(p.get(k, 0.0) for p in phases) for k in set().union(*phases)}
     sampling = per.get("sampling", 0.0) + pool_s / ncfg.steps
-    toks = statistics.median(loss_tokens[warm:])
+    toks = avg(loss_tokens[warm:])
     with torch.no_grad():
         switch_ms = _switch_ms(bank, device)
-    out = {"mode": mode, "B": B, "new_tokens": new_tokens, "step_s": step + pool_s / ncfg.steps,
+    out = {"mode": mode, "B": B, "new_tokens": new_tokens, "sample_ahead": ncfg.sample_ahead,
+           "step_s": step + pool_s / ncfg.steps,
            "step_s_all": steps, "rank": trainer.hooks.rank, "world": trainer.hooks.world,
            "rows": trainer.per_rank, "threads": torch.get_num_threads(),
            "loss_tokens": toks, "nrem_tok_s": toks / (step + pool_s / ncfg.steps),

@@ -17,7 +17,9 @@ before the first step (``nrem.teacher_samples``); every student sequence of the 
 GKD's samples and LTI's completions -- comes from one sampler call, and goes through one
 forward pass; the teacher reads each episode's context once per run (``nrem.reuse_context_kv``);
 the LM head and the losses are fused a chunk of positions at a time (``nrem.fused_loss``,
-``sleepray.nrem_forward``).
+``sleepray.nrem_forward``). With ``nrem.sample_ahead`` k > 1 the sequences of k steps come
+from one sampler call (a larger batch decodes in about the time of a small one), the
+student's up to k - 1 optimizer steps old.
 """
 from __future__ import annotations
 
@@ -117,18 +119,30 @@ def _lti_loss(scorer: Scorer, s_states, lti, ncfg, judge, batch_size: int, tok):
     return loss, rewards.mean().item()
 
 
+def _split_draws(ys: list, lti: tuple, rows: int, group: int) -> list[tuple[list, tuple]]:
+    """One draw of ``_draw_samples`` over several steps' rows, cut back into each step's
+    ``(ys, lti)`` (``rows`` GKD rows and ``rows * group`` LTI completions a step)."""
+    out = []
+    for a in range(0, len(ys), rows):
+        b = a // rows * rows * group
+        out.append((ys[a: a + rows], tuple(part[b: b + rows * group] for part in lti)))
+    return out
+
+
 def nrem_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Random, sampler,
-              judge=None, anchor: AnchorBatch | None = None, scorer: Scorer | None = None
-              ) -> tuple[torch.Tensor, dict]:
+              judge=None, anchor: AnchorBatch | None = None, scorer: Scorer | None = None,
+              drawn: tuple | None = None) -> tuple[torch.Tensor, dict]:
     """The NREM objective on one batch: alpha * D - (1 - alpha) * PG surrogate (or D alone),
     plus the KL(frozen || student) anchor: drift control on unrelated text and rehearsal of
     older episodes' dreams (``sleepray.anchor``).
 
     D: generalized JSD between the student (no context) and the teacher (context) on the
-    GKD sequences. The student's rows, GKD's and LTI's, go through ONE forward pass."""
+    GKD sequences. The student's rows, GKD's and LTI's, go through ONE forward pass.
+    ``drawn``: the batch's sequences drawn ahead (``_draw_samples``'s ``(ys, lti)``); by
+    default they are drawn now."""
     scorer = scorer or Scorer(bank, tok, ncfg)
     use_lti = ncfg.use_lti and ncfg.alpha < 1.0
-    ys, lti = _draw_samples(batch, ncfg, rng, sampler, use_lti, tok)
+    ys, lti = drawn or _draw_samples(batch, ncfg, rng, sampler, use_lti, tok)
     lti_prompts, prefixes, comps = lti[:3]
     rows = [scorer.ids(p.prompt) for p in batch] + [scorer.ids(p.prompt) + pre
                                                      for p, pre in zip(lti_prompts, prefixes)]
@@ -137,7 +151,7 @@ def nrem_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Ran
     t = scorer.teacher([p.episode_id for p in batch], [scorer.ids(p.teacher_prompt) for p in batch], ys)
     div = scorer.jsd(s_all[:n_gkd], t, ncfg.beta)
     loss = ncfg.alpha * div if use_lti else div
-    rec = {"divergence": div.item()}
+    rec = {"divergence": div.item(), "loss_tokens": n_gkd}
     if use_lti:
         pg, reward = _lti_loss(scorer, s_all[n_gkd:], lti, ncfg, judge, len(batch), tok)
         loss = loss + (1 - ncfg.alpha) * pg
@@ -253,13 +267,46 @@ class NREMTrainer:
         self.sampler = sampler
         self.per_rank = max(1, ncfg.batch_size // hooks.world)
         self.scorer = Scorer(bank, tok, ncfg, contexts=_by_episode(prompts), rows=self.per_rank)
+        self._ahead: list[tuple[list, tuple]] = []    # (batch, drawn) of the next steps (nrem.sample_ahead)
+
+    def _draw_ahead(self, batches: list[list[ConsolidationPrompt]]) -> None:
+        """The sequences of ``len(batches)`` steps from ONE sampler call (``nrem.sample_ahead``).
+        The student's samples of the later steps are then up to ``k - 1`` optimizer steps old,
+        so LTI's importance ratio takes the log-probs of the student that drew them: the
+        sampler's, or, where it gives none (the learner's own model), scored now."""
+        use_lti = self.ncfg.use_lti and self.ncfg.alpha < 1.0
+        flat = [p for b in batches for p in b]
+        ys, lti = _draw_samples(flat, self.ncfg, self.rng, self.sampler, use_lti, self.tok)
+        if use_lti and lti[2]:
+            lti = lti[:3] + (self._drawn_logprobs(lti),) + lti[4:]
+        group = self.ncfg.lti_group_size if use_lti else 0
+        self._ahead = [(b, d) for b, d in zip(batches, _split_draws(ys, lti, self.per_rank, group))]
+
+    @torch.no_grad()
+    def _drawn_logprobs(self, lti: tuple) -> list:
+        """Each LTI completion's token log-probs under the student now, where the sampler gave none."""
+        prompts, prefixes, comps, old = lti[:4]
+        if old and all(o is not None for o in old):
+            return old
+        rows = [self.scorer.ids(p.prompt) + pre for p, pre in zip(prompts, prefixes)]
+        lp = self.scorer.token_logprobs(self.scorer.student(rows, comps), comps)
+        mine = [part.tolist() for part in torch.split(lp.float(), [len(c) for c in comps])]
+        return [o if o is not None else m for o, m in zip(old or [None] * len(comps), mine)]
 
     def step(self) -> dict:
         """One optimizer step on a fresh batch; its metrics."""
-        batch = [self.rng.choice(self.prompts) for _ in range(self.per_rank)]
+        k = self.ncfg.sample_ahead
+        batches = [] if self._ahead else [[self.rng.choice(self.prompts) for _ in range(self.per_rank)]
+                                          for _ in range(k)]
         anchor = anchor_batch(self.ncfg, self.anchor_texts, self.replay_texts, self.rng)
+        if k == 1:
+            batch, drawn = batches[0], None
+        else:
+            if not self._ahead:
+                self._draw_ahead(batches)
+            batch, drawn = self._ahead.pop(0)
         loss, rec = nrem_loss(self.bank, self.tok, batch, self.ncfg, self.rng, self.sampler, self.judge,
-                              anchor=anchor, scorer=self.scorer)
+                              anchor=anchor, scorer=self.scorer, drawn=drawn)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.hooks.allreduce(self.params)

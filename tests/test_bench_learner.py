@@ -42,6 +42,21 @@ def test_the_learner_benchmark_profiles_the_nrem_step_by_phase(tmp_path, seed_te
     assert any("linear" in k or "mm" in k for k in student["top_host_ms"]), student["top_host_ms"]
 
 
+def test_the_learner_benchmark_keeps_sample_ahead_apart_from_the_on_policy_headline(tmp_path, seed_test_model):
+    """A sample-ahead mode (four steps' samples from one call) is timed over whole groups of four
+    steps and reported beside the headline, which stays the every-step-on-policy figure."""
+    out = tmp_path / "bench_learner_ahead.json"
+    assert main(["--shapes", "tiny", "--batches", "4", "--new-tokens", "6", "--warm", "1", "--iters", "1",
+                 "--device", "cpu", "--modes", "alpha1,alpha1_ahead4", "--only-nrem", "--out", str(out)]) == 0
+    [rec] = json.loads(out.read_text())
+    modes = {n["mode"]: n for n in rec["nrem"]}
+    assert rec["nrem_mode"] == "alpha1" and rec["nrem_tok_s"] == modes["alpha1"]["nrem_tok_s"]
+    ahead = modes["alpha1_ahead4"]
+    assert rec["nrem_ahead_mode"] == "alpha1_ahead4" and rec["nrem_ahead_k"] == 4 == ahead["sample_ahead"]
+    assert len(ahead["step_s_all"]) == 4 and len(modes["alpha1"]["step_s_all"]) == 1
+    assert rec["nrem_tok_s_ahead"] == ahead["nrem_tok_s"] > 0 and ahead["phases_s"]["sampling"] > 0
+
+
 def test_the_learner_benchmark_runs_the_nrem_step_on_ray_train(ray_client, tmp_path, seed_test_model):
     """The Ray Train path (one CPU worker, gloo) on a real local Ray: the same step as in process
     (same seeds, same rows: the same loss tokens and divergence), its tok/s beside the in-process one."""

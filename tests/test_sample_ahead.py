@@ -1,0 +1,97 @@
+"""``nrem.sample_ahead``: the sequences of k NREM steps from one sampler call."""
+import random
+
+import torch
+
+from sleepray import nrem
+from sleepray.config import load_config
+from sleepray.experts import ExpertBank
+from sleepray.models import load_model
+from sleepray.nrem_samplers import LocalSampler
+from sleepray.prompts import consolidation_prompts
+from sleepray.world import World
+
+QUICK = ["world.people_per_episode=1", "world.orgs_per_episode=0", "world.places_per_episode=0",
+         "world.phrasings_per_fact=1", "nrem.judge=exact", "nrem.batch_size=2", "nrem.max_new_tokens=6",
+         "nrem.lti_group_size=2", "nrem.alpha=0.5", "nrem.lam=1.0", "nrem.teacher_samples=2", "nrem.lr=0.05"]
+
+
+def test_one_draw_is_cut_back_into_each_steps_rows():
+    ys = [[i] for i in range(6)]                                   # 3 steps x 2 rows
+    lti = tuple([f"{name}{j}" for j in range(12)] for name in "ABCDE")   # x 2 completions a row
+    parts = nrem._split_draws(ys, lti, rows=2, group=2)
+    assert [y for y, _ in parts] == [[[0], [1]], [[2], [3]], [[4], [5]]]
+    assert [d[2] for _, d in parts] == [["C0", "C1", "C2", "C3"], ["C4", "C5", "C6", "C7"],
+                                       ["C8", "C9", "C10", "C11"]]
+    no_lti = nrem._split_draws(ys, ([],) * 5, rows=2, group=0)
+    assert [d for _, d in no_lti] == [([],) * 5] * 3
+
+
+class _Recording:
+    """The learner's own sampler, each student call's size recorded."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def teacher(self, prompts):
+        return self.inner.teacher(prompts)
+
+    def student(self, prompts):
+        return self.inner.student(prompts)
+
+    def complete(self, prompts, prefixes):
+        self.calls.append(len(prompts))
+        return self.inner.complete(prompts, prefixes)
+
+
+def _trainer(seed_test_model, k: int):
+    torch.manual_seed(0)
+    cfg = load_config(None, QUICK + [f"nrem.sample_ahead={k}"])
+    model, tok = load_model(str(seed_test_model))
+    bank = ExpertBank(model, cfg.experts)
+    bank.open_new_expert()
+    prompts = consolidation_prompts(World(10_000_777, 1, 0, 0, 1).episode(0), 8, random.Random(1))
+    sampler = _Recording(LocalSampler(bank, tok, cfg.nrem.max_new_tokens, cfg.nrem.temperature))
+    return nrem.NREMTrainer(bank, tok, prompts, cfg.nrem, seed=0, sampler=sampler), sampler
+
+
+def test_k_steps_sample_once_and_later_steps_use_the_drawing_students_logprobs(seed_test_model):
+    """With k=3, six steps make two sampler calls of three steps' student rows each. A step's
+    LTI completions carry the log-probs of the student that drew them: the first step of a draw
+    scores them as it is, and the later ones (after optimizer steps) differ from the student
+    now -- the importance ratio sees the staleness."""
+    trainer, sampler = _trainer(seed_test_model, 3)
+    rows, group = trainer.per_rank, trainer.ncfg.lti_group_size
+    seen = []
+    orig = nrem.nrem_loss
+
+    def spy(*a, drawn=None, **k):
+        if drawn is not None:
+            batch = a[2]
+            _, prefixes, comps, old, _ = drawn[1]
+            sc = trainer.scorer
+            with torch.no_grad():
+                rows_ = [sc.ids(p.prompt) + pre for p, pre in zip([p for p in batch for _ in range(group)], prefixes)]
+                now = sc.token_logprobs(sc.student(rows_, comps), comps).float()
+            drew = torch.tensor([x for o in old for x in o])
+            seen.append((drawn, (drew - now).abs().max().item()))
+        return orig(*a, drawn=drawn, **k)
+    nrem.nrem_loss = spy
+    try:
+        recs = [trainer.step() for _ in range(6)]
+    finally:
+        nrem.nrem_loss = orig
+    assert sampler.calls == [3 * rows * (1 + group)] * 2     # GKD's rows and LTI's completions, 3 steps a call
+    assert len(seen) == 6 and all(len(d[0]) == rows and len(d[1][2]) == rows * group for d, _ in seen)
+    gaps = [g for _, g in seen]
+    assert gaps[0] < 1e-4 and gaps[3] < 1e-4, gaps              # drawn by the student as it is
+    assert min(gaps[1], gaps[2], gaps[4], gaps[5]) > 1e-3, gaps  # drawn by the student of earlier steps
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+
+
+def test_k_one_samples_every_step(seed_test_model):
+    trainer, sampler = _trainer(seed_test_model, 1)
+    for _ in range(3):
+        trainer.step()
+    assert sampler.calls == [trainer.per_rank * (1 + trainer.ncfg.lti_group_size)] * 3
+    assert trainer._ahead == []
