@@ -76,17 +76,28 @@ class CompiledBlocks:
     (``backend``: torch.compile's, "inductor" by default; "aot_eager" traces without generating
     kernels). ``fast_guards``: blocks after the second skip the guards that do not tell graphs
     apart (:func:`repeat_call`); the first has an input without gradient, the second checks
-    every guard, and the rest repeat it."""
+    every guard, and the rest repeat it. ``graphs``: each block's forward and backward replayed
+    from CUDA graphs (inductor's "reduce-overhead": PyTorch's CUDA graph trees record one graph
+    per block, shape and gradient mode; a step begins with :func:`begin_step`)."""
 
-    def __init__(self, model: nn.Module, backend: str = "inductor", fast_guards: bool = False):
+    def __init__(self, model: nn.Module, backend: str = "inductor", fast_guards: bool = False,
+                 graphs: bool = False):
         self.targets, self.backend, self.fast_guards = list(decoder_layers(model)), backend, fast_guards
+        self.graphs = graphs
         allow_recompiles()
+        mode = {"mode": "reduce-overhead"} if graphs else {}
         # the block's own forward: its graphs do not crowd the cache of nn.Module's call
-        self.compiled = [torch.compile(m.forward, backend=backend) for m in self.targets]
+        self.compiled = [torch.compile(m.forward, backend=backend, **mode) for m in self.targets]
         if fast_guards:
             self.compiled = self.compiled[:2] + [repeat_call(c) for c in self.compiled[2:]]
         self._depth = 0
-        log.info("NREM: %d decoder blocks compiled (%s)", len(self.targets), backend)
+        log.info("NREM: %d decoder blocks compiled (%s%s)", len(self.targets), backend,
+                 ", CUDA graphs" if graphs else "")
+
+    def begin_step(self) -> None:
+        """A new training step: the CUDA graphs' outputs of the last one may be overwritten."""
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
 
     @contextlib.contextmanager
     def on(self) -> Iterator[None]:

@@ -160,11 +160,20 @@ class NREMConfig(_Anchored):
                            "(its softmaxes and elementwise passes fused into a few kernels); auto: on a GPU")
     compile_backend: str = Field("inductor", description="torch.compile backend of compile_blocks ('aot_eager': "
                                                          "traced, no generated kernels)")
+    block_graphs: Union[bool, Literal["auto"]] = Field(
+        False, description="the compiled blocks' forward and backward replayed from CUDA graphs (torch.compile "
+                           "'reduce-overhead': one recorded graph per block, padded length and gradient mode), for "
+                           "passes whose time is the host launching kernels (the student's at batch 16); needs "
+                           "compile_blocks and the inductor backend; auto: on a GPU")
+    block_graph_pad: int = Field(64, ge=1, description="with block_graphs, the student's and the anchor's rows padded "
+                                                       "to a multiple of this many tokens (fewer lengths, fewer graphs)")
 
     @model_validator(mode="after")
     def _prefix_range(self):
         if self.prefix_min_frac >= self.prefix_max_frac:
             raise ValueError("prefix_min_frac must be < prefix_max_frac")
+        if self.block_graphs is True and (self.compile_blocks is False or self.compile_backend != "inductor"):
+            raise ValueError("nrem.block_graphs needs nrem.compile_blocks and nrem.compile_backend=inductor")
         return self
 
 

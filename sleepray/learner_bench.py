@@ -203,8 +203,9 @@ def liger_available(device: torch.device) -> bool:
         return False
 
 
-def apply_liger(model) -> bool:
-    """liger-kernel's fused RMSNorm and RoPE on a Qwen3/Llama model (in place); False if not applied."""
+def apply_liger(model, swiglu: bool = False) -> bool:
+    """liger-kernel's fused RMSNorm and RoPE (and SwiGLU MLP) on a Qwen3/Llama model (in place);
+    False if not applied."""
     try:
         from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_qwen3
     except ImportError:
@@ -212,7 +213,7 @@ def apply_liger(model) -> bool:
     fn = {"qwen3": apply_liger_kernel_to_qwen3, "llama": apply_liger_kernel_to_llama}.get(model.config.model_type)
     if fn is None:
         return False
-    fn(model=model, cross_entropy=False, fused_linear_cross_entropy=False, rms_norm=True, swiglu=False, rope=True)
+    fn(model=model, cross_entropy=False, fused_linear_cross_entropy=False, rms_norm=True, swiglu=swiglu, rope=True)
     return True
 
 
@@ -223,6 +224,7 @@ class BareVariant:
     liger: bool         # liger RMSNorm + RoPE
     loss: str           # "hf" (the model's loss on full logits) | "chunked" (head + CE a chunk at a time)
     compile: bool = False
+    swiglu: bool = False   # liger's SwiGLU MLP (the gate's SiLU and the product in one kernel)
 
 
 BARE_VARIANTS = {
@@ -230,6 +232,7 @@ BARE_VARIANTS = {
     "tuned": BareVariant("tuned", True, True, "liger"),
     "tuned_chunked": BareVariant("tuned_chunked", True, True, "chunked"),
     "tuned_compile": BareVariant("tuned_compile", True, True, "liger", compile=True),
+    "tuned_swiglu": BareVariant("tuned_swiglu", True, True, "liger", swiglu=True),
 }
 
 
@@ -238,7 +241,7 @@ def bench_bare(make_model: Callable, variant: BareVariant, B: int, S: int, devic
     from peft import LoraConfig, get_peft_model
     model = make_model()
     N = matmul_params(model)
-    liger = variant.liger and liger_available(device) and apply_liger(model)
+    liger = variant.liger and liger_available(device) and apply_liger(model, variant.swiglu)
     pm = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, bias="none",
                                           target_modules=["gate_proj", "up_proj", "down_proj"]),
                         autocast_adapter_dtype=not variant.lora_bf16)
@@ -281,7 +284,7 @@ def bench_bare(make_model: Callable, variant: BareVariant, B: int, S: int, devic
     peak, _ = device_peaks(device)
     tokens = B * S
     out = {"variant": variant.name, "lora_bf16": variant.lora_bf16, "liger": bool(liger), "loss": loss_kind,
-           "compile": variant.compile, "B": B, "S": S, "step_s": step, "tok_s": tokens / step,
+           "compile": variant.compile, "swiglu": variant.swiglu and bool(liger), "B": B, "S": S, "step_s": step, "tok_s": tokens / step,
            "mfu_6n": 6 * N * tokens / step / peak if peak else None, "peak_gib": peak_bytes(device) / 2**30,
            "N": N}
     del pm, model, opt, params, batches, loss
@@ -336,8 +339,13 @@ NREM_MODES = {
     "alpha1_graphs": _GRAPHS,
     "alpha1_fast": _FAST,                  # + compiled loss, merged sampling, repeated calls' guards skipped
     "alpha1_fast_math": _FAST + ["nrem.attention=math"],    # + attention from its math form, compiled in the blocks
+    "alpha1_fast_graphs": _FAST + ["nrem.block_graphs=true"],       # + the blocks' passes from CUDA graphs
+    "alpha1_fast_math_graphs": _FAST + ["nrem.attention=math", "nrem.block_graphs=true"],
     "alpha1_ahead4": ["nrem.alpha=1.0", "nrem.sample_ahead=4"],   # four steps' samples from one sampler call
     "alpha1_fast_ahead4": _FAST + ["nrem.sample_ahead=4"],
+    "alpha1_fast_graphs_ahead4": _FAST + ["nrem.block_graphs=true", "nrem.sample_ahead=4"],
+    "alpha1_fast_math_graphs_ahead4": _FAST + ["nrem.attention=math", "nrem.block_graphs=true",
+                                               "nrem.sample_ahead=4"],
     "lti": ["nrem.alpha=0.5", "nrem.judge=exact"],
     "anchor": ["nrem.alpha=1.0", "nrem.anchor_weight=1.0", "nrem.anchor_batch=8"],
 }

@@ -84,8 +84,10 @@ def _reproduces(model, backbone, head) -> bool:
     return bool(torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()) + 1e-5))
 
 
-def _right_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(len(r) for r in rows)
+def _right_padded(rows: list[list[int]], pad_id: int, device, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, n] ids and attention mask of ``rows``, right-padded to ``n``: the longest row's length
+    rounded up to a ``multiple``."""
+    n = -(-max(len(r) for r in rows) // multiple) * multiple
     ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
     attn = torch.zeros((len(rows), n), dtype=torch.long)
     for i, r in enumerate(rows):
@@ -104,16 +106,18 @@ def _gather(hidden: torch.Tensor, starts: list[int], lens: list[int]) -> torch.T
 
 
 def span_hidden(model, rows: list[list[int]], starts: list[int], lens: list[int], pad_id: int,
-                prefix: Optional["PrefixKV"] = None) -> torch.Tensor:
+                prefix: Optional["PrefixKV"] = None, multiple: int = 1) -> torch.Tensor:
     """Final hidden states predicting ``row[start : start + len]`` for every row, stacked [N, H].
 
     ``prefix``: rows continue ``prefix.ids`` (not included in ``rows``); its cached keys and
-    values stand in for it, and ``starts`` count from the row's first own token (>= 1)."""
+    values stand in for it, and ``starts`` count from the row's first own token (>= 1).
+    ``multiple``: rows right-padded to a multiple of this length (padding after a row changes
+    none of its states)."""
     if any(s < 1 for s, n in zip(starts, lens) if n):
         raise ValueError("a span must start after the row's first token")
     backbone, head = lm_parts(model)
     device = head.weight.device
-    ids, attn = _right_padded(rows, pad_id, device)
+    ids, attn = _right_padded(rows, pad_id, device, multiple)
     if prefix is None:
         hidden = backbone(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
     else:

@@ -305,9 +305,10 @@ class NREMTrainer:
             if not self._ahead:
                 self._draw_ahead(batches)
             batch, drawn = self._ahead.pop(0)
+        self.opt.zero_grad(set_to_none=True)    # before the passes: no gradient held into the next graphs
+        self.scorer.begin_step()
         loss, rec = nrem_loss(self.bank, self.tok, batch, self.ncfg, self.rng, self.sampler, self.judge,
                               anchor=anchor, scorer=self.scorer, drawn=drawn)
-        self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.hooks.allreduce(self.params)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)

@@ -69,11 +69,18 @@ class Scorer:
     # ------------------------------------------------------------------ states
     def _states(self, model, rows, starts, lens, prefix=None) -> torch.Tensor:
         """[N, H] hidden states (fused) or [N, V] logits (plain) predicting each row's span."""
-        with self.blocks.on() if self.blocks and prefix is None else contextlib.nullcontext(), self._attention():
+        compiled = self.blocks is not None and prefix is None
+        multiple = self.ncfg.block_graph_pad if compiled and self.blocks.graphs else 1   # few lengths, few graphs
+        with self.blocks.on() if compiled else contextlib.nullcontext(), self._attention():
             if self.fused:
-                return span_hidden(model, rows, starts, lens, self.pad, prefix)
-            ids, attn = _right_padded(rows, self.pad, next(model.parameters()).device)
+                return span_hidden(model, rows, starts, lens, self.pad, prefix, multiple)
+            ids, attn = _right_padded(rows, self.pad, next(model.parameters()).device, multiple)
             return _gather(model(input_ids=ids, attention_mask=attn).logits, starts, lens)
+
+    def begin_step(self) -> None:
+        """A new optimizer step (the compiled blocks' CUDA graphs, where on, may reuse their memory)."""
+        if self.blocks is not None:
+            self.blocks.begin_step()
 
     def _attention(self):
         """The attention kernel ``nrem.attention`` asks for (its backward follows the forward's)."""
@@ -154,10 +161,10 @@ def compiled_blocks(model, ncfg) -> Optional[CompiledBlocks]:
     set per model and backend, so that its graphs are compiled once."""
     if not switched_on(ncfg.compile_blocks, model):
         return None
-    fast = switched_on(ncfg.fast_guards, model)
+    fast, graphs = switched_on(ncfg.fast_guards, model), switched_on(ncfg.block_graphs, model)
     blocks = _BLOCKS.get(model)
-    if blocks is None or (blocks.backend, blocks.fast_guards) != (ncfg.compile_backend, fast):
-        blocks = _BLOCKS[model] = CompiledBlocks(model, ncfg.compile_backend, fast)
+    if blocks is None or (blocks.backend, blocks.fast_guards, blocks.graphs) != (ncfg.compile_backend, fast, graphs):
+        blocks = _BLOCKS[model] = CompiledBlocks(model, ncfg.compile_backend, fast, graphs)
     return blocks
 
 

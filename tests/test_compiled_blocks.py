@@ -40,20 +40,25 @@ def test_compiled_blocks_give_the_plain_losses_and_gradients(qwen3):
     counters.clear()
     modes = {"plain": ["nrem.compile_blocks=false"], "compiled": ["nrem.compile_blocks=true"],
              # blocks after the second skip the guards that do not tell graphs apart (nrem.fast_guards)
-             "fast_guards": ["nrem.compile_blocks=true", "nrem.fast_guards=true"]}
+             "fast_guards": ["nrem.compile_blocks=true", "nrem.fast_guards=true"],
+             # "reduce-overhead" (CUDA graphs on a GPU; here the compiled blocks without them) and the
+             # rows padded to a multiple of 64 tokens
+             "graphs": ["nrem.compile_blocks=true", "nrem.block_graphs=true", "nrem.block_graph_pad=64"]}
     for mode, over in modes.items():
         cfg = load_config(None, [*over, "nrem.compile_backend=inductor", "experts.max_slots=3"])
         bank = moved_bank(qwen3, cfg)
         sc = Scorer(bank, tok, cfg.nrem, contexts=_by_episode(prompts))
         assert (sc.blocks is not None) is (mode != "plain") and sc.fused
-        for _ in range(2 if mode == "fast_guards" else 1):   # the second time from the graphs the first made
+        assert (sc.blocks is not None and sc.blocks.graphs) is (mode == "graphs")
+        for _ in range(1 if mode in ("plain", "compiled") else 2):   # the second time from the graphs the first made
+            sc.begin_step()
             out[mode] = losses_and_grads(sc, tok, prompts, ys)
             bank.model.zero_grad(set_to_none=True)
         if mode == "compiled":
             assert all(m._compiled_call_impl is None for m in sc.blocks.targets)   # off outside the passes
             graphs = counters["stats"]["unique_graphs"]
     d0, lp0, kl0, g0 = out["plain"]
-    for mode in ("compiled", "fast_guards"):
+    for mode in ("compiled", "fast_guards", "graphs"):
         d1, lp1, kl1, g1 = out[mode]
         assert d1 == pytest.approx(d0, rel=1e-4, abs=1e-6) and d0 > 0
         assert kl1 == pytest.approx(kl0, rel=1e-4, abs=1e-6) and kl0 > 0
@@ -63,6 +68,27 @@ def test_compiled_blocks_give_the_plain_losses_and_gradients(qwen3):
     # the compiled code ran, and the blocks share graphs: the student's (gradient) and the anchor's
     # teacher (none), a static and a dynamic shape each; a graph per block would double them
     assert 2 <= graphs <= 8, dict(counters["stats"])
+
+
+def test_block_graphs_need_the_inductor_compiled_blocks():
+    from sleepray.config import ConfigError
+    for over in (["nrem.block_graphs=true"], ["nrem.block_graphs=true", "nrem.compile_blocks=true",
+                                              "nrem.compile_backend=aot_eager"]):
+        with pytest.raises(ConfigError, match="block_graphs needs"):
+            load_config(None, over)
+    assert load_config(None, ["nrem.block_graphs=auto"]).nrem.block_graphs == "auto"
+
+
+def test_rows_padded_to_a_multiple_give_the_same_states(qwen3):
+    """Right padding after a row changes none of its states (what block_graph_pad relies on)."""
+    from sleepray.lm_forward import span_hidden
+    bank = moved_bank(qwen3, load_config(None, []))
+    rows, starts, lens = [[5, 6, 7, 8, 9], [5, 11, 12]], [2, 1], [3, 2]
+    with torch.no_grad():
+        a = span_hidden(bank.model, rows, starts, lens, 0)
+        b = span_hidden(bank.model, rows, starts, lens, 0, multiple=64)
+    assert a.shape == b.shape == (5, bank.model.config.hidden_size)
+    assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_repeat_call_checks_only_the_guards_that_tell_graphs_apart():

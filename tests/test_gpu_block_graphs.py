@@ -1,0 +1,55 @@
+"""nrem.block_graphs on a GPU: the compiled blocks' forward and backward replayed from CUDA graphs
+give the eager path's losses and gradients, pass after pass, with the expert's weights changed
+in place between passes (as the optimizer does), so a replay that read stale weights would fail.
+
+CUDA graphs need a GPU: CI has none, so this module is skipped there; the CPU tests run the same
+switch without graphs (tests/test_compiled_blocks.py). It was run on the lent H200 (the closing
+note of the learner issue gives the revision and the output).
+"""
+import random
+
+import pytest
+import torch
+
+from bank_helpers import losses_and_grads, moved_bank
+from sleepray.config import load_config
+from sleepray.models import load_model
+from sleepray.nrem import _by_episode
+from sleepray.nrem_forward import Scorer
+from sleepray.prompts import consolidation_prompts
+from sleepray.tiny_models import build_tiny_model
+from sleepray.world import World
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def test_block_graphs_replay_the_eager_losses_and_gradients_as_the_expert_moves(tmp_path):
+    path = str(build_tiny_model("qwen3", tmp_path / "m"))
+    tok = load_model(path)[1]
+    prompts = [p for e in World(3, 1, 0, 0, 1).episodes(2) for p in consolidation_prompts(e, 6, random.Random(0))]
+    ys = [tok.encode(f" answer {i}\n", add_special_tokens=False) for i in range(len(prompts))]
+    runs = {}
+    for mode, over in {"eager": ["nrem.compile_blocks=false"],
+                       "graphs": ["nrem.compile_blocks=true", "nrem.block_graphs=true", "nrem.fast_guards=true"]
+                       }.items():
+        cfg = load_config(None, [*over, "experts.max_slots=3"])
+        bank = moved_bank(path, cfg)
+        bank.model.to("cuda")
+        sc = Scorer(bank, tok, cfg.nrem, contexts=_by_episode(prompts))
+        assert (sc.blocks is not None and sc.blocks.graphs) is (mode == "graphs")
+        out = []
+        for i in range(4):        # warm-up, record, replay, replay
+            sc.begin_step()
+            bank.model.zero_grad(set_to_none=True)
+            out.append(losses_and_grads(sc, tok, prompts, ys))
+            with torch.no_grad():   # an optimizer step's in-place update, the same in both runs
+                for j, p in enumerate(bank.trainable_parameters()):
+                    p.add_(0.02 * torch.sin(torch.arange(p.numel(), device=p.device).view_as(p) + i + j))
+        runs[mode] = out
+    for i, ((d0, lp0, kl0, g0), (d1, lp1, kl1, g1)) in enumerate(zip(runs["eager"], runs["graphs"])):
+        assert d1 == pytest.approx(d0, rel=1e-3, abs=1e-5) and d0 > 0, i
+        assert kl1 == pytest.approx(kl0, rel=1e-3, abs=1e-5), i
+        assert torch.allclose(lp0, lp1, atol=1e-3), i
+        for a, b in zip(g0, g1):
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-2), i
+    assert runs["eager"][3][0] != pytest.approx(runs["eager"][0][0], rel=1e-6)   # the expert did move
