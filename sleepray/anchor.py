@@ -97,7 +97,8 @@ def anchor_batch(pcfg, anchor_texts: list[str] | None, replay_texts: list[str] |
 
 def anchor_loss(bank, tok, pcfg, batch: AnchorBatch | None, scorer=None) -> tuple[torch.Tensor | float, dict]:
     """``anchor_weight`` * KL on the unrelated texts + rehearsal weight * KL on the older
-    dreams, and the two KLs for the step's record (0 and {} without a batch)."""
+    dreams, and the two KLs for the step's record, as 0-d tensors (reading one waits for the
+    device); 0 and {} without a batch."""
     loss, rec = 0.0, {}
     if batch is None:
         return loss, rec
@@ -106,5 +107,5 @@ def anchor_loss(bank, tok, pcfg, batch: AnchorBatch | None, scorer=None) -> tupl
         if texts and weight > 0:
             kl = anchor_kl(bank, tok, texts, scorer)
             loss = loss + weight * kl
-            rec[key] = kl.item()
+            rec[key] = kl.detach()
     return loss, rec

@@ -36,10 +36,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return best
 
 
-def switched_on(switch, model: nn.Module) -> bool:
+def switched_on(switch, on) -> bool:
     """A learner speed switch (``nrem.compile_blocks`` and the like) that is true, or "auto" with
-    ``model`` on a GPU."""
-    return switch is True or (switch == "auto" and next(model.parameters()).is_cuda)
+    ``on`` (a model, or a tensor) on a GPU."""
+    where = on if isinstance(on, torch.Tensor) else next(on.parameters())
+    return switch is True or (switch == "auto" and where.is_cuda)
 
 
 def allow_recompiles(n: int = 32) -> None:

@@ -160,6 +160,9 @@ class NREMConfig(_Anchored):
                            "(its softmaxes and elementwise passes fused into a few kernels); auto: on a GPU")
     compile_backend: str = Field("inductor", description="torch.compile backend of compile_blocks ('aot_eager': "
                                                          "traced, no generated kernels)")
+    fused_optimizer: Union[bool, Literal["auto"]] = Field(
+        False, description="the open expert's AdamW as PyTorch's fused kernel (torch.optim.AdamW(fused=True)); "
+                           "auto: on a GPU")
     block_graphs: Union[bool, Literal["auto"]] = Field(
         False, description="the compiled blocks' forward and backward replayed from CUDA graphs (torch.compile "
                            "'reduce-overhead': one recorded graph per block, padded length and gradient mode), for "

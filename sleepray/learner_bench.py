@@ -332,7 +332,8 @@ def mask_above(model, n: int, flag: dict | None = None):
 
 _COMPILED = ["nrem.alpha=1.0", "nrem.compile_blocks=true"]                  # decoder blocks compiled
 _GRAPHS = _COMPILED + ["nrem.teacher_graph=true"]                           # + the teacher's CUDA graph
-_FAST = _GRAPHS + ["nrem.compile_loss=true", "nrem.merged_sampling=true", "nrem.fast_guards=true"]
+_FAST = _GRAPHS + ["nrem.compile_loss=true", "nrem.merged_sampling=true", "nrem.fast_guards=true",
+                   "nrem.fused_optimizer=true"]
 NREM_MODES = {
     "alpha1": ["nrem.alpha=1.0"],
     "alpha1_compiled": _COMPILED,
@@ -395,8 +396,8 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
                                    hooks=hooks)
         pool_s = ph.acc.get("teacher_pool", 0.0)
         steps, phases = [], []
-        k = ncfg.sample_ahead
-        warm, iters = -(-warm // k) * k, -(-iters // k) * k    # whole groups of k steps
+        k = ncfg.sample_ahead   # whole groups of k steps; with k > 1 at least two groups of warm-up (shapes)
+        warm, iters = -(-warm // k) * k if k == 1 else max(2 * k, -(-warm // k) * k), -(-iters // k) * k
         for i in range(warm + iters):
             if i == warm:
                 reset_peak(device)

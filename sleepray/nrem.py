@@ -139,7 +139,8 @@ def nrem_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Ran
     D: generalized JSD between the student (no context) and the teacher (context) on the
     GKD sequences. The student's rows, GKD's and LTI's, go through ONE forward pass.
     ``drawn``: the batch's sequences drawn ahead (``_draw_samples``'s ``(ys, lti)``); by
-    default they are drawn now."""
+    default they are drawn now. The record's losses are 0-d tensors (:func:`read_record` makes
+    them numbers): reading one waits for the device, so a step reads them after its update."""
     scorer = scorer or Scorer(bank, tok, ncfg)
     use_lti = ncfg.use_lti and ncfg.alpha < 1.0
     ys, lti = drawn or _draw_samples(batch, ncfg, rng, sampler, use_lti, tok)
@@ -151,7 +152,7 @@ def nrem_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Ran
     t = scorer.teacher([p.episode_id for p in batch], [scorer.ids(p.teacher_prompt) for p in batch], ys)
     div = scorer.jsd(s_all[:n_gkd], t, ncfg.beta)
     loss = ncfg.alpha * div if use_lti else div
-    rec = {"divergence": div.item(), "loss_tokens": n_gkd}
+    rec = {"divergence": div.detach(), "loss_tokens": n_gkd}
     if use_lti:
         pg, reward = _lti_loss(scorer, s_all[n_gkd:], lti, ncfg, judge, len(batch), tok)
         loss = loss + (1 - ncfg.alpha) * pg
@@ -159,8 +160,13 @@ def nrem_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Ran
     extra, anchor_rec = anchor_loss(bank, tok, ncfg, anchor, scorer=scorer)
     loss = loss + extra
     rec.update(anchor_rec)
-    rec["loss"] = loss.item()
+    rec["loss"] = loss.detach()
     return loss, rec
+
+
+def read_record(rec: dict) -> dict:
+    """``rec`` with its tensors read as numbers."""
+    return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in rec.items()}
 
 
 def divergence(bank, tok, prompts: list[ConsolidationPrompt], ys: list[list[int]], ncfg) -> torch.Tensor:
@@ -179,7 +185,11 @@ def _by_episode(prompts: list[ConsolidationPrompt]) -> dict[str, list[str]]:
 
 
 def make_optimizer(params, ncfg):
-    return torch.optim.AdamW(params, lr=ncfg.lr, weight_decay=0.0)
+    """AdamW over the open expert; ``nrem.fused_optimizer``: PyTorch's fused kernel (one launch for
+    every tensor instead of a few per group: the LoRA layers are hundreds of small tensors)."""
+    from sleepray.compiled_blocks import switched_on
+    fused = bool(params) and switched_on(ncfg.fused_optimizer, params[0])
+    return torch.optim.AdamW(params, lr=ncfg.lr, weight_decay=0.0, **({"fused": True} if fused else {}))
 
 
 class NREMHooks:
@@ -313,7 +323,7 @@ class NREMTrainer:
         self.hooks.allreduce(self.params)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
-        return rec
+        return read_record(rec)
 
 
 def run_nrem(bank, tok, prompts: list[ConsolidationPrompt], ncfg, seed: int = 0,

@@ -163,6 +163,8 @@ def decode_static(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: 
     "reduce-overhead"; the first calls of a shape record it). Draws as :func:`decode`."""
     B, n = ids.shape
     L = -(-(n + max_new_tokens) // 64) * 64
+    if graphs:   # a new run of PyTorch's CUDA graph trees (after a training pass's graphs, nrem.block_graphs,
+        torch.compiler.cudagraph_mark_step_begin()   # its steps would otherwise never leave their warm-up)
     cache = _static_cache(model, B, L)
     mask = attn.new_zeros((B, L))
     mask[:, :n] = attn

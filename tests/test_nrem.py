@@ -214,3 +214,23 @@ def test_nrem_rehearses_older_episodes_from_the_replay_buffer(tmp_path):
                 ["nrem.anchor_weight=1.0", "rem.replay=false"]):
         assert nrem_replay(load_config(None, off), store, [new]) == []
     assert anchor_batch(load_config(None, []).nrem, ["x"], replay, _random.Random(0)) is None
+
+
+def test_the_fused_optimizer_makes_the_plain_adamw_updates():
+    """nrem.fused_optimizer: PyTorch's fused AdamW moves the expert's tensors as the plain one does."""
+    from sleepray.nrem import make_optimizer
+    torch.manual_seed(0)
+    start = [torch.randn(8, 3), torch.randn(5)]
+    grads = [[torch.randn_like(t) for t in start] for _ in range(3)]
+    out = {}
+    for fused in (False, True):
+        params = [t.clone().requires_grad_(True) for t in start]
+        opt = make_optimizer(params, load_config(None, [f"nrem.fused_optimizer={str(fused).lower()}"]).nrem)
+        assert opt.defaults.get("fused") is (True if fused else None)
+        for g in grads:
+            for p, gi in zip(params, g):
+                p.grad = gi.clone()
+            opt.step()
+        out[fused] = [p.detach() for p in params]
+    for a, b, s in zip(out[False], out[True], start):
+        assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, s)
