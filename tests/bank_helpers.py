@@ -5,11 +5,11 @@ from sleepray.experts import ExpertBank
 from sleepray.models import load_model
 
 
-def moved_bank(path, cfg) -> ExpertBank:
+def moved_bank(path, cfg, dtype: str = "auto") -> ExpertBank:
     """A bank on the model at ``path`` with one frozen expert and an open one, both moved off zero
     (a fresh expert's B is 0: teacher and student would be equal and every gradient trivial)."""
     torch.manual_seed(0)
-    bank = ExpertBank(load_model(path)[0], cfg.experts)
+    bank = ExpertBank(load_model(path, dtype=dtype)[0], cfg.experts)
     frozen = bank.open_new_expert()
     with torch.no_grad():
         for p in bank.slot_parameters(frozen):

@@ -33,7 +33,7 @@ def test_block_graphs_replay_the_eager_losses_and_gradients_as_the_expert_moves(
                        "graphs": ["nrem.compile_blocks=true", "nrem.block_graphs=true", "nrem.fast_guards=true"]
                        }.items():
         cfg = load_config(None, [*over, "experts.max_slots=3"])
-        bank = moved_bank(path, cfg)
+        bank = moved_bank(path, cfg, dtype="float32")   # float32: differences are the graphs', not bf16's
         bank.model.to("cuda")
         sc = Scorer(bank, tok, cfg.nrem, contexts=_by_episode(prompts))
         assert (sc.blocks is not None and sc.blocks.graphs) is (mode == "graphs")
