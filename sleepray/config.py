@@ -92,6 +92,15 @@ class _Anchored(_Section):
                                                                       "None = anchor_weight")
 
 
+GpuSwitch = Union[bool, Literal["auto"]]
+
+
+def _gpu_switch(description: str):
+    """A learner speed switch: off by default, "auto" on where the model is on a GPU
+    (``sleepray.compiled_blocks.switched_on``); each has a test that it matches the plain path."""
+    return Field(False, description=description)
+
+
 class NREMConfig(_Anchored):
     """Knowledge Seeding: GKD + Learning to Imitate."""
     lam: float = Field(1.0, ge=0, le=1, description="lambda: fraction of student-sampled sequences")
@@ -132,42 +141,42 @@ class NREMConfig(_Anchored):
     loss_chunk: int = Field(512, ge=1, description="positions per chunk of the fused losses (peak memory ~ 6 x chunk x vocabulary x 4 bytes)")
     reuse_context_kv: bool = Field(True, description="the teacher's episode context is run once per NREM and its "
                                                      "keys/values reused by every teacher forward")
-    compile_blocks: Union[bool, Literal["auto"]] = Field(
-        False, description="torch.compile every decoder block (all blocks share the graphs) for the passes without a "
-                           "KV cache: the student's and the anchor's; auto: on a GPU")
-    teacher_graph: Union[bool, Literal["auto"]] = Field(
-        False, description="the teacher's pass after its episode's cached context replayed from a CUDA graph over "
-                           "a static KV cache holding the context for every row (needs reuse_context_kv and "
-                           "fused_loss); auto: on a GPU")
+    compile_blocks: GpuSwitch = _gpu_switch(
+        "torch.compile every decoder block (all blocks share the graphs) for the passes without a "
+        "KV cache: the student's and the anchor's; auto: on a GPU")
+    teacher_graph: GpuSwitch = _gpu_switch(
+        "the teacher's pass after its episode's cached context replayed from a CUDA graph over "
+        "a static KV cache holding the context for every row (needs reuse_context_kv and "
+        "fused_loss); auto: on a GPU")
     teacher_graph_tokens: int = Field(128, ge=1, description="a graphed teacher pass's own tokens per row (longer "
                                                              "rows run eager)")
-    merged_sampling: Union[bool, Literal["auto"]] = Field(
-        False, description="the learner samples with its active experts merged into a copy of the adapted weights "
-                           "and LoRA off (no skinny LoRA products in every decode step; costs one copy of those "
-                           "weights' memory); auto: on a GPU")
-    fast_guards: Union[bool, Literal["auto"]] = Field(
-        False, description="calls of compiled code that repeat the one before (decode steps after a sampling call's "
-                           "first, decoder blocks after the second) check only the guards that tell torch.compile's "
-                           "graphs apart (skip_guard_eval_unsafe); auto: on a GPU")
+    merged_sampling: GpuSwitch = _gpu_switch(
+        "the learner samples with its active experts merged into a copy of the adapted weights "
+        "and LoRA off (no skinny LoRA products in every decode step; costs one copy of those "
+        "weights' memory); auto: on a GPU")
+    fast_guards: GpuSwitch = _gpu_switch(
+        "calls of compiled code that repeat the one before (decode steps after a sampling call's "
+        "first, decoder blocks after the second) check only the guards that tell torch.compile's "
+        "graphs apart (skip_guard_eval_unsafe); auto: on a GPU")
     attention: Literal["auto", "cudnn", "efficient", "flash", "math"] = Field(
         "auto", description="PyTorch's scaled-dot-product attention kernel for the learner's passes (student, anchor, "
                             "the teacher's context and eager pass; not sampling or the teacher's graph); auto: PyTorch's choice "
                             "(cuDNN on a Hopper GPU, whose backward costs ~1 ms of host time a block); 'math' inside "
                             "compiled blocks is fused by inductor. 'flash' cannot take the padding mask of "
                             "right-padded rows, 'efficient' not grouped-query attention")
-    compile_loss: Union[bool, Literal["auto"]] = Field(
-        False, description="the fused JSD's loss and gradient on each chunk of logits compiled with torch.compile "
-                           "(its softmaxes and elementwise passes fused into a few kernels); auto: on a GPU")
+    compile_loss: GpuSwitch = _gpu_switch(
+        "the fused JSD's loss and gradient on each chunk of logits compiled with torch.compile "
+        "(its softmaxes and elementwise passes fused into a few kernels); auto: on a GPU")
     compile_backend: str = Field("inductor", description="torch.compile backend of compile_blocks ('aot_eager': "
                                                          "traced, no generated kernels)")
-    fused_optimizer: Union[bool, Literal["auto"]] = Field(
-        False, description="the open expert's AdamW as PyTorch's fused kernel (torch.optim.AdamW(fused=True)); "
-                           "auto: on a GPU")
-    block_graphs: Union[bool, Literal["auto"]] = Field(
-        False, description="the compiled blocks' forward and backward replayed from CUDA graphs (torch.compile "
-                           "'reduce-overhead': one recorded graph per block, padded length and gradient mode), for "
-                           "passes whose time is the host launching kernels (the student's at batch 16); needs "
-                           "compile_blocks and the inductor backend; auto: on a GPU")
+    fused_optimizer: GpuSwitch = _gpu_switch(
+        "the open expert's AdamW as PyTorch's fused kernel (torch.optim.AdamW(fused=True)); "
+        "auto: on a GPU")
+    block_graphs: GpuSwitch = _gpu_switch(
+        "the compiled blocks' forward and backward replayed from CUDA graphs (torch.compile "
+        "'reduce-overhead': one recorded graph per block, padded length and gradient mode), for "
+        "passes whose time is the host launching kernels (the student's at batch 16); needs "
+        "compile_blocks and the inductor backend; auto: on a GPU")
     block_graph_pad: int = Field(64, ge=1, description="with block_graphs, the student's and the anchor's rows padded "
                                                        "to a multiple of this many tokens (fewer lengths, fewer graphs)")
 

@@ -242,6 +242,9 @@ def bench_bare(make_model: Callable, variant: BareVariant, B: int, S: int, devic
     model = make_model()
     N = matmul_params(model)
     liger = variant.liger and liger_available(device) and apply_liger(model, variant.swiglu)
+    # liger patches transformers' classes process-wide: a variant built after tuned_swiglu has its MLP
+    # too, so the record says what the model has
+    swiglu = any(type(m).__name__ == "LigerSwiGLUMLP" for m in model.modules())
     pm = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, bias="none",
                                           target_modules=["gate_proj", "up_proj", "down_proj"]),
                         autocast_adapter_dtype=not variant.lora_bf16)
@@ -284,7 +287,7 @@ def bench_bare(make_model: Callable, variant: BareVariant, B: int, S: int, devic
     peak, _ = device_peaks(device)
     tokens = B * S
     out = {"variant": variant.name, "lora_bf16": variant.lora_bf16, "liger": bool(liger), "loss": loss_kind,
-           "compile": variant.compile, "swiglu": variant.swiglu and bool(liger), "B": B, "S": S, "step_s": step, "tok_s": tokens / step,
+           "compile": variant.compile, "swiglu": swiglu, "B": B, "S": S, "step_s": step, "tok_s": tokens / step,
            "mfu_6n": 6 * N * tokens / step / peak if peak else None, "peak_gib": peak_bytes(device) / 2**30,
            "N": N}
     del pm, model, opt, params, batches, loss
@@ -398,6 +401,7 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
         steps, phases = [], []
         k = ncfg.sample_ahead   # whole groups of k steps; with k > 1 at least two groups of warm-up (shapes)
         warm, iters = -(-warm // k) * k if k == 1 else max(2 * k, -(-warm // k) * k), -(-iters // k) * k
+        profile = -(-profile // k) * k
         for i in range(warm + iters):
             if i == warm:
                 reset_peak(device)
@@ -432,7 +436,8 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
     with torch.no_grad():
         switch_ms = _switch_ms(bank, device)
     out = {"mode": mode, "B": B, "new_tokens": new_tokens, "sample_ahead": ncfg.sample_ahead,
-           "step_s": step + pool_s / ncfg.steps,
+           "step_s": step + pool_s / ncfg.steps, "step_stat": avg.__name__,
+           "step_s_mean": statistics.fmean(steps) + pool_s / ncfg.steps,
            "step_s_all": steps, "rank": trainer.hooks.rank, "world": trainer.hooks.world,
            "rows": trainer.per_rank, "threads": torch.get_num_threads(),
            "loss_tokens": toks, "nrem_tok_s": toks / (step + pool_s / ncfg.steps),

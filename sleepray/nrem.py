@@ -264,6 +264,7 @@ class NREMTrainer:
         self.params = bank.trainable_parameters()
         self.opt = make_optimizer(self.params, ncfg)
         self.start = hooks.resume(self.params, self.opt)
+        self.done = self.start     # optimizer steps taken, a resumed run's included
         self.rng = random.Random(seed + 7919 * hooks.rank + self.start)
         torch.manual_seed(seed)
         if ncfg.use_lti and ncfg.alpha < 1.0 and judge is None:
@@ -305,11 +306,11 @@ class NREMTrainer:
 
     def step(self) -> dict:
         """One optimizer step on a fresh batch; its metrics."""
-        k = self.ncfg.sample_ahead
+        k = max(1, min(self.ncfg.sample_ahead, self.ncfg.steps - self.done))   # none drawn past the run's end
         batches = [] if self._ahead else [[self.rng.choice(self.prompts) for _ in range(self.per_rank)]
                                           for _ in range(k)]
         anchor = anchor_batch(self.ncfg, self.anchor_texts, self.replay_texts, self.rng)
-        if k == 1:
+        if self.ncfg.sample_ahead == 1:
             batch, drawn = batches[0], None
         else:
             if not self._ahead:
@@ -323,6 +324,7 @@ class NREMTrainer:
         self.hooks.allreduce(self.params)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
+        self.done += 1
         return read_record(rec)
 
 

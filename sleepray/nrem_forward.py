@@ -161,7 +161,8 @@ def compiled_blocks(model, ncfg) -> Optional[CompiledBlocks]:
     set per model and backend, so that its graphs are compiled once."""
     if not switched_on(ncfg.compile_blocks, model):
         return None
-    fast, graphs = switched_on(ncfg.fast_guards, model), switched_on(ncfg.block_graphs, model)
+    fast = switched_on(ncfg.fast_guards, model)
+    graphs = switched_on(ncfg.block_graphs, model) and ncfg.compile_backend == "inductor"
     blocks = _BLOCKS.get(model)
     if blocks is None or (blocks.backend, blocks.fast_guards, blocks.graphs) != (ncfg.compile_backend, fast, graphs):
         blocks = _BLOCKS[model] = CompiledBlocks(model, ncfg.compile_backend, fast, graphs)

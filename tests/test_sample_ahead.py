@@ -95,3 +95,13 @@ def test_k_one_samples_every_step(seed_test_model):
         trainer.step()
     assert sampler.calls == [trainer.per_rank * (1 + trainer.ncfg.lti_group_size)] * 3
     assert trainer._ahead == []
+
+
+def test_no_group_is_drawn_past_the_runs_end(seed_test_model):
+    """With 5 steps and k=3, the second draw is for the 2 steps left, not 3."""
+    trainer, sampler = _trainer(seed_test_model, 3)
+    trainer.ncfg = trainer.ncfg.model_copy(update={"steps": 5})
+    for _ in range(5):
+        trainer.step()
+    per_step = trainer.per_rank * (1 + trainer.ncfg.lti_group_size)
+    assert sampler.calls == [3 * per_step, 2 * per_step] and trainer._ahead == []
