@@ -4,6 +4,7 @@
         [--bare peft,tuned] [--modes alpha1,lti,anchor] [--device cuda] [--out FILE]
     python -m jobs.bench learner --cpu-default [--out docs/results/bench_learner_cpu.json]
     python -m jobs.bench learner --ray-workers 1,2 [--only-nrem] ...   (the NREM step on Ray Train too)
+    python -m jobs.bench learner --decode-loops graph_fast ...   (one decode loop: one compile, not three)
 
 Writes a JSON list of records, one per (shape, batch), with the fields the learner issue asks
 for (``bare_tok_s``, ``bare_mfu_6n``, ``nrem_tok_s``, ``nrem_tok_s_nosample``, ``switch_ms``,
@@ -72,7 +73,8 @@ def learner_records(args, save=lambda records: None) -> list[dict]:
         if not args.only_nrem:
             model = make()
             rec["loss_memory"] = _safe(lb.bench_loss_memory, model, device)
-            rec["decode"] = _safe(lb.bench_decode, _with_expert(model), tok, B, args.new_tokens, device)
+            rec["decode"] = _safe(lb.bench_decode, _with_expert(model), tok, B, args.new_tokens, device,
+                                  loops=tuple(args.decode_loops.split(",")))
             del model
             lb.free(device)
         records.append(_headline(rec))
@@ -232,6 +234,10 @@ def main(argv=None) -> int:
                          "takes at least this long a step; set before Ray starts")
     ap.add_argument("--only-nrem", action="store_true", help="the NREM step alone: no bare loop, loss memory "
                                                              "or decode measurement")
+    ap.add_argument("--decode-loops", default="own,graph,graph_fast",
+                    help="the decode benchmark's loops: own (eager), graph (CUDA graph), graph_fast (and the experts "
+                         "merged, repeated guards skipped; what the alpha1_fast modes sample with); the graphed ones "
+                         "only on a GPU, and each costs a compile")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="after the timed steps, this many more under torch.profiler: wall, kernel time, launches, "
                          "top kernels and host ops by phase, in each NREM record's 'profile'")
@@ -250,6 +256,12 @@ def main(argv=None) -> int:
     from sleepray.provenance import provenance
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    from sleepray.learner_bench import DECODE_LOOPS
+    loops = [x for x in args.decode_loops.split(",") if x]
+    if not loops or set(loops) - set(DECODE_LOOPS):
+        ap.error(f"--decode-loops: some of {','.join(DECODE_LOOPS)}; got {args.decode_loops!r}")
+    if not args.device.startswith("cuda") and "own" not in loops:
+        ap.error("--decode-loops: the graphed loops need a GPU; on a CPU ask for 'own'")
     # seeds: model initialisation, NREM's stream and the world (world.seed 0) are all 0
     meta = provenance(seeds=[0], world_seeds=[0], argv=sys.argv if argv is None else ["bench", "learner", *argv])
     if args.cpu_default:

@@ -486,11 +486,19 @@ def bench_loss_memory(model, device, rows: int = 256, tokens: int = 64, chunk: i
     return out
 
 
+DECODE_LOOPS = ("own", "graph", "graph_fast")
+
+
 @torch.no_grad()
-def bench_decode(bank, tok, B: int, new_tokens: int, device, prompt_tokens: int = 64, iters: int = 3) -> dict:
+def bench_decode(bank, tok, B: int, new_tokens: int, device, prompt_tokens: int = 64, iters: int = 3,
+                 loops: tuple[str, ...] = DECODE_LOOPS) -> dict:
     """ms per decode step of the learner's sampling loops on ``bank``'s student (prefill excluded):
-    eager, and on a GPU the CUDA-graph step, alone and with the experts merged and the repeated
-    steps' guards skipped (``nrem.merged_sampling``, ``nrem.fast_guards``); and the weight-read floor."""
+    eager ("own"), and on a GPU the CUDA-graph step, alone ("graph") and with the experts merged and
+    the repeated steps' guards skipped ("graph_fast": ``nrem.merged_sampling``, ``nrem.fast_guards``);
+    and the weight-read floor. ``loops``: which of them (the graphed ones only on a GPU)."""
+    unknown = set(loops) - set(DECODE_LOOPS)
+    if unknown or not loops:
+        raise ValueError(f"decode loops must be some of {', '.join(DECODE_LOOPS)}; got {', '.join(loops) or 'none'}")
     from sleepray.merged_sampling import MergedWeights
     from sleepray.sampling import decode, decode_static
     model = bank.model
@@ -503,8 +511,10 @@ def bench_decode(bank, tok, B: int, new_tokens: int, device, prompt_tokens: int 
     graph = functools.partial(decode_static, graphs=True)
     # graph_fast: what NREM's alpha1_fast mode samples with (experts merged, repeated steps' guards skipped)
     fast = functools.partial(decode_static, graphs=True, fast_guards=True)
-    loops = {"own": (decode, None), "graph": (graph, None), "graph_fast": (fast, MergedWeights(bank))} \
-        if device.type == "cuda" else {"own": (decode, None)}
+    every = {"own": (decode, None), "graph": (graph, None), "graph_fast": (fast, MergedWeights(bank))}
+    loops = {k: v for k, v in every.items() if k in loops and (device.type == "cuda" or k == "own")}
+    if not loops:
+        raise ValueError("the graphed decode loops need a GPU: ask for 'own' on a CPU")
     try:
         for name, (fn, merge) in loops.items():
             def run(n):
@@ -520,12 +530,16 @@ def bench_decode(bank, tok, B: int, new_tokens: int, device, prompt_tokens: int 
             full = statistics.median(run(new_tokens) for _ in range(iters))
             one = statistics.median(run(1) for _ in range(iters))   # the prefill and a first draw
             out[f"{name}_decode_ms"] = (full - one) / max(1, new_tokens - 1) * 1000
-        if "graph" in loops:                                  # the graphed step's logits vs eager
+        graphed = [k for k in ("graph", "graph_fast") if k in loops]
+        if graphed:                                           # the graphed step's near-greedy draws vs eager
+            fn, merge = loops[graphed[0]]
             torch.manual_seed(0)
             a = decode(model, ids, attn, 8, 1e-4, [], tok.pad_token_id)
             torch.manual_seed(0)
-            b = decode_static(model, ids, attn, 8, 1e-4, [], tok.pad_token_id, graphs=True)
+            with merge.on() if merge else contextlib.nullcontext():
+                b = fn(model, ids, attn, 8, 1e-4, [], tok.pad_token_id)
             out["graph_equal_greedy_frac"] = float((a == b).float().mean())
+            out["graph_equal_loop"] = graphed[0]
     finally:
         h.remove()
     _, bw = device_peaks(device)

@@ -42,6 +42,16 @@ def test_the_learner_benchmark_profiles_the_nrem_step_by_phase(tmp_path, seed_te
     assert any("linear" in k or "mm" in k for k in student["top_host_ms"]), student["top_host_ms"]
 
 
+def test_the_learner_benchmark_refuses_unknown_decode_loops_before_running(tmp_path, capsys):
+    import pytest
+    out = tmp_path / "never.json"
+    for loops in ("fast", "graph_fast"):       # unknown; a graphed loop on a CPU
+        with pytest.raises(SystemExit) as e:
+            main(["--shapes", "tiny", "--device", "cpu", "--decode-loops", loops, "--out", str(out)])
+        assert e.value.code == 2 and "--decode-loops" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_the_learner_benchmark_keeps_sample_ahead_apart_from_the_on_policy_headline(tmp_path, seed_test_model):
     """A sample-ahead mode (four steps' samples from one call) is timed over whole groups of four
     steps and reported beside the headline, which stays the every-step-on-policy figure."""
