@@ -217,6 +217,20 @@ class ExpertBank:
             layer._active_adapter = names
         self.model.base_model.active_adapter = names
 
+    @contextlib.contextmanager
+    def _switched(self, names: list[str]) -> Iterator[None]:
+        """Exactly ``names`` switched on inside (:meth:`_switch`), and on exit each layer's active
+        list as it was found (also inside another switch such as :meth:`teacher_mode`)."""
+        layers = self._lora_layers()
+        found = [layer._active_adapter for layer in layers], self.model.base_model.active_adapter
+        self._switch(names)
+        try:
+            yield
+        finally:
+            for layer, active in zip(layers, found[0]):
+                layer._active_adapter = active
+            self.model.base_model.active_adapter = found[1]
+
     def _apply(self, extra_active: Iterable[str] = ()) -> None:
         """Activate exactly the on-experts (+ extra); make only the training one trainable
         when the trainable expert changed since the last call."""

@@ -45,7 +45,6 @@ class MergedWeights:
     @contextlib.contextmanager
     def on(self) -> Iterator[None]:
         active = [list(layer.active_adapters) for layer in self.layers]
-        model_active = self.bank.model.base_model.active_adapter
         if self.bufs is None:
             self.bufs = [nn.Parameter(torch.empty_like(m.base_layer.weight), requires_grad=False)
                          for m in self.layers]
@@ -58,11 +57,9 @@ class MergedWeights:
                         buf.add_(layer.get_delta_weight(name).to(buf.dtype))
                 originals.append(layer.base_layer.weight)
                 layer.base_layer.weight = buf
-        self.bank._switch([])
         try:
-            yield
+            with self.bank._switched([]):
+                yield
         finally:
-            for layer, weight, names in zip(self.layers, originals, active):
+            for layer, weight in zip(self.layers, originals):
                 layer.base_layer.weight = weight
-                layer._active_adapter = names
-            self.bank.model.base_model.active_adapter = model_active
