@@ -180,6 +180,11 @@ class NREMConfig(_Anchored):
     block_graph_pad: int = Field(64, ge=1, description="with block_graphs, the student's and the anchor's rows padded "
                                                        "to a multiple of this many tokens (fewer lengths, fewer graphs)")
 
+    @property
+    def lti_on(self) -> bool:
+        """Whether Learning to Imitate's term is in the objective (``use_lti`` and alpha < 1)."""
+        return self.use_lti and self.alpha < 1.0
+
     @model_validator(mode="after")
     def _prefix_range(self):
         if self.prefix_min_frac >= self.prefix_max_frac:

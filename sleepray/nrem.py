@@ -142,7 +142,7 @@ def nrem_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Ran
     default they are drawn now. The record's losses are 0-d tensors (:func:`read_record` makes
     them numbers): reading one waits for the device, so a step reads them after its update."""
     scorer = scorer or Scorer(bank, tok, ncfg)
-    use_lti = ncfg.use_lti and ncfg.alpha < 1.0
+    use_lti = ncfg.lti_on
     ys, lti = drawn or _draw_samples(batch, ncfg, rng, sampler, use_lti, tok)
     lti_prompts, prefixes, comps = lti[:3]
     rows = [scorer.ids(p.prompt) for p in batch] + [scorer.ids(p.prompt) + pre
@@ -267,13 +267,13 @@ class NREMTrainer:
         self.done = self.start     # optimizer steps taken, a resumed run's included
         self.rng = random.Random(seed + 7919 * hooks.rank + self.start)
         torch.manual_seed(seed)
-        if ncfg.use_lti and ncfg.alpha < 1.0 and judge is None:
+        if ncfg.lti_on and judge is None:
             judge = make_judge(ncfg, bank, tok) if ncfg.gamma > 0 else None
         self.judge = judge
         sampler = sampler or hooks.make_sampler(bank, tok, ncfg, self.start) \
             or LocalSampler.for_nrem(bank, tok, ncfg)
         bank.model.eval()  # no dropout; the LoRA weights still train
-        if ncfg.teacher_samples and (ncfg.lam < 1 or (ncfg.use_lti and ncfg.alpha < 1)):
+        if ncfg.teacher_samples and (ncfg.lam < 1 or ncfg.lti_on):
             sampler = TeacherPool(sampler, [p.teacher_prompt for p in prompts], ncfg.teacher_samples, self.rng)
         self.sampler = sampler
         self.per_rank = max(1, ncfg.batch_size // hooks.world)
@@ -285,7 +285,7 @@ class NREMTrainer:
         The student's samples of the later steps are then up to ``k - 1`` optimizer steps old,
         so LTI's importance ratio takes the log-probs of the student that drew them: the
         sampler's, or, where it gives none (the learner's own model), scored now."""
-        use_lti = self.ncfg.use_lti and self.ncfg.alpha < 1.0
+        use_lti = self.ncfg.lti_on
         flat = [p for b in batches for p in b]
         ys, lti = _draw_samples(flat, self.ncfg, self.rng, self.sampler, use_lti, self.tok)
         if use_lti and lti[2]:
