@@ -74,7 +74,7 @@ def learner_records(args, save=lambda records: None) -> list[dict]:
             model = make()
             rec["loss_memory"] = _safe(lb.bench_loss_memory, model, device)
             rec["decode"] = _safe(lb.bench_decode, _with_expert(model), tok, B, args.new_tokens, device,
-                                  loops=tuple(args.decode_loops.split(",")))
+                                  loops=tuple(x for x in args.decode_loops.split(",") if x))
             del model
             lb.free(device)
         records.append(_headline(rec))
@@ -256,12 +256,11 @@ def main(argv=None) -> int:
     from sleepray.provenance import provenance
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    from sleepray.learner_bench import DECODE_LOOPS
-    loops = [x for x in args.decode_loops.split(",") if x]
-    if not loops or set(loops) - set(DECODE_LOOPS):
-        ap.error(f"--decode-loops: some of {','.join(DECODE_LOOPS)}; got {args.decode_loops!r}")
-    if not args.device.startswith("cuda") and "own" not in loops:
-        ap.error("--decode-loops: the graphed loops need a GPU; on a CPU ask for 'own'")
+    from sleepray.learner_bench import check_decode_loops
+    try:
+        check_decode_loops([x for x in args.decode_loops.split(",") if x], args.device.startswith("cuda"))
+    except ValueError as e:
+        ap.error(f"--decode-loops: {e}")
     # seeds: model initialisation, NREM's stream and the world (world.seed 0) are all 0
     meta = provenance(seeds=[0], world_seeds=[0], argv=sys.argv if argv is None else ["bench", "learner", *argv])
     if args.cpu_default:

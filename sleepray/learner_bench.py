@@ -489,6 +489,15 @@ def bench_loss_memory(model, device, rows: int = 256, tokens: int = 64, chunk: i
 DECODE_LOOPS = ("own", "graph", "graph_fast")
 
 
+def check_decode_loops(loops, cuda: bool) -> None:
+    """A clear ValueError unless ``loops`` are some of :data:`DECODE_LOOPS` that can run here (the
+    graphed ones only on a GPU)."""
+    if not loops or set(loops) - set(DECODE_LOOPS):
+        raise ValueError(f"decode loops must be some of {', '.join(DECODE_LOOPS)}; got {', '.join(loops) or 'none'}")
+    if not cuda and "own" not in loops:
+        raise ValueError("the graphed decode loops need a GPU: ask for 'own' on a CPU")
+
+
 @torch.no_grad()
 def bench_decode(bank, tok, B: int, new_tokens: int, device, prompt_tokens: int = 64, iters: int = 3,
                  loops: tuple[str, ...] = DECODE_LOOPS) -> dict:
@@ -496,9 +505,7 @@ def bench_decode(bank, tok, B: int, new_tokens: int, device, prompt_tokens: int 
     eager ("own"), and on a GPU the CUDA-graph step, alone ("graph") and with the experts merged and
     the repeated steps' guards skipped ("graph_fast": ``nrem.merged_sampling``, ``nrem.fast_guards``);
     and the weight-read floor. ``loops``: which of them (the graphed ones only on a GPU)."""
-    unknown = set(loops) - set(DECODE_LOOPS)
-    if unknown or not loops:
-        raise ValueError(f"decode loops must be some of {', '.join(DECODE_LOOPS)}; got {', '.join(loops) or 'none'}")
+    check_decode_loops(loops, device.type == "cuda")
     from sleepray.merged_sampling import MergedWeights
     from sleepray.sampling import decode, decode_static
     model = bank.model
@@ -513,8 +520,6 @@ def bench_decode(bank, tok, B: int, new_tokens: int, device, prompt_tokens: int 
     fast = functools.partial(decode_static, graphs=True, fast_guards=True)
     every = {"own": (decode, None), "graph": (graph, None), "graph_fast": (fast, MergedWeights(bank))}
     loops = {k: v for k, v in every.items() if k in loops and (device.type == "cuda" or k == "own")}
-    if not loops:
-        raise ValueError("the graphed decode loops need a GPU: ask for 'own' on a CPU")
     try:
         for name, (fn, merge) in loops.items():
             def run(n):
