@@ -63,6 +63,7 @@ def learner_records(args, save=lambda records: None) -> list[dict]:
             log.info("%s B=%d: NREM %s", shape, B, mode)
             rec["nrem"].append(_safe(lb.bench_nrem, make(), tok, mode, B, args.new_tokens, device,
                                      args.warm, args.iters, extra=tuple(args.overrides), profile=args.profile))
+            save(records + [_headline(rec)])      # a run cut later keeps the modes it finished
         if workers:
             from sleepray.learner_bench_ray import bench_nrem_ray
             rec["ray_train"] = []

@@ -177,6 +177,12 @@ class NREMConfig(_Anchored):
         "'reduce-overhead': one recorded graph per block, padded length and gradient mode), for "
         "passes whose time is the host launching kernels (the student's at batch 16); needs "
         "compile_blocks and the inductor backend; auto: on a GPU")
+    async_rows: GpuSwitch = _gpu_switch(
+        "the passes' token rows and indices reach the GPU by pinned, non-blocking copies, and the "
+        "right-padded rows of a pass from position 0 go without a padding mask (causal attention "
+        "alone hides the padding after a row; transformers reads a mask back to check it): no "
+        "host-device sync inside the passes, so the host queues the next kernels while the GPU "
+        "runs; auto: on a GPU")
     block_graph_pad: int = Field(64, ge=1, description="with block_graphs, the student's and the anchor's rows padded "
                                                        "to a multiple of this many tokens (fewer lengths, fewer graphs)")
 

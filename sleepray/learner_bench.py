@@ -31,6 +31,7 @@ import gc
 import random
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -152,11 +153,17 @@ class Phases:
     def __init__(self, device: torch.device):
         self.device, self.acc = device, {}
         self._depth = 0
+        self.only: Optional[set] = None   # phases timed (the rest run as in a real step, unsynchronised)
+        self.quiet: set = set()           # phases whose syncs sync_count leaves out
 
     @contextlib.contextmanager
     def __call__(self, key: str):
-        if self._depth:            # a phase inside another counts to the outer one only
-            yield
+        if self._depth or (self.only is not None and key not in self.only):
+            yield                  # a phase inside another counts to the outer one only
+            return
+        if key in self.quiet:
+            with _sync_debug(0):
+                yield
             return
         self._depth += 1
         sync(self.device)
@@ -178,6 +185,27 @@ class Phases:
                 return orig(*a, **k)
         setattr(owner, name, timed)
         return lambda: setattr(owner, name, orig)
+
+
+@contextlib.contextmanager
+def _sync_debug(mode: int):
+    """``torch.cuda.set_sync_debug_mode(mode)`` inside (1: a warning at every host-device sync)."""
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+
+
+def sync_count(fn, ph: Phases) -> int:
+    """Host-device syncs while ``fn()`` runs on a GPU (CUDA's sync debug mode), leaving out those of
+    the phases in ``ph.quiet`` (sampling hands its tokens to the host: it has to)."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with _sync_debug(1):
+            fn()
+    return sum("synchroniz" in str(w.message) for w in seen)
 
 
 # ------------------------------------------------------------------------------ bare loop
@@ -345,11 +373,16 @@ NREM_MODES = {
     "alpha1_fast_math": _FAST + ["nrem.attention=math"],    # + attention from its math form, compiled in the blocks
     "alpha1_fast_graphs": _FAST + ["nrem.block_graphs=true"],       # + the blocks' passes from CUDA graphs
     "alpha1_fast_math_graphs": _FAST + ["nrem.attention=math", "nrem.block_graphs=true"],
+    "alpha1_fast_math_async": _FAST + ["nrem.attention=math", "nrem.async_rows=true"],   # + no sync in the passes
+    "alpha1_fast_math_graphs_async": _FAST + ["nrem.attention=math", "nrem.block_graphs=true", "nrem.async_rows=true"],
     "alpha1_ahead4": ["nrem.alpha=1.0", "nrem.sample_ahead=4"],   # four steps' samples from one sampler call
     "alpha1_fast_ahead4": _FAST + ["nrem.sample_ahead=4"],
     "alpha1_fast_graphs_ahead4": _FAST + ["nrem.block_graphs=true", "nrem.sample_ahead=4"],
     "alpha1_fast_math_graphs_ahead4": _FAST + ["nrem.attention=math", "nrem.block_graphs=true",
                                                "nrem.sample_ahead=4"],
+    "alpha1_fast_math_async_ahead4": _FAST + ["nrem.attention=math", "nrem.async_rows=true", "nrem.sample_ahead=4"],
+    "alpha1_fast_math_graphs_async_ahead4": _FAST + ["nrem.attention=math", "nrem.block_graphs=true",
+                                                     "nrem.async_rows=true", "nrem.sample_ahead=4"],
     "lti": ["nrem.alpha=0.5", "nrem.judge=exact"],
     "anchor": ["nrem.alpha=1.0", "nrem.anchor_weight=1.0", "nrem.anchor_batch=8"],
 }
@@ -398,23 +431,42 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
                                    anchor_texts=anchor_texts(cfg) if ncfg.anchor_weight > 0 else None,
                                    hooks=hooks)
         pool_s = ph.acc.get("teacher_pool", 0.0)
-        steps, phases = [], []
         k = ncfg.sample_ahead   # whole groups of k steps; with k > 1 at least two groups of warm-up (shapes)
         warm, iters = -(-warm // k) * k if k == 1 else max(2 * k, -(-warm // k) * k), -(-iters // k) * k
         profile = -(-profile // k) * k
-        for i in range(warm + iters):
-            if i == warm:
-                reset_peak(device)
-            ph.acc = {}
-            sync(device)
-            t = time.perf_counter()
-            rec = trainer.step()
-            trainer.hooks.after_step(i + 1, rec, trainer.params, trainer.opt)
-            sync(device)
-            loss_tokens.append(rec["loss_tokens"])
-            if i >= warm:
+        done, last = 0, {}
+
+        def run(n: int, only: Optional[set]) -> tuple[list, list]:
+            nonlocal done, last
+            steps, phases = [], []
+            ph.only = only
+            for _ in range(n):
+                ph.acc = {}
+                sync(device)
+                t = time.perf_counter()
+                rec = trainer.step()
+                done += 1
+                trainer.hooks.after_step(done, rec, trainer.params, trainer.opt)
+                sync(device)
                 steps.append(time.perf_counter() - t)
                 phases.append(dict(ph.acc))
+                loss_tokens.append(rec["loss_tokens"])
+                last = rec
+            return steps, phases
+        run(warm, None)
+        reset_peak(device)
+        # timed steps as a real run takes them: only sampling is synchronised and timed (it hands
+        # its tokens to the host anyway); a phase's own syncs would keep the host from queueing the
+        # next phase's kernels while the GPU runs this one's
+        steps, timed_phases = run(iters, {"sampling"})
+        toks = (statistics.median if k == 1 else statistics.fmean)(loss_tokens[warm:])
+        phased, phases = run(k if k > 1 else min(3, iters), None)   # then a few steps phase by phase
+        syncs = None
+        if device.type == "cuda":
+            ph.only, ph.quiet = {"sampling"}, {"sampling"}
+            syncs = sum(sync_count(trainer.step, ph) for _ in range(k)) / k
+            ph.quiet = set()
+        ph.only = None
         prof = None
         if profile:
             activities = [torch.profiler.ProfilerActivity.CPU] + \
@@ -431,8 +483,7 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
     avg = statistics.median if ncfg.sample_ahead == 1 else statistics.fmean
     step = avg(steps)
     per = {k: avg(p.get(k, 0.0) for p in phases) for k in set().union(*phases)}
-    sampling = per.get("sampling", 0.0) + pool_s / ncfg.steps
-    toks = avg(loss_tokens[warm:])
+    sampling = avg(p.get("sampling", 0.0) for p in timed_phases) + pool_s / ncfg.steps
     with torch.no_grad():
         switch_ms = _switch_ms(bank, device)
     out = {"mode": mode, "B": B, "new_tokens": new_tokens, "sample_ahead": ncfg.sample_ahead,
@@ -443,7 +494,8 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
            "loss_tokens": toks, "nrem_tok_s": toks / (step + pool_s / ncfg.steps),
            "nrem_tok_s_nosample": toks / max(1e-9, step + pool_s / ncfg.steps - sampling),
            "sampling_s": sampling, "teacher_pool_s": pool_s, "phases_s": per,
-           "peak_gib": peak_bytes(device) / 2**30, "switch_ms": switch_ms, "divergence": rec["divergence"],
+           "step_s_phased": avg(phased) + pool_s / ncfg.steps, "syncs_per_step": syncs,
+           "peak_gib": peak_bytes(device) / 2**30, "switch_ms": switch_ms, "divergence": last["divergence"],
            "prompt_tokens": statistics.mean(len(tok.encode(p.teacher_prompt)) for p in prompts)}
     if prof is not None:
         out["profile"] = {"steps": profile, "phases": phase_profile(prof)}

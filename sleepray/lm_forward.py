@@ -84,49 +84,79 @@ def _reproduces(model, backbone, head) -> bool:
     return bool(torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()) + 1e-5))
 
 
-def _right_padded(rows: list[list[int]], pad_id: int, device, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, n] ids and attention mask of ``rows``, right-padded to ``n``: the longest row's length
-    rounded up to a ``multiple``."""
+def to_device(t: torch.Tensor, device, non_blocking: bool = False) -> torch.Tensor:
+    """Host tensor ``t`` on ``device``. ``non_blocking``: to a GPU through pinned memory, without
+    waiting (a plain copy from pageable memory waits for the GPU's stream to drain: the host
+    stops launching work until the GPU has caught up)."""
+    if non_blocking and torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _padded_host(rows: list[list[int]], pad_id: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     n = -(-max(len(r) for r in rows) // multiple) * multiple
     ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
     attn = torch.zeros((len(rows), n), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         attn[i, : len(r)] = 1
-    return ids.to(device), attn.to(device)
+    return ids, attn
 
 
-def _gather(hidden: torch.Tensor, starts: list[int], lens: list[int]) -> torch.Tensor:
+def _right_padded(rows: list[list[int]], pad_id: int, device, multiple: int = 1,
+                  non_blocking: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, n] ids and attention mask of ``rows``, right-padded to ``n``: the longest row's length
+    rounded up to a ``multiple``."""
+    ids, attn = _padded_host(rows, pad_id, multiple)
+    return to_device(ids, device, non_blocking), to_device(attn, device, non_blocking)
+
+
+def _gather(hidden: torch.Tensor, starts: list[int], lens: list[int], non_blocking: bool = False) -> torch.Tensor:
     """Rows' positions ``start - 1 .. start + len - 2`` (those predicting the span), [sum(lens), H]."""
     rows = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(lens)]) if lens else \
         torch.zeros(0, dtype=torch.long)
     cols = torch.cat([torch.arange(s - 1, s - 1 + n) for s, n in zip(starts, lens)]) if lens else \
         torch.zeros(0, dtype=torch.long)
-    return hidden[rows.to(hidden.device), cols.to(hidden.device)]
+    return hidden[to_device(rows, hidden.device, non_blocking), to_device(cols, hidden.device, non_blocking)]
 
 
 def span_hidden(model, rows: list[list[int]], starts: list[int], lens: list[int], pad_id: int,
-                prefix: Optional["PrefixKV"] = None, multiple: int = 1) -> torch.Tensor:
+                prefix: Optional["PrefixKV"] = None, multiple: int = 1, async_rows: bool = False) -> torch.Tensor:
     """Final hidden states predicting ``row[start : start + len]`` for every row, stacked [N, H].
 
     ``prefix``: rows continue ``prefix.ids`` (not included in ``rows``); its cached keys and
     values stand in for it, and ``starts`` count from the row's first own token (>= 1).
     ``multiple``: rows right-padded to a multiple of this length (padding after a row changes
-    none of its states)."""
+    none of its states). ``async_rows``: see :func:`right_padded_input`."""
     if any(s < 1 for s, n in zip(starts, lens) if n):
         raise ValueError("a span must start after the row's first token")
     backbone, head = lm_parts(model)
     device = head.weight.device
-    ids, attn = _right_padded(rows, pad_id, device, multiple)
     if prefix is None:
+        ids, attn = right_padded_input(rows, pad_id, device, multiple, async_rows)
         hidden = backbone(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
     else:
+        ids, attn = _right_padded(rows, pad_id, device, multiple, async_rows)
         p = len(prefix.ids)
         pos = torch.arange(p, p + ids.shape[1], device=device)[None].expand(len(rows), -1)
         attn = torch.cat([attn.new_ones((len(rows), p)), attn], 1)
         hidden = backbone(input_ids=ids, attention_mask=attn, position_ids=pos,
                           past_key_values=prefix.for_rows(len(rows)), use_cache=True).last_hidden_state
-    return _gather(hidden, starts, lens)
+    return _gather(hidden, starts, lens, async_rows)
+
+
+def right_padded_input(rows: list[list[int]], pad_id: int, device, multiple: int = 1,
+                       async_rows: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Ids and mask of ``rows`` for a causal pass from position 0, right-padded.
+
+    ``async_rows``: the ids copied without waiting (pinned memory), and no mask (None). Under
+    causal attention a position sees only those before it, so a row's own positions never see
+    the padding after it: the mask changes none of the states the losses read. Passing one
+    costs a host-device sync (transformers checks whether it hides anything, reading it back)
+    and keeps PyTorch's attention off its causal kernels."""
+    if not async_rows:
+        return _right_padded(rows, pad_id, device, multiple)
+    return to_device(_padded_host(rows, pad_id, multiple)[0], device, non_blocking=True), None
 
 
 class PrefixKV:

@@ -165,8 +165,12 @@ def nrem_loss(bank, tok, batch: list[ConsolidationPrompt], ncfg, rng: random.Ran
 
 
 def read_record(rec: dict) -> dict:
-    """``rec`` with its tensors read as numbers."""
-    return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in rec.items()}
+    """``rec`` with its tensors read as numbers (one read back from the device for all)."""
+    keys = [k for k, v in rec.items() if isinstance(v, torch.Tensor)]
+    if not keys:
+        return dict(rec)
+    values = torch.stack([rec[k].detach().reshape(()).double() for k in keys]).tolist()
+    return {**rec, **dict(zip(keys, values))}
 
 
 def divergence(bank, tok, prompts: list[ConsolidationPrompt], ys: list[list[int]], ncfg) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from sleepray.compiled_blocks import CompiledBlocks, switched_on
 from sleepray.fused_losses import _logprob, fused_jsd, fused_token_logprobs
 from sleepray.lm_forward import (PrefixKV, UnsupportedModel, _gather, _right_padded, common_prefix, lm_parts,
-                                 span_hidden)
+                                 right_padded_input, span_hidden, to_device)
 from sleepray.losses import generalized_jsd
 from sleepray.prefix_graph import PrefixGraph
 
@@ -41,6 +41,7 @@ class Scorer:
         self.fused = ncfg.fused_loss and self._splits(bank.model)
         self.blocks = compiled_blocks(bank.model, ncfg)
         self.compile_loss = switched_on(ncfg.compile_loss, bank.model)
+        self.async_rows = switched_on(ncfg.async_rows, bank.model)
         self._prefix_len: dict[str, int] = {}
         self._kv: dict[str, PrefixKV] = {}
         self._ids: dict[str, list[int]] = {}
@@ -73,9 +74,9 @@ class Scorer:
         multiple = self.ncfg.block_graph_pad if compiled and self.blocks.graphs else 1   # few lengths, few graphs
         with self.blocks.on() if compiled else contextlib.nullcontext(), self._attention():
             if self.fused:
-                return span_hidden(model, rows, starts, lens, self.pad, prefix, multiple)
-            ids, attn = _right_padded(rows, self.pad, next(model.parameters()).device, multiple)
-            return _gather(model(input_ids=ids, attention_mask=attn).logits, starts, lens)
+                return span_hidden(model, rows, starts, lens, self.pad, prefix, multiple, self.async_rows)
+            ids, attn = right_padded_input(rows, self.pad, next(model.parameters()).device, multiple, self.async_rows)
+            return _gather(model(input_ids=ids, attention_mask=attn).logits, starts, lens, self.async_rows)
 
     def begin_step(self) -> None:
         """A new optimizer step (the compiled blocks' CUDA graphs, where on, may reuse their memory)."""
@@ -123,8 +124,8 @@ class Scorer:
         kv = self._context(ep, prefix)
         if not self.graph.fits(kv, rows):
             return None
-        ids, attn = _right_padded(rows, self.pad, self.graph.ids.device)
-        return _gather(self.graph(self.bank.model, kv, ids, attn), starts, lens)
+        ids, attn = _right_padded(rows, self.pad, self.graph.ids.device, non_blocking=self.async_rows)
+        return _gather(self.graph(self.bank.model, kv, ids, attn), starts, lens, self.async_rows)
 
     def _context(self, ep: str, ids: list[int]) -> PrefixKV:
         if ep not in self._kv:
@@ -142,7 +143,8 @@ class Scorer:
 
     def token_logprobs(self, states: torch.Tensor, conts: list[list[int]]) -> torch.Tensor:
         """log p of each continuation token, [N] (rows' tokens one after another)."""
-        targets = torch.tensor([t for c in conts for t in c], dtype=torch.long, device=states.device)
+        targets = to_device(torch.tensor([t for c in conts for t in c], dtype=torch.long), states.device,
+                            self.async_rows)
         if self.fused:
             return fused_token_logprobs(states, targets, lm_parts(self.bank.model)[1], self.ncfg.loss_chunk)
         return _logprob(states, targets)

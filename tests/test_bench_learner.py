@@ -22,6 +22,7 @@ def test_the_learner_benchmark_writes_its_record(tmp_path, seed_test_model):
     a1 = modes["alpha1"]
     assert 0 < a1["loss_tokens"] <= 4 * 6 and 0 < rec["nrem_tok_s"] < rec["nrem_tok_s_nosample"]
     assert a1["phases_s"]["sampling"] > 0 and a1["phases_s"]["backward"] > 0
+    assert a1["step_s_phased"] > 0 and a1["syncs_per_step"] is None     # syncs are counted on a GPU
     assert modes["lti"]["teacher_pool_s"] > 0 and "reward" in modes["lti"]["phases_s"]
     assert "anchor" in modes["anchor"]["phases_s"]
     assert 0 < rec["switch_ms"] < 50 and rec["decode_ms"] > 0
@@ -40,6 +41,31 @@ def test_the_learner_benchmark_profiles_the_nrem_step_by_phase(tmp_path, seed_te
     student = prof["phases"]["student_forward"]
     assert student["wall_ms"] > 0 and student["kernels"] == 0 and student["top_host_ms"]
     assert any("linear" in k or "mm" in k for k in student["top_host_ms"]), student["top_host_ms"]
+
+
+def test_timed_steps_synchronise_only_the_phases_asked_for():
+    """The timed steps run as a real step does: only sampling is synchronised and timed; a
+    phase's own synchronisation would keep the host from queueing the next phase's kernels."""
+    import torch
+    from sleepray.learner_bench import Phases
+
+    class Step:
+        def sampling(self):
+            return "s"
+
+        def student(self):
+            return "f"
+    ph = Phases(torch.device("cpu"))
+    undo = [ph.wrap(Step, "sampling", "sampling"), ph.wrap(Step, "student", "student_forward")]
+    try:
+        ph.only = {"sampling"}
+        assert (Step().sampling(), Step().student()) == ("s", "f") and set(ph.acc) == {"sampling"}
+        ph.only, ph.acc = None, {}
+        Step().sampling(), Step().student()
+        assert set(ph.acc) == {"sampling", "student_forward"}
+    finally:
+        for u in undo:
+            u()
 
 
 def test_the_learner_benchmark_refuses_unknown_decode_loops_before_running(tmp_path, capsys):

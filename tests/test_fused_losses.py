@@ -233,3 +233,47 @@ def test_reading_the_stop_flag_every_few_draws_changes_no_row():
     assert a.shape[1] < 40 and (a == stop).any(1).all()          # every row stopped before the budget
     assert torch.equal(b[:, : a.shape[1]], a) and a.shape[1] <= b.shape[1] < a.shape[1] + CHECK_EVERY
     assert (b[:, a.shape[1]:] == pad).all()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_rows_without_their_padding_mask_give_the_same_losses_and_gradients(setup, fused):
+    """``nrem.async_rows``: right-padded rows passed without a mask (causal attention alone hides
+    the padding after a row) give the masked path's divergence, LTI log-probs, anchor KL and
+    gradients; rows of different lengths, so padding is there to hide."""
+    path, tok, prompts = setup
+    ys = [tok.encode(" x" * (1 + i % 5), add_special_tokens=False) for i in range(len(prompts))]
+    assert len({len(tok.encode(p.prompt)) + len(y) for p, y in zip(prompts, ys)}) > 1
+    out = {}
+    for async_rows in (False, True):
+        cfg = load_config(None, [f"nrem.fused_loss={fused}", f"nrem.reuse_context_kv={fused}",
+                                 f"nrem.async_rows={async_rows}"])
+        bank = moved_bank(path, cfg)
+        sc = Scorer(bank, tok, cfg.nrem, contexts=_by_episode(prompts))
+        assert sc.async_rows is async_rows
+        out[async_rows] = losses_and_grads(sc, tok, prompts, ys)
+    (d0, lp0, kl0, g0), (d1, lp1, kl1, g1) = out[False], out[True]
+    assert d1 == pytest.approx(d0, rel=1e-5, abs=1e-6) and d0 > 0
+    assert kl1 == pytest.approx(kl0, rel=1e-5, abs=1e-6) and kl0 > 0
+    assert torch.allclose(lp0, lp1, atol=1e-5)
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_a_padded_row_without_its_mask_keeps_its_states_and_with_a_mask_before_it_would_not(setup):
+    """The mask may go only because the padding is after each row: the same rows left-padded
+    (padding before the tokens) change without a mask, so the check can fail."""
+    from sleepray.lm_forward import right_padded_input, span_hidden
+    path, tok, _ = setup
+    model = load_model(path)[0].eval()
+    rows = [tok.encode("Ada lives in Paris and works as a baker."), tok.encode("Bo is here.")]
+    starts, lens = [2, 2], [len(rows[0]) - 2, len(rows[1]) - 2]
+    with torch.no_grad():
+        masked = span_hidden(model, rows, starts, lens, 0)
+        unmasked = span_hidden(model, rows, starts, lens, 0, async_rows=True)
+        ids, attn = right_padded_input(rows, 0, "cpu", async_rows=True)
+        assert attn is None and ids.shape == (2, len(rows[0]))
+        n = len(rows[0]) - len(rows[1])
+        left = torch.tensor([[0] * n + rows[1]])
+        h = lm_parts(model)[0](input_ids=left).last_hidden_state[0, n + 1: n + 1 + lens[1]]
+    assert torch.allclose(masked, unmasked, atol=1e-5)
+    assert not torch.allclose(h, unmasked[lens[0]:], atol=1e-3)

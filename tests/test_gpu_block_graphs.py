@@ -53,3 +53,55 @@ def test_block_graphs_replay_the_eager_losses_and_gradients_as_the_expert_moves(
         for a, b in zip(g0, g1):
             assert torch.allclose(a, b, atol=1e-4, rtol=1e-2), i
     assert runs["eager"][3][0] != pytest.approx(runs["eager"][0][0], rel=1e-6)   # the expert did move
+
+
+def _passes(sc, tok, prompts, ys) -> None:
+    """One step's passes and backward, nothing read back to the host."""
+    s = sc.student([tok.encode(p.prompt) for p in prompts], ys)
+    t = sc.teacher([p.episode_id for p in prompts], [tok.encode(p.teacher_prompt) for p in prompts], ys)
+    (sc.jsd(s, t, 0.5) + sc.token_logprobs(s, ys).mean() + sc.anchor_kl(["Some other text."])).backward()
+
+
+def test_async_rows_leave_no_host_device_sync_in_the_passes_and_the_losses_unchanged(tmp_path):
+    """nrem.async_rows on a GPU: the student's, the teacher's (its CUDA graph after the cached
+    context), the anchor's passes, the fused losses and the backward run without one host-device
+    sync (CUDA's sync debug mode set to raise), and give the masked path's losses. The control:
+    the same passes with the switch off do sync (the masks' check and the blocking copies)."""
+    path = str(build_tiny_model("qwen3", tmp_path / "m"))
+    tok = load_model(path)[1]
+    prompts = [p for e in World(3, 1, 0, 0, 1).episodes(2) for p in consolidation_prompts(e, 6, random.Random(0))]
+    ys = [tok.encode(" x" * (1 + i % 5), add_special_tokens=False) for i in range(len(prompts))]
+    out, synced = {}, {}
+    for async_rows in (False, True):
+        cfg = load_config(None, ["nrem.compile_blocks=true", "nrem.block_graphs=true", "nrem.fast_guards=true",
+                                 "nrem.teacher_graph=true", f"nrem.async_rows={async_rows}", "experts.max_slots=3"])
+        bank = moved_bank(path, cfg, dtype="float32")
+        bank.model.to("cuda")
+        sc = Scorer(bank, tok, cfg.nrem, contexts=_by_episode(prompts), rows=len(prompts))
+        assert sc.graph is not None and sc.async_rows is async_rows
+        for _ in range(3):        # warm-up and recording
+            sc.begin_step()
+            bank.model.zero_grad(set_to_none=True)
+            _passes(sc, tok, prompts, ys)
+        sc.begin_step()
+        bank.model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _passes(sc, tok, prompts, ys)
+            synced[async_rows] = False
+        except RuntimeError as e:
+            assert "synchroniz" in str(e), e
+            synced[async_rows] = True
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        sc.begin_step()
+        bank.model.zero_grad(set_to_none=True)
+        out[async_rows] = losses_and_grads(sc, tok, prompts, ys)
+    assert synced == {False: True, True: False}
+    (d0, lp0, kl0, g0), (d1, lp1, kl1, g1) = out[False], out[True]
+    assert d1 == pytest.approx(d0, rel=1e-3, abs=1e-5) and d0 > 0
+    assert kl1 == pytest.approx(kl0, rel=1e-3, abs=1e-5)
+    assert torch.allclose(lp0, lp1, atol=1e-3)
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-2)
