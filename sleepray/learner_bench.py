@@ -198,14 +198,20 @@ def _sync_debug(mode: int):
         torch.cuda.set_sync_debug_mode(prev)
 
 
-def sync_count(fn, ph: Phases) -> int:
-    """Host-device syncs while ``fn()`` runs on a GPU (CUDA's sync debug mode), leaving out those of
-    the phases in ``ph.quiet`` (sampling hands its tokens to the host: it has to)."""
+def sync_count(fn, ph: Phases) -> dict[str, int]:
+    """Host-device syncs while ``fn()`` runs on a GPU (CUDA's sync debug mode), by the Python line
+    that asked for them, leaving out those of the phases in ``ph.quiet`` (sampling hands its
+    tokens to the host: it has to)."""
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         with _sync_debug(1):
             fn()
-    return sum("synchroniz" in str(w.message) for w in seen)
+    where: dict[str, int] = {}
+    for w in seen:
+        if "synchroniz" in str(w.message):
+            at = f"{'/'.join(str(w.filename).split('/')[-2:])}:{w.lineno}"
+            where[at] = where.get(at, 0) + 1
+    return where
 
 
 # ------------------------------------------------------------------------------ bare loop
@@ -461,11 +467,13 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
         steps, timed_phases = run(iters, {"sampling"})
         toks = (statistics.median if k == 1 else statistics.fmean)(loss_tokens[warm:])
         phased, phases = run(k if k > 1 else min(3, iters), None)   # then a few steps phase by phase
-        syncs = None
+        syncs, sync_at = None, {}
         if device.type == "cuda":
             ph.only, ph.quiet = {"sampling"}, {"sampling"}
-            syncs = sum(sync_count(trainer.step, ph) for _ in range(k)) / k
-            ph.quiet = set()
+            for _ in range(k):
+                for at, n in sync_count(trainer.step, ph).items():
+                    sync_at[at] = sync_at.get(at, 0) + n
+            syncs, ph.quiet = sum(sync_at.values()) / k, set()
         ph.only = None
         prof = None
         if profile:
@@ -494,7 +502,7 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
            "loss_tokens": toks, "nrem_tok_s": toks / (step + pool_s / ncfg.steps),
            "nrem_tok_s_nosample": toks / max(1e-9, step + pool_s / ncfg.steps - sampling),
            "sampling_s": sampling, "teacher_pool_s": pool_s, "phases_s": per,
-           "step_s_phased": avg(phased) + pool_s / ncfg.steps, "syncs_per_step": syncs,
+           "step_s_phased": avg(phased) + pool_s / ncfg.steps, "syncs_per_step": syncs, "syncs_at": sync_at,
            "peak_gib": peak_bytes(device) / 2**30, "switch_ms": switch_ms, "divergence": last["divergence"],
            "prompt_tokens": statistics.mean(len(tok.encode(p.teacher_prompt)) for p in prompts)}
     if prof is not None:
