@@ -59,7 +59,7 @@ def learner_records(args, save=lambda records: None) -> list[dict]:
         make = lambda: lb.build_model(shape, device, dtype, tok)   # noqa: E731
         rec = {"device": name, "shape": shape, "batch": B, "new_tokens": args.new_tokens, "dtype": str(dtype),
                "nrem": []}
-        for mode in args.modes.split(","):
+        for mode in [] if args.only_bare else args.modes.split(","):
             log.info("%s B=%d: NREM %s", shape, B, mode)
             rec["nrem"].append(_safe(lb.bench_nrem, make(), tok, mode, B, args.new_tokens, device,
                                      args.warm, args.iters, extra=tuple(args.overrides), profile=args.profile))
@@ -71,7 +71,7 @@ def learner_records(args, save=lambda records: None) -> list[dict]:
                 log.info("%s B=%d: NREM alpha1 on Ray Train, %d workers", shape, B, n)
                 rec["ray_train"].append(_safe(bench_nrem_ray, shape, B, args.new_tokens, n, device.type == "cuda",
                                               args.warm, args.iters, "alpha1", args.ray_cpus))
-        if not args.only_nrem:
+        if not (args.only_nrem or args.only_bare):
             model = make()
             rec["loss_memory"] = _safe(lb.bench_loss_memory, model, device)
             rec["decode"] = _safe(lb.bench_decode, _with_expert(model), tok, B, args.new_tokens, device,
@@ -221,7 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--seq", type=int, default=512, help="tokens per row of the bare loop")
     ap.add_argument("--bare", default="peft,tuned", help="bare-loop variants: peft, tuned (liger's fused linear "
-                                                          "CE where installed), tuned_chunked, tuned_compile")
+                                                          "CE where installed), tuned_chunked, tuned_compile, "
+                                                          "tuned_swiglu, tuned_fused (fused AdamW), tuned_swiglu_fused")
     ap.add_argument("--modes", default="alpha1,lti,anchor",
                     help="NREM modes: alpha1, alpha1_compiled (nrem.compile_blocks on), alpha1_graphs (and "
                          "nrem.teacher_graph), alpha1_fast (and nrem.compile_loss, merged_sampling, fast_guards), "
@@ -233,8 +234,11 @@ def main(argv=None) -> int:
                     help="Ray Train's controller poll interval (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, default 2 s): a "
                          "worker's train.report waits for the last one to be polled, so a run that reports every step "
                          "takes at least this long a step; set before Ray starts")
-    ap.add_argument("--only-nrem", action="store_true", help="the NREM step alone: no bare loop, loss memory "
-                                                             "or decode measurement")
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--only-nrem", action="store_true", help="the NREM step alone: no bare loop, loss memory "
+                                                               "or decode measurement")
+    only.add_argument("--only-bare", action="store_true", help="the bare loops alone: no NREM step, loss memory "
+                                                               "or decode measurement")
     ap.add_argument("--decode-loops", default="own,graph,graph_fast",
                     help="the decode benchmark's loops: own (eager), graph (CUDA graph), graph_fast (and the experts "
                          "merged, repeated guards skipped; what the alpha1_fast modes sample with); the graphed ones "

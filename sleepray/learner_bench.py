@@ -259,6 +259,7 @@ class BareVariant:
     loss: str           # "hf" (the model's loss on full logits) | "chunked" (head + CE a chunk at a time)
     compile: bool = False
     swiglu: bool = False   # liger's SwiGLU MLP (the gate's SiLU and the product in one kernel)
+    fused_optimizer: bool = False   # AdamW as PyTorch's fused kernel (one launch for every tensor)
 
 
 BARE_VARIANTS = {
@@ -267,7 +268,16 @@ BARE_VARIANTS = {
     "tuned_chunked": BareVariant("tuned_chunked", True, True, "chunked"),
     "tuned_compile": BareVariant("tuned_compile", True, True, "liger", compile=True),
     "tuned_swiglu": BareVariant("tuned_swiglu", True, True, "liger", swiglu=True),
+    "tuned_fused": BareVariant("tuned_fused", True, True, "liger", fused_optimizer=True),
+    "tuned_swiglu_fused": BareVariant("tuned_swiglu_fused", True, True, "liger", swiglu=True, fused_optimizer=True),
 }
+
+
+def has_liger_swiglu(model) -> bool:
+    """Whether ``model`` runs liger's SwiGLU MLP: its class put in before the model was built, or its
+    ``forward`` bound onto an existing MLP (liger's patch of a model instance, which keeps the class
+    and renames the module)."""
+    return any("LigerSwiGLUMLP" in (type(m).__name__, m._get_name()) for m in model.modules())
 
 
 def bench_bare(make_model: Callable, variant: BareVariant, B: int, S: int, device, warm: int, iters: int,
@@ -278,13 +288,13 @@ def bench_bare(make_model: Callable, variant: BareVariant, B: int, S: int, devic
     liger = variant.liger and liger_available(device) and apply_liger(model, variant.swiglu)
     # liger patches transformers' classes process-wide: a variant built after tuned_swiglu has its MLP
     # too, so the record says what the model has
-    swiglu = any(type(m).__name__ == "LigerSwiGLUMLP" for m in model.modules())
+    swiglu = has_liger_swiglu(model)
     pm = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, bias="none",
                                           target_modules=["gate_proj", "up_proj", "down_proj"]),
                         autocast_adapter_dtype=not variant.lora_bf16)
     pm.train()
     params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, **({"fused": True} if variant.fused_optimizer else {}))
     V = model.config.vocab_size
     g = torch.Generator(device=device).manual_seed(0)
     batches = [torch.randint(0, V, (B, S), device=device, generator=g) for _ in range(2)]
@@ -321,7 +331,7 @@ def bench_bare(make_model: Callable, variant: BareVariant, B: int, S: int, devic
     peak, _ = device_peaks(device)
     tokens = B * S
     out = {"variant": variant.name, "lora_bf16": variant.lora_bf16, "liger": bool(liger), "loss": loss_kind,
-           "compile": variant.compile, "swiglu": swiglu, "B": B, "S": S, "step_s": step, "tok_s": tokens / step,
+           "compile": variant.compile, "swiglu": swiglu, "fused_optimizer": variant.fused_optimizer, "B": B, "S": S, "step_s": step, "tok_s": tokens / step,
            "mfu_6n": 6 * N * tokens / step / peak if peak else None, "peak_gib": peak_bytes(device) / 2**30,
            "N": N}
     del pm, model, opt, params, batches, loss

@@ -68,6 +68,34 @@ def test_timed_steps_synchronise_only_the_phases_asked_for():
             u()
 
 
+def test_the_bare_loops_alone_with_the_fused_optimizer(tmp_path, seed_test_model):
+    """--only-bare: the bare variants and nothing else; tuned_fused's AdamW is PyTorch's fused one."""
+    out = tmp_path / "bench_bare.json"
+    assert main(["--shapes", "tiny", "--batches", "4", "--warm", "1", "--iters", "1", "--device", "cpu",
+                 "--bare", "tuned,tuned_fused", "--only-bare", "--out", str(out)]) == 0
+    [rec] = json.loads(out.read_text())
+    assert rec["nrem"] == [] and "decode" not in rec and "loss_memory" not in rec
+    bare = {b["variant"]: b for b in rec["bare"]}
+    assert bare["tuned_fused"]["fused_optimizer"] is True and bare["tuned"]["fused_optimizer"] is False
+    assert rec["bare_tok_s"] == max(b["tok_s"] for b in rec["bare"]) > 0
+
+
+def test_liger_swiglu_is_seen_whether_its_class_or_its_forward_was_put_in():
+    """liger patches a built model by binding its SwiGLU forward onto the MLP (the class stays), and a
+    model built after a patch by its class: the benchmark's record says SwiGLU in both cases."""
+    import torch
+    from sleepray.learner_bench import has_liger_swiglu
+
+    class Qwen3MLP(torch.nn.Module):
+        pass
+
+    class LigerSwiGLUMLP(torch.nn.Module):
+        pass
+    plain, bound, built = (torch.nn.Sequential(m) for m in (Qwen3MLP(), Qwen3MLP(), LigerSwiGLUMLP()))
+    bound[0].__dict__["_get_name"] = lambda: "LigerSwiGLUMLP"     # what liger's instance patch does
+    assert (has_liger_swiglu(plain), has_liger_swiglu(bound), has_liger_swiglu(built)) == (False, True, True)
+
+
 def test_the_learner_benchmark_refuses_unknown_decode_loops_before_running(tmp_path, capsys):
     import pytest
     out = tmp_path / "never.json"
