@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from bank_helpers import losses_and_grads, moved_bank
+from bank_helpers import assert_same_losses, losses_and_grads, moved_bank
 from sleepray.config import load_config
 from sleepray.experts import ExpertBank
 from sleepray.fused_losses import fused_jsd, fused_token_logprobs
@@ -116,12 +116,8 @@ def test_scorer_fused_with_shared_context_equals_the_plain_path(setup):
         sc = Scorer(bank, tok, cfg.nrem, contexts=_by_episode(prompts))
         assert sc.fused is fused and (min(sc._prefix_len.values()) > 10 if fused else not sc._prefix_len)
         out[fused] = losses_and_grads(sc, tok, prompts, ys)
-    (d0, lp0, kl0, g0), (d1, lp1, kl1, g1) = out[False], out[True]
-    assert d1 == pytest.approx(d0, rel=1e-5, abs=1e-6) and d0 > 0
-    assert kl1 == pytest.approx(kl0, rel=1e-5, abs=1e-6) and kl0 > 0
-    assert torch.allclose(lp0, lp1, atol=1e-5)
-    for a, b in zip(g0, g1):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert_same_losses(out[False], out[True])
+    assert out[False][2] > 0                      # the anchor KL is not trivially equal
 
 
 def test_a_model_whose_head_does_more_is_refused_and_scored_plainly(setup):
@@ -251,12 +247,8 @@ def test_rows_without_their_padding_mask_give_the_same_losses_and_gradients(setu
         sc = Scorer(bank, tok, cfg.nrem, contexts=_by_episode(prompts))
         assert sc.async_rows is async_rows
         out[async_rows] = losses_and_grads(sc, tok, prompts, ys)
-    (d0, lp0, kl0, g0), (d1, lp1, kl1, g1) = out[False], out[True]
-    assert d1 == pytest.approx(d0, rel=1e-5, abs=1e-6) and d0 > 0
-    assert kl1 == pytest.approx(kl0, rel=1e-5, abs=1e-6) and kl0 > 0
-    assert torch.allclose(lp0, lp1, atol=1e-5)
-    for a, b in zip(g0, g1):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert_same_losses(out[False], out[True])
+    assert out[False][2] > 0                      # the anchor KL is not trivially equal
 
 
 def test_a_padded_row_without_its_mask_keeps_its_states_and_with_a_mask_before_it_would_not(setup):
