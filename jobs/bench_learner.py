@@ -49,7 +49,7 @@ def learner_records(args, save=lambda records: None) -> list[dict]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     combos = [(shape, int(B)) for shape in args.shapes.split(",") for B in args.batches.split(",")]
     bare = [v for v in args.bare.split(",") if v and v != "none"] if not args.only_nrem else []
-    workers = [int(n) for n in args.ray_workers.split(",") if n]
+    workers = [] if args.only_bare else [int(n) for n in args.ray_workers.split(",") if n]
     if workers:
         if args.ray_poll_s is not None:
             os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(args.ray_poll_s)

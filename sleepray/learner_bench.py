@@ -198,10 +198,9 @@ def _sync_debug(mode: int):
         torch.cuda.set_sync_debug_mode(prev)
 
 
-def sync_count(fn, ph: Phases) -> dict[str, int]:
+def sync_count(fn) -> dict[str, int]:
     """Host-device syncs while ``fn()`` runs on a GPU (CUDA's sync debug mode), by the Python line
-    that asked for them, leaving out those of the phases in ``ph.quiet`` (sampling hands its
-    tokens to the host: it has to)."""
+    that asked for them (a :class:`Phases` leaves out those of its ``quiet`` phases)."""
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         with _sync_debug(1):
@@ -450,6 +449,10 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
         k = ncfg.sample_ahead   # whole groups of k steps; with k > 1 at least two groups of warm-up (shapes)
         warm, iters = -(-warm // k) * k if k == 1 else max(2 * k, -(-warm // k) * k), -(-iters // k) * k
         profile = -(-profile // k) * k
+        total = warm + iters + (k if k > 1 else min(3, iters)) + (k if device.type == "cuda" else 0) + profile
+        if total > ncfg.steps:   # past nrem.steps, sample-ahead draws shorter groups than k
+            raise ValueError(f"the benchmark takes {total} NREM steps, more than nrem.steps={ncfg.steps}: "
+                             "fewer --warm/--iters/--profile, or a larger nrem.steps override")
         done, last = 0, {}
 
         def run(n: int, only: Optional[set]) -> tuple[list, list]:
@@ -478,12 +481,12 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
         toks = (statistics.median if k == 1 else statistics.fmean)(loss_tokens[warm:])
         phased, phases = run(k if k > 1 else min(3, iters), None)   # then a few steps phase by phase
         syncs, sync_at = None, {}
-        if device.type == "cuda":
+        if device.type == "cuda":      # a step's syncs outside sampling (it hands its tokens to the host)
             ph.only, ph.quiet = {"sampling"}, {"sampling"}
             for _ in range(k):
-                for at, n in sync_count(trainer.step, ph).items():
-                    sync_at[at] = sync_at.get(at, 0) + n
-            syncs, ph.quiet = sum(sync_at.values()) / k, set()
+                for at, n in sync_count(trainer.step).items():
+                    sync_at[at] = sync_at.get(at, 0) + n / k
+            syncs, ph.quiet = sum(sync_at.values()), set()
         ph.only = None
         prof = None
         if profile:

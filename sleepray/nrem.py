@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sleepray.anchor import AnchorBatch, anchor_batch, anchor_loss
+from sleepray.lm_forward import to_device
 from sleepray.nrem_forward import Scorer, padded
 from sleepray.nrem_samplers import LocalSampler, TeacherPool
 from sleepray.prompts import ConsolidationPrompt
@@ -71,13 +72,20 @@ def make_judge(ncfg, bank=None, tok=None):
     return _FrozenModelJudge()
 
 
-def _old_logprobs(lp, old: list | None):
-    """The sampling policy's log-probs (rollout's), or the current ones where not given."""
-    out = lp.detach().clone()
+def _old_logprobs(lp, old: list | None, non_blocking: bool = False):
+    """The sampling policy's log-probs (rollout's), or the current ones where not given; they reach
+    the device in one copy (``non_blocking``: without waiting, ``nrem.async_rows``)."""
+    out = lp.detach()
+    given = torch.zeros(out.shape, dtype=out.dtype)
+    where = torch.zeros(out.shape, dtype=torch.bool)
     for i, row in enumerate(old or []):
         if row is not None:
-            out[i, : len(row)] = torch.tensor(row[: out.shape[1]], dtype=out.dtype, device=out.device)
-    return out
+            row = row[: out.shape[1]]
+            given[i, : len(row)] = torch.tensor(row, dtype=out.dtype)
+            where[i, : len(row)] = True
+    if not where.any():
+        return out.clone()
+    return torch.where(to_device(where, out.device, non_blocking), to_device(given, out.device, non_blocking), out)
 
 
 def _draw_samples(batch: list[ConsolidationPrompt], ncfg, rng: random.Random, sampler, use_lti: bool, tok):
@@ -115,7 +123,8 @@ def _lti_loss(scorer: Scorer, s_states, lti, ncfg, judge, batch_size: int, tok):
     rewards = torch.tensor(lti_reward(preds, refs, judge, ncfg.gamma, ncfg.z0)).view(batch_size, -1)
     adv = group_advantages(rewards).view(-1)
     lp, mask = padded(scorer.token_logprobs(s_states, comps), [len(c) for c in comps])
-    loss = clipped_pg_loss(lp, _old_logprobs(lp, old), adv.to(lp.device), mask, ncfg.lti_clip)
+    loss = clipped_pg_loss(lp, _old_logprobs(lp, old, scorer.async_rows), to_device(adv, lp.device, scorer.async_rows),
+                           mask, ncfg.lti_clip)
     return loss, rewards.mean().item()
 
 
@@ -170,7 +179,8 @@ def read_record(rec: dict) -> dict:
     if not keys:
         return dict(rec)
     values = torch.stack([rec[k].detach().reshape(()).double() for k in keys]).tolist()
-    return {**rec, **dict(zip(keys, values))}
+    kinds = [float if rec[k].is_floating_point() else bool if rec[k].dtype == torch.bool else int for k in keys]
+    return {**rec, **{k: kind(v) for k, v, kind in zip(keys, values, kinds)}}
 
 
 def divergence(bank, tok, prompts: list[ConsolidationPrompt], ys: list[list[int]], ncfg) -> torch.Tensor:

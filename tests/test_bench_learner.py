@@ -80,6 +80,15 @@ def test_the_bare_loops_alone_with_the_fused_optimizer(tmp_path, seed_test_model
     assert rec["bare_tok_s"] == max(b["tok_s"] for b in rec["bare"]) > 0
 
 
+def test_a_benchmark_longer_than_the_nrem_run_is_refused(tmp_path, seed_test_model):
+    """Past nrem.steps, sample-ahead would draw groups shorter than k: the mode says so instead."""
+    out = tmp_path / "too_long.json"
+    assert main(["--shapes", "tiny", "--batches", "4", "--new-tokens", "6", "--warm", "1", "--iters", "2",
+                 "--device", "cpu", "--modes", "alpha1", "--only-nrem", "--out", str(out), "nrem.steps=3"]) == 0
+    [rec] = json.loads(out.read_text())
+    assert "more than nrem.steps=3" in rec["nrem"][0]["error"]
+
+
 def test_liger_swiglu_is_seen_whether_its_class_or_its_forward_was_put_in():
     """liger patches a built model by binding its SwiGLU forward onto the MLP (the class stays), and a
     model built after a patch by its class: the benchmark's record says SwiGLU in both cases."""

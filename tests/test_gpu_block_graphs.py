@@ -69,7 +69,7 @@ def test_async_rows_leave_no_host_device_sync_of_their_own_in_the_passes_and_the
     give the masked path's losses. transformers' check of unmasked position ids for packed
     sequences still reads one flag back a pass from position 0. The control: with the switch
     off the project's blocking copies sync."""
-    from sleepray.learner_bench import Phases, sync_count
+    from sleepray.learner_bench import sync_count
     path = str(build_tiny_model("qwen3", tmp_path / "m"))
     tok = load_model(path)[1]
     prompts = [p for e in World(3, 1, 0, 0, 1).episodes(2) for p in consolidation_prompts(e, 6, random.Random(0))]
@@ -89,7 +89,7 @@ def test_async_rows_leave_no_host_device_sync_of_their_own_in_the_passes_and_the
         sc.begin_step()
         bank.model.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        syncs[async_rows] = sync_count(lambda: _passes(sc, tok, prompts, ys), Phases(torch.device("cuda")))
+        syncs[async_rows] = sync_count(lambda: _passes(sc, tok, prompts, ys))
         sc.begin_step()
         bank.model.zero_grad(set_to_none=True)
         out[async_rows] = losses_and_grads(sc, tok, prompts, ys)

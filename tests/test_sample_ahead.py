@@ -105,3 +105,22 @@ def test_no_group_is_drawn_past_the_runs_end(seed_test_model):
         trainer.step()
     per_step = trainer.per_rank * (1 + trainer.ncfg.lti_group_size)
     assert sampler.calls == [3 * per_step, 2 * per_step] and trainer._ahead == []
+
+
+def test_the_drawing_policys_logprobs_stand_in_where_given_and_nowhere_else():
+    """LTI's importance ratio: rows whose sampler gave log-probs take them (cut to the row's
+    width), the others keep the current ones; one copy to the device, the input untouched."""
+    lp = torch.arange(12, dtype=torch.float32).view(3, 4).requires_grad_()
+    old = nrem._old_logprobs(lp, [[-1.0, -2.0], None, [-3.0, -4.0, -5.0, -6.0, -7.0]])
+    assert old.tolist() == [[-1, -2, 2, 3], [4, 5, 6, 7], [-3, -4, -5, -6]]
+    assert not old.requires_grad and lp[0, 0].item() == 0
+    assert torch.equal(nrem._old_logprobs(lp, None), lp.detach()) and torch.equal(
+        nrem._old_logprobs(lp, [None] * 3, non_blocking=True), lp.detach())
+
+
+def test_a_steps_record_is_read_in_one_go_with_its_kinds_kept():
+    rec = {"divergence": torch.tensor(0.25), "loss": torch.tensor(1.5, dtype=torch.bfloat16),
+           "hits": torch.tensor(3), "ok": torch.tensor(True), "loss_tokens": 7}
+    out = nrem.read_record(rec)
+    assert out == {"divergence": 0.25, "loss": 1.5, "hits": 3, "ok": True, "loss_tokens": 7}
+    assert [type(out[k]) for k in ("divergence", "hits", "ok")] == [float, int, bool]
