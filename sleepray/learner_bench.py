@@ -440,24 +440,25 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
             ph.wrap(nrem_forward.Scorer, "jsd", "loss"), ph.wrap(nrem_forward.Scorer, "token_logprobs", "loss"),
             ph.wrap(nrem_forward.Scorer, "anchor_kl", "anchor"), ph.wrap(nrem, "lti_reward", "reward"),
             ph.wrap(torch.Tensor, "backward", "backward"), ph.wrap(torch.optim.AdamW, "step", "optimizer")]
-    loss_tokens = []
     try:
         trainer = nrem.NREMTrainer(bank, tok, prompts, ncfg, seed=0, sampler=sampler,
                                    anchor_texts=anchor_texts(cfg) if ncfg.anchor_weight > 0 else None,
                                    hooks=hooks)
         pool_s = ph.acc.get("teacher_pool", 0.0)
         k = ncfg.sample_ahead   # whole groups of k steps; with k > 1 at least two groups of warm-up (shapes)
-        warm, iters = -(-warm // k) * k if k == 1 else max(2 * k, -(-warm // k) * k), -(-iters // k) * k
-        profile = -(-profile // k) * k
-        total = warm + iters + (k if k > 1 else min(3, iters)) + (k if device.type == "cuda" else 0) + profile
+        warm = warm if k == 1 else max(2 * k, -(-warm // k) * k)
+        iters, profile = -(-iters // k) * k, -(-profile // k) * k
+        phase_n = k if k > 1 else min(3, iters)         # steps timed phase by phase
+        count_n = k if device.type == "cuda" else 0     # steps whose syncs are counted
+        total = warm + iters + phase_n + count_n + profile
         if total > ncfg.steps:   # past nrem.steps, sample-ahead draws shorter groups than k
             raise ValueError(f"the benchmark takes {total} NREM steps, more than nrem.steps={ncfg.steps}: "
                              "fewer --warm/--iters/--profile, or a larger nrem.steps override")
         done, last = 0, {}
 
-        def run(n: int, only: Optional[set]) -> tuple[list, list]:
+        def run(n: int, only: Optional[set]) -> tuple[list, list, list]:
             nonlocal done, last
-            steps, phases = [], []
+            steps, phases, tokens = [], [], []
             ph.only = only
             for _ in range(n):
                 ph.acc = {}
@@ -469,23 +470,22 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
                 sync(device)
                 steps.append(time.perf_counter() - t)
                 phases.append(dict(ph.acc))
-                loss_tokens.append(rec["loss_tokens"])
+                tokens.append(rec["loss_tokens"])
                 last = rec
-            return steps, phases
+            return steps, phases, tokens
         run(warm, None)
         reset_peak(device)
         # timed steps as a real run takes them: only sampling is synchronised and timed (it hands
         # its tokens to the host anyway); a phase's own syncs would keep the host from queueing the
         # next phase's kernels while the GPU runs this one's
-        steps, timed_phases = run(iters, {"sampling"})
-        toks = (statistics.median if k == 1 else statistics.fmean)(loss_tokens[warm:])
-        phased, phases = run(k if k > 1 else min(3, iters), None)   # then a few steps phase by phase
+        steps, timed_phases, tokens = run(iters, {"sampling"})
+        phased, phases, _ = run(phase_n, None)      # then a few steps phase by phase
         syncs, sync_at = None, {}
         if device.type == "cuda":      # a step's syncs outside sampling (it hands its tokens to the host)
             ph.only, ph.quiet = {"sampling"}, {"sampling"}
-            for _ in range(k):
+            for _ in range(count_n):
                 for at, n in sync_count(trainer.step).items():
-                    sync_at[at] = sync_at.get(at, 0) + n / k
+                    sync_at[at] = sync_at.get(at, 0) + n / count_n
             syncs, ph.quiet = sum(sync_at.values()), set()
         ph.only = None
         prof = None
@@ -501,9 +501,9 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
         for u in undo:
             u()
     # with nrem.sample_ahead k, one step in k samples for all k: the mean over whole groups
-    avg = statistics.median if ncfg.sample_ahead == 1 else statistics.fmean
-    step = avg(steps)
-    per = {k: avg(p.get(k, 0.0) for p in phases) for k in set().union(*phases)}
+    avg = statistics.median if k == 1 else statistics.fmean
+    step, toks = avg(steps), avg(tokens)
+    per = {name: avg(p.get(name, 0.0) for p in phases) for name in set().union(*phases)}
     sampling = avg(p.get("sampling", 0.0) for p in timed_phases) + pool_s / ncfg.steps
     with torch.no_grad():
         switch_ms = _switch_ms(bank, device)
