@@ -226,7 +226,9 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="alpha1,lti,anchor",
                     help="NREM modes: alpha1, alpha1_compiled (nrem.compile_blocks on), alpha1_graphs (and "
                          "nrem.teacher_graph), alpha1_fast (and nrem.compile_loss, merged_sampling, fast_guards), "
-                         "alpha1_fast_math (and nrem.attention=math), lti, anchor")
+                         "alpha1_fast_math (and nrem.attention=math), ..._graphs (nrem.block_graphs), ..._async "
+                         "(nrem.async_rows), ..._fused (nrem.decode=fused), ..._ahead4 (nrem.sample_ahead=4), lti, "
+                         "anchor; every name in sleepray.learner_bench.NREM_MODES")
     ap.add_argument("--ray-workers", default="", help="comma list of Ray Train worker counts to run the NREM "
                                                       "step (alpha 1) on too, one GPU (or CPU) each; e.g. 1,2")
     ap.add_argument("--ray-cpus", type=float, default=1, help="CPUs per Ray Train worker (the learner's default 1)")
@@ -241,8 +243,9 @@ def main(argv=None) -> int:
                                                                "or decode measurement")
     ap.add_argument("--decode-loops", default="own,graph,graph_fast",
                     help="the decode benchmark's loops: own (eager), graph (CUDA graph), graph_fast (and the experts "
-                         "merged, repeated guards skipped; what the alpha1_fast modes sample with); the graphed ones "
-                         "only on a GPU, and each costs a compile")
+                         "merged, repeated guards skipped; what the alpha1_fast modes sample with), fused (nrem.decode="
+                         "fused: Llama-shaped blocks with fused weights, CUDA graphs on a GPU, eager on a CPU); "
+                         "graph and graph_fast only on a GPU; each graphed loop costs a compile")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="after the timed steps, this many more under torch.profiler: wall, kernel time, launches, "
                          "top kernels and host ops by phase, in each NREM record's 'profile'")

@@ -135,9 +135,12 @@ class NREMConfig(_Anchored):
                                                    "uses the log-probs of the student that drew them)")
     fused_loss: bool = Field(True, description="losses from hidden states at the scored positions, the LM head "
                                                "and the loss fused a chunk at a time; false: full logits")
-    decode: Literal["auto", "own", "graph"] = Field(
-        "auto", description="the learner's own sampling loop: eager ('own'), or each decode step replayed from a "
-                            "CUDA graph over a static KV cache ('graph'); auto: graph on a GPU, own on CPU")
+    decode: Literal["auto", "own", "graph", "fused"] = Field(
+        "auto", description="the learner's own sampling loop: eager ('own'), each decode step replayed from a "
+                            "CUDA graph over a static KV cache ('graph'), or Llama/Mistral/Qwen2/Qwen3 blocks run "
+                            "with the experts merged and q|k|v and gate|up fused, one CUDA graph a step on a GPU "
+                            "('fused', sleepray.fused_decode; merges by itself, so merged_sampling is not used); "
+                            "auto: graph on a GPU, own on CPU")
     loss_chunk: int = Field(512, ge=1, description="positions per chunk of the fused losses (peak memory ~ 6 x chunk x vocabulary x 4 bytes)")
     reuse_context_kv: bool = Field(True, description="the teacher's episode context is run once per NREM and its "
                                                      "keys/values reused by every teacher forward")

@@ -398,6 +398,11 @@ NREM_MODES = {
     "alpha1_fast_math_async_ahead4": _FAST + ["nrem.attention=math", "nrem.async_rows=true", "nrem.sample_ahead=4"],
     "alpha1_fast_math_graphs_async_ahead4": _FAST + ["nrem.attention=math", "nrem.block_graphs=true",
                                                      "nrem.async_rows=true", "nrem.sample_ahead=4"],
+    # the fused decode (nrem.decode=fused) in place of transformers' graphed step
+    "alpha1_fused": ["nrem.alpha=1.0", "nrem.decode=fused"],
+    "alpha1_fast_math_async_fused": _FAST + ["nrem.attention=math", "nrem.async_rows=true", "nrem.decode=fused"],
+    "alpha1_fast_math_graphs_async_fused": _FAST + ["nrem.attention=math", "nrem.block_graphs=true",
+                                                    "nrem.async_rows=true", "nrem.decode=fused"],
     "lti": ["nrem.alpha=0.5", "nrem.judge=exact"],
     "anchor": ["nrem.alpha=1.0", "nrem.anchor_weight=1.0", "nrem.anchor_batch=8"],
 }
@@ -559,7 +564,8 @@ def bench_loss_memory(model, device, rows: int = 256, tokens: int = 64, chunk: i
     return out
 
 
-DECODE_LOOPS = ("own", "graph", "graph_fast")
+DECODE_LOOPS = ("own", "graph", "graph_fast", "fused")
+CPU_LOOPS = ("own", "fused")     # "fused" runs eager on a CPU, from CUDA graphs on a GPU
 
 
 def check_decode_loops(loops, cuda: bool) -> None:
@@ -567,8 +573,8 @@ def check_decode_loops(loops, cuda: bool) -> None:
     graphed ones only on a GPU)."""
     if not loops or set(loops) - set(DECODE_LOOPS):
         raise ValueError(f"decode loops must be some of {', '.join(DECODE_LOOPS)}; got {', '.join(loops) or 'none'}")
-    if not cuda and "own" not in loops:
-        raise ValueError("the graphed decode loops need a GPU: ask for 'own' on a CPU")
+    if not cuda and not set(loops) & set(CPU_LOOPS):
+        raise ValueError("the graphed decode loops need a GPU: ask for 'own' or 'fused' on a CPU")
 
 
 @torch.no_grad()
@@ -577,8 +583,12 @@ def bench_decode(bank, tok, B: int, new_tokens: int, device, prompt_tokens: int 
     """ms per decode step of the learner's sampling loops on ``bank``'s student (prefill excluded):
     eager ("own"), and on a GPU the CUDA-graph step, alone ("graph") and with the experts merged and
     the repeated steps' guards skipped ("graph_fast": ``nrem.merged_sampling``, ``nrem.fast_guards``);
-    and the weight-read floor. ``loops``: which of them (the graphed ones only on a GPU)."""
+    the fused blocks ("fused": ``nrem.decode=fused``, from CUDA graphs with ``fast_guards`` on a GPU,
+    eager on a CPU); and the weight-read floor. ``loops``: which of them (the graphed ones only on
+    a GPU). Each loop other than "own" is checked against it at a near-greedy temperature
+    (``<loop>_equal_greedy_frac``: the fraction of 8 draws a row that are the same)."""
     check_decode_loops(loops, device.type == "cuda")
+    from sleepray.fused_decode import decode_fused
     from sleepray.merged_sampling import MergedWeights
     from sleepray.sampling import decode, decode_static
     model = bank.model
@@ -591,8 +601,10 @@ def bench_decode(bank, tok, B: int, new_tokens: int, device, prompt_tokens: int 
     graph = functools.partial(decode_static, graphs=True)
     # graph_fast: what NREM's alpha1_fast mode samples with (experts merged, repeated steps' guards skipped)
     fast = functools.partial(decode_static, graphs=True, fast_guards=True)
-    every = {"own": (decode, None), "graph": (graph, None), "graph_fast": (fast, MergedWeights(bank))}
-    loops = {k: v for k, v in every.items() if k in loops and (device.type == "cuda" or k == "own")}
+    fused = functools.partial(decode_fused, graphs=device.type == "cuda", fast_guards=device.type == "cuda")
+    every = {"own": (decode, None), "graph": (graph, None), "graph_fast": (fast, MergedWeights(bank)),
+             "fused": (fused, None)}
+    loops = {k: v for k, v in every.items() if k in loops and (device.type == "cuda" or k in CPU_LOOPS)}
     try:
         for name, (fn, merge) in loops.items():
             def run(n):
@@ -609,15 +621,17 @@ def bench_decode(bank, tok, B: int, new_tokens: int, device, prompt_tokens: int 
             one = statistics.median(run(1) for _ in range(iters))   # the prefill and a first draw
             out[f"{name}_decode_ms"] = (full - one) / max(1, new_tokens - 1) * 1000
         graphed = [k for k in ("graph", "graph_fast") if k in loops]
-        if graphed:                                           # the graphed step's near-greedy draws vs eager
-            fn, merge = loops[graphed[0]]
+        if graphed or "fused" in loops:                       # near-greedy draws vs eager
             torch.manual_seed(0)
             a = decode(model, ids, attn, 8, 1e-4, [], tok.pad_token_id)
-            torch.manual_seed(0)
-            with merge.on() if merge else contextlib.nullcontext():
-                b = fn(model, ids, attn, 8, 1e-4, [], tok.pad_token_id)
-            out["graph_equal_greedy_frac"] = float((a == b).float().mean())
-            out["graph_equal_loop"] = graphed[0]
+            for key, name in ([("graph", graphed[0])] if graphed else []) + ([("fused", "fused")] if "fused" in loops else []):
+                fn, merge = loops[name]
+                torch.manual_seed(0)
+                with merge.on() if merge else contextlib.nullcontext():
+                    b = fn(model, ids, attn, 8, 1e-4, [], tok.pad_token_id)
+                out[f"{key}_equal_greedy_frac"] = float((a == b).float().mean())
+            if graphed:
+                out["graph_equal_loop"] = graphed[0]
     finally:
         h.remove()
     _, bw = device_peaks(device)

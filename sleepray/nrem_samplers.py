@@ -34,18 +34,23 @@ def _nonempty(ids: list[int], newline: int) -> list[int]:
 class LocalSampler:
     def __init__(self, bank, tok, max_new_tokens: int, temperature: float, decode: str = "auto",
                  merged: bool = False, fast_guards: bool = False):
-        """``decode``: ``nrem.decode`` (auto: CUDA graphs on a GPU, the eager loop on CPU);
-        ``merged``: sample with the active experts merged into the weights (``nrem.merged_sampling``,
-        ``sleepray.merged_sampling``); ``fast_guards``: ``nrem.fast_guards`` for the decode steps."""
+        """``decode``: ``nrem.decode`` (auto: CUDA graphs on a GPU, the eager loop on CPU; "fused":
+        ``sleepray.fused_decode``, a ValueError here for a family it cannot run); ``merged``:
+        sample with the active experts merged into the weights (``nrem.merged_sampling``,
+        ``sleepray.merged_sampling``; "fused" merges by itself); ``fast_guards``:
+        ``nrem.fast_guards`` for the decode steps."""
         from sleepray.merged_sampling import MergedWeights
         self.bank, self.tok = bank, tok
-        self.merged = MergedWeights(bank) if merged else None
+        on_gpu = next(bank.model.parameters()).device.type == "cuda"
+        self.loop = ("graph" if on_gpu else "own") if decode == "auto" else decode
+        if self.loop == "fused":   # refused here for a family it cannot run; it merges the experts itself
+            from sleepray.fused_decode import fused_weights
+            fused_weights(bank.model)
+        self.merged = MergedWeights(bank) if merged and self.loop != "fused" else None
         self.fast_guards = fast_guards
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.newline = tok.encode("\n", add_special_tokens=False)[-1]
         self.stop = format_of(tok).stop
-        on_gpu = next(bank.model.parameters()).device.type == "cuda"
-        self.loop = ("graph" if on_gpu else "own") if decode == "auto" else decode
 
     def _sample(self, prompts, prefixes=None) -> Samples:
         from sleepray.sampling import sample_ids

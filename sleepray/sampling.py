@@ -39,8 +39,10 @@ def sample_ids(model, tok, prompts: list[str], max_new_tokens: int, temperature:
     before EOS/padding, or just after the first of the ``stop`` strings (its tokens kept).
     ``loop``: "own" (:func:`decode`: one forward per token, logits of the last position
     only, no per-step processors), "static" / "graph" (:func:`decode_static`: a static KV
-    cache; "graph" replays each decode step from a CUDA graph) or "generate" (transformers'
-    ``generate``, the reference: with the same seed "own" and "static" draw the same tokens).
+    cache; "graph" replays each decode step from a CUDA graph), "fused" (Llama-shaped blocks
+    run with fused weights, CUDA graphs on a GPU: ``sleepray.fused_decode``) or "generate"
+    (transformers' ``generate``, the reference: with the same seed "own", "static" and
+    "fused" draw the same tokens).
     ``fast_guards``: the graphed decode steps after the first skip the guards that do not tell
     compiled graphs apart (``sleepray.compiled_blocks.repeat_call``).
     """
@@ -54,9 +56,13 @@ def sample_ids(model, tok, prompts: list[str], max_new_tokens: int, temperature:
         attn[i, n - len(r):] = 1
     device = next(model.parameters()).device
     with _seeded(device, seed):
-        if loop in ("own", "static", "graph"):
-            fn = decode if loop == "own" else functools.partial(decode_static, graphs=loop == "graph",
-                                                                fast_guards=fast_guards)
+        if loop in ("own", "static", "graph", "fused"):
+            if loop == "fused":
+                from sleepray.fused_decode import decode_fused
+                fn = functools.partial(decode_fused, graphs=device.type == "cuda", fast_guards=fast_guards)
+            else:
+                fn = decode if loop == "own" else functools.partial(decode_static, graphs=loop == "graph",
+                                                                    fast_guards=fast_guards)
             out = fn(model, ids.to(device), attn.to(device), max_new_tokens, temperature,
                      [tok.eos_token_id, *stop_ids], tok.pad_token_id,
                      (lambda row: any(s in tok.decode(row[-8:]) for s in stop_texts)) if stop_texts else None)

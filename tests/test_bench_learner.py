@@ -150,3 +150,16 @@ def test_the_learner_benchmark_runs_the_nrem_step_on_ray_train(ray_client, tmp_p
     expect = (rec["nrem_tok_s"] / run["tok_s"] - 1) * 100
     assert abs(rec["ray_train_overhead_pct"] - expect) < 1e-9
     assert "bare" not in rec and "decode" not in rec
+
+
+def test_the_learner_benchmark_runs_the_fused_decode_on_a_cpu(tmp_path, seed_test_model):
+    out = tmp_path / "bench_learner.json"
+    assert main(["--shapes", "tiny", "--batches", "4", "--new-tokens", "6", "--warm", "1", "--iters", "1",
+                 "--device", "cpu", "--bare", "tuned", "--modes", "alpha1,alpha1_fused", "--decode-loops",
+                 "own,fused", "--out", str(out)]) == 0
+    [rec] = json.loads(out.read_text())
+    dec = rec["decode"]
+    assert dec["own_decode_ms"] > 0 and dec["fused_decode_ms"] > 0 and dec["fused_equal_greedy_frac"] == 1.0
+    assert rec["decode_ms"] == min(dec["own_decode_ms"], dec["fused_decode_ms"])
+    fused = {n["mode"]: n for n in rec["nrem"]}["alpha1_fused"]
+    assert "error" not in fused and fused["loss_tokens"] > 0 and fused["phases_s"]["sampling"] > 0

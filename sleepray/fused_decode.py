@@ -1,0 +1,256 @@
+"""The learner's fastest in-process sampling (``nrem.decode=fused``): Llama-shaped blocks with fused weights.
+
+transformers' decode step, even replayed from a CUDA graph with the experts merged, runs about
+20 kernels a block (0.6B at batch 16 on the H200: 2.4-2.7 ms a step against a 0.26 ms
+weight-read floor, every kernel near its 3-4 us launch floor). It needs fewer kernels, not
+faster ones. For the families whose blocks are Llama's (Llama, Mistral, Qwen2, Qwen3) this
+module runs the blocks itself:
+
+* each block's weights are copied once per sampling call into buffers of fixed address, with
+  the active experts merged (PEFT's ``get_delta_weight``, as ``nrem.merged_sampling`` does) and
+  q|k|v and gate|up side by side: one matrix product for each pair or triple;
+* its own KV cache [B, kv heads, L, head dim] a block, and at one query a row a grouped-query
+  attention of two small products and a softmax, with no repeated keys;
+* on a GPU the whole decode step is one torch.compile graph replayed from a CUDA graph
+  (inductor fuses each norm with the residual add before it, q/k norms with RoPE, SiLU with
+  the product); on a CPU it runs eager.
+
+The prefill runs the same code, with PyTorch's sdpa for many queries. The rotary embedding,
+the embedding and the output head are the model's own modules (RoPE scaling, tied weights
+and hooks on the head keep working). In float32 the logits are the model's within rounding
+and the draws the same (``tests/test_fused_decode.py``).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sleepray.compiled_blocks import compile_once, decoder_layers, repeat_call
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+_PROJ = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+def _base(model) -> nn.Module:
+    """The transformers model under a PEFT wrapper (or ``model`` itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def unsupported(model) -> Optional[str]:
+    """Why ``model`` cannot decode fused (a sentence), or None if it can."""
+    cfg = _base(model).config
+    if cfg.model_type not in FAMILIES:
+        return f"model type {cfg.model_type!r} (fused decode runs {', '.join(FAMILIES)})"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r} (fused decode runs SiLU-gated MLPs)"
+    for block in decoder_layers(model):
+        for part, names in _PROJ.items():
+            for name in names:
+                m = getattr(getattr(block, part, None), name, None)
+                if not isinstance(getattr(m, "base_layer", m), nn.Linear):
+                    return f"a block without a Linear {part}.{name}"
+    emb = model.get_input_embeddings()
+    if hasattr(emb, "get_delta_weight") and emb.active_adapters:
+        return "LoRA on the input embedding"
+    return None
+
+
+def _norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers' Llama/Qwen: in float32, then the weight in the input's dtype."""
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on [B, T, heads, D] with cos/sin [B, T, D] (transformers' rotate_half form)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def _eps(norm: nn.Module) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+class FusedWeights:
+    """One copy of every block's weights with the active experts merged, q|k|v and gate|up
+    concatenated; :meth:`refresh` rewrites them in place (the buffers keep their addresses)."""
+
+    def __init__(self, model):
+        why = unsupported(model)
+        if why:
+            raise ValueError(f"nrem.decode=fused cannot run {why}; use 'graph' or 'own'")
+        base = _base(model)
+        cfg = base.config
+        self.model, self.blocks = model, list(decoder_layers(model))
+        self.decoder = base.get_decoder()
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        attn0 = self.blocks[0].self_attn
+        self.head_dim = getattr(attn0, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scaling = float(getattr(attn0, "scaling", self.head_dim ** -0.5))
+        self.window = getattr(cfg, "sliding_window", None) if (
+            cfg.model_type == "mistral" or "sliding_attention" in (getattr(cfg, "layer_types", None) or [])
+            or getattr(cfg, "use_sliding_window", False)) else None
+        self.norm_eps = _eps(self.decoder.norm)
+        self.layers = [self._alloc(b) for b in self.blocks]
+        for layer in self.layers:
+            for t in layer.values():
+                if isinstance(t, torch.Tensor) and t.is_cuda:
+                    torch._dynamo.mark_static_address(t)
+
+    @staticmethod
+    def _linears(block) -> dict[str, nn.Module]:
+        return {name: getattr(getattr(block, part), name) for part, names in _PROJ.items() for name in names}
+
+    def _alloc(self, block) -> dict:
+        lin = self._linears(block)
+        base = {k: getattr(m, "base_layer", m) for k, m in lin.items()}
+        w = base["q_proj"].weight
+
+        def cat(names):
+            rows = sum(base[n].out_features for n in names)
+            bias = any(base[n].bias is not None for n in names)
+            return (torch.empty(rows, base[names[0]].in_features, dtype=w.dtype, device=w.device),
+                    torch.zeros(rows, dtype=w.dtype, device=w.device) if bias else None)
+        qkv_w, qkv_b = cat(("q_proj", "k_proj", "v_proj"))
+        gu_w, gu_b = cat(("gate_proj", "up_proj"))
+        o_w, o_b = cat(("o_proj",))
+        d_w, d_b = cat(("down_proj",))
+        attn = block.self_attn
+        qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        return dict(qkv_w=qkv_w, qkv_b=qkv_b, o_w=o_w, o_b=o_b, gu_w=gu_w, gu_b=gu_b, d_w=d_w, d_b=d_b,
+                    split=(base["q_proj"].out_features, base["k_proj"].out_features, base["v_proj"].out_features),
+                    ln1=block.input_layernorm.weight, eps1=_eps(block.input_layernorm),
+                    ln2=block.post_attention_layernorm.weight, eps2=_eps(block.post_attention_layernorm),
+                    qn=None if qn is None else qn.weight, kn=None if kn is None else kn.weight,
+                    qk_eps=_eps(qn) if qn is not None else 0.0)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Each buffer := the weights the model acts with now (base plus its active experts)."""
+        for block, layer in zip(self.blocks, self.layers):
+            lin = self._linears(block)
+            for key, names in (("qkv", ("q_proj", "k_proj", "v_proj")), ("gu", ("gate_proj", "up_proj")),
+                               ("o", ("o_proj",)), ("d", ("down_proj",))):
+                row = 0
+                for name in names:
+                    m = lin[name]
+                    base = getattr(m, "base_layer", m)
+                    n = base.out_features
+                    dst = layer[f"{key}_w"][row:row + n]
+                    dst.copy_(base.weight)
+                    if hasattr(m, "get_delta_weight") and not m.disable_adapters and not m.merged:
+                        for adapter in m.active_adapters:
+                            if adapter in m.lora_A:
+                                dst.add_(m.get_delta_weight(adapter).to(dst.dtype))
+                    if layer[f"{key}_b"] is not None and base.bias is not None:
+                        layer[f"{key}_b"][row:row + n].copy_(base.bias)
+                    row += n
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, cpos: torch.Tensor, keep: torch.Tensor,
+                kc: list[torch.Tensor], vc: list[torch.Tensor]) -> torch.Tensor:
+        """Logits [B, V] after the last of ``ids`` [B, T] (positions ``pos`` [B, T]); writes each
+        block's keys and values at cache columns ``cpos`` [T]; ``keep`` [B, L]: the cache columns
+        a row may attend to (its own tokens, up to the newest)."""
+        B, T = ids.shape
+        H, Hk, D = self.heads, self.kv_heads, self.head_dim
+        x = self.model.get_input_embeddings()(ids)
+        cos, sin = self.decoder.rotary_emb(x, pos)
+        for i, p in enumerate(self.layers):
+            h = _norm(x, p["ln1"], p["eps1"])
+            q, k, v = F.linear(h, p["qkv_w"], p["qkv_b"]).split(p["split"], -1)
+            q, k, v = q.view(B, T, H, D), k.view(B, T, Hk, D), v.view(B, T, Hk, D)
+            if p["qn"] is not None:
+                q, k = _norm(q, p["qn"], p["qk_eps"]), _norm(k, p["kn"], p["qk_eps"])
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            kc[i].index_copy_(2, cpos, k.transpose(1, 2))
+            vc[i].index_copy_(2, cpos, v.transpose(1, 2))
+            a = self._attend(q, kc[i], vc[i], keep, cpos)
+            x = x + F.linear(a, p["o_w"], p["o_b"])
+            g, u = F.linear(_norm(x, p["ln2"], p["eps2"]), p["gu_w"], p["gu_b"]).chunk(2, -1)
+            x = x + F.linear(F.silu(g) * u, p["d_w"], p["d_b"])
+        return self.model.get_output_embeddings()(_norm(x[:, -1:], self.decoder.norm.weight, self.norm_eps))[:, -1]
+
+    def _attend(self, q, k, v, keep, cpos) -> torch.Tensor:
+        """[B, T, H * D]: queries ``q`` [B, T, H, D] over cache ``k``/``v`` [B, Hk, L, D]."""
+        B, T, H, D = q.shape
+        Hk, L = k.shape[1], k.shape[2]
+        if T == 1:   # one query a row: heads grouped by their key head, no repeated keys
+            s = torch.matmul(q.view(B, Hk, H // Hk, D), k.transpose(-1, -2)) * self.scaling
+            s = s.float().masked_fill(~keep[:, None, None, :], float("-inf"))
+            o = torch.matmul(torch.softmax(s, -1).to(v.dtype), v)
+            return o.reshape(B, 1, H * D)
+        col = torch.arange(L, device=q.device)
+        mask = (keep[:, None, :] & (col[None, None, :] <= cpos[None, :, None])) | (col == cpos[:, None])[None]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(H // Hk, 1),
+                                           v.repeat_interleave(H // Hk, 1), attn_mask=mask[:, None],
+                                           scale=self.scaling)
+        return o.transpose(1, 2).reshape(B, T, H * D)
+
+
+_FUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> (FusedWeights, {(B, L): caches})
+
+
+def fused_weights(model) -> FusedWeights:
+    """``model``'s fused weights (made once; not refreshed)."""
+    if model not in _FUSED:
+        _FUSED[model] = (FusedWeights(model), {})
+    return _FUSED[model][0]
+
+
+def _caches(model, B: int, L: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    fw, caches = _FUSED[model]
+    if (B, L) not in caches:
+        if len(caches) >= 8:
+            caches.clear()
+        w = fw.layers[0]["qkv_w"]
+        shape = (B, fw.kv_heads, L, fw.head_dim)
+        made = tuple([torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in fw.layers] for _ in range(2))
+        for t in made[0] + made[1]:
+            if t.is_cuda:
+                torch._dynamo.mark_static_address(t)
+        caches[(B, L)] = made
+    return caches[(B, L)]
+
+
+def decode_fused(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, temperature: float,
+                 stop_ids: list[int], pad_id: int, stopped=None, graphs: bool = False,
+                 fast_guards: bool = False) -> torch.Tensor:
+    """:func:`sleepray.sampling.decode` through :class:`FusedWeights` (refreshed first: the experts
+    active now are merged); a cache of length rounded up to 64 a shape, reused across calls.
+    ``graphs``: each decode step replayed from a CUDA graph; ``fast_guards``: its repeated
+    calls skip the guards that do not tell graphs apart. Draws as ``decode``."""
+    from sleepray.sampling import _sample_loop
+    fw = fused_weights(model)
+    fw.refresh()
+    B, n = ids.shape
+    L = -(-(n + max_new_tokens) // 64) * 64
+    if fw.window and n + max_new_tokens > fw.window:   # it attends to the whole row
+        raise ValueError(f"nrem.decode=fused: {n + max_new_tokens} tokens a row exceed the model's sliding "
+                         f"window ({fw.window}); use 'graph' or 'own'")
+    kc, vc = _caches(model, B, L)
+    keep = torch.zeros((B, L), dtype=torch.bool, device=ids.device)
+    keep[:, :n] = attn.bool()
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    logits = fw.forward(ids, pos, torch.arange(n, device=ids.device), keep, kc, vc)
+    if graphs:
+        torch.compiler.cudagraph_mark_step_begin()
+        one = compile_once(model, "_sleepray_fused_step", fw.forward, mode="reduce-overhead", dynamic=False,
+                           fullgraph=True)
+    else:
+        one = fw.forward
+    again = repeat_call(one) if graphs and fast_guards else one
+    pos = pos[:, -1:].clone()
+    cpos = torch.full((1,), n - 1, dtype=torch.long, device=ids.device)
+
+    def step(nxt, t):
+        nonlocal pos, cpos
+        keep[:, n + t] = True
+        pos, cpos = pos + 1, cpos + 1   # on the device: a host tensor copied in every step syncs
+        out = (again if t else one)(nxt[:, None], pos, cpos, keep, kc, vc)
+        return out.clone() if graphs else out
+    return _sample_loop(logits, step, max_new_tokens, temperature, stop_ids, pad_id, stopped)
