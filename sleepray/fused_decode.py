@@ -15,7 +15,8 @@ module runs the blocks itself:
   (inductor fuses each norm with the residual add before it, q/k norms with RoPE, SiLU with
   the product); on a CPU it runs eager.
 
-The prefill runs the same code, with PyTorch's sdpa for many queries. The rotary embedding,
+The prefill runs the same code, with PyTorch's sdpa for many queries (on a GPU, rows left-padded
+to a multiple of 64 tokens and replayed from a CUDA graph a shape too). The rotary embedding,
 the embedding and the output head are the model's own modules (RoPE scaling, tied weights
 and hooks on the head keep working). In float32 the logits are the model's within rounding
 and the draws the same (``tests/test_fused_decode.py``).
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sleepray.compiled_blocks import compile_once, decoder_layers, repeat_call
+from sleepray.compiled_blocks import allow_recompiles, compile_once, decoder_layers, repeat_call
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 _PROJ = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
@@ -72,6 +73,13 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
 
+def _plain_lora(m, adapter: str, dst: torch.Tensor) -> bool:
+    """Whether ``adapter`` on LoRA layer ``m`` merges as W + scaling x B A in ``dst``'s dtype (else
+    PEFT's ``get_delta_weight``: fan-in/fan-out layouts, DoRA, adapters in another dtype)."""
+    return (m.lora_A[adapter].weight.dtype == dst.dtype and not getattr(m, "fan_in_fan_out", False)
+            and not getattr(m, "use_dora", {}).get(adapter, False))
+
+
 def _eps(norm: nn.Module) -> float:
     return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
@@ -97,6 +105,7 @@ class FusedWeights:
             or getattr(cfg, "use_sliding_window", False)) else None
         self.norm_eps = _eps(self.decoder.norm)
         self.layers = [self._alloc(b) for b in self.blocks]
+        self._copied: dict = {}   # (block, projection) -> (id, version) of the weight last copied alone
         for layer in self.layers:
             for t in layer.values():
                 if isinstance(t, torch.Tensor) and t.is_cuda:
@@ -131,8 +140,14 @@ class FusedWeights:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Each buffer := the weights the model acts with now (base plus its active experts)."""
-        for block, layer in zip(self.blocks, self.layers):
+        """Each buffer := the weights the model acts with now (base plus its active experts).
+
+        A projection without an active expert is copied only when its weight changed since the
+        last copy (another tensor, or written in place); one with experts is written by one
+        ``addmm`` an expert (W + scaling x B A, PEFT's merge for a Linear) or, for layouts that
+        needs another form of, PEFT's ``get_delta_weight``. A sampling call on the learner
+        thus launches a few hundred small kernels, not thousands."""
+        for i, (block, layer) in enumerate(zip(self.blocks, self.layers)):
             lin = self._linears(block)
             for key, names in (("qkv", ("q_proj", "k_proj", "v_proj")), ("gu", ("gate_proj", "up_proj")),
                                ("o", ("o_proj",)), ("d", ("down_proj",))):
@@ -141,15 +156,33 @@ class FusedWeights:
                     m = lin[name]
                     base = getattr(m, "base_layer", m)
                     n = base.out_features
-                    dst = layer[f"{key}_w"][row:row + n]
-                    dst.copy_(base.weight)
-                    if hasattr(m, "get_delta_weight") and not m.disable_adapters and not m.merged:
-                        for adapter in m.active_adapters:
-                            if adapter in m.lora_A:
-                                dst.add_(m.get_delta_weight(adapter).to(dst.dtype))
+                    self._write(m, base, layer[f"{key}_w"][row:row + n], (i, name))
                     if layer[f"{key}_b"] is not None and base.bias is not None:
                         layer[f"{key}_b"][row:row + n].copy_(base.bias)
                     row += n
+
+    def _write(self, m, base: nn.Linear, dst: torch.Tensor, where) -> None:
+        w = base.weight
+        experts = [a for a in m.active_adapters if a in m.lora_A] \
+            if hasattr(m, "lora_A") and not m.disable_adapters and not m.merged else []
+        if not experts:
+            seen = (id(w), w._version)
+            if self._copied.get(where) != seen:
+                dst.copy_(w)
+                self._copied[where] = seen
+            return
+        self._copied.pop(where, None)
+        for k, a in enumerate(experts):
+            A, B = m.lora_A[a].weight, m.lora_B[a].weight
+            if _plain_lora(m, a, dst):
+                if k == 0:
+                    torch.addmm(w, B, A, alpha=m.scaling[a], out=dst)
+                else:
+                    dst.addmm_(B, A, alpha=m.scaling[a])
+            else:
+                if k == 0:
+                    dst.copy_(w)
+                dst.add_(m.get_delta_weight(a).to(dst.dtype))
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, cpos: torch.Tensor, keep: torch.Tensor,
                 kc: list[torch.Tensor], vc: list[torch.Tensor]) -> torch.Tensor:
@@ -222,11 +255,15 @@ def decode_fused(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: i
                  fast_guards: bool = False) -> torch.Tensor:
     """:func:`sleepray.sampling.decode` through :class:`FusedWeights` (refreshed first: the experts
     active now are merged); a cache of length rounded up to 64 a shape, reused across calls.
-    ``graphs``: each decode step replayed from a CUDA graph; ``fast_guards``: its repeated
-    calls skip the guards that do not tell graphs apart. Draws as ``decode``."""
+    ``graphs``: the prefill (rows left-padded to a multiple of 64) and each decode step replayed
+    from CUDA graphs; ``fast_guards``: the repeated decode steps skip the guards that do not tell
+    graphs apart. Draws as ``decode``."""
     from sleepray.sampling import _sample_loop
     fw = fused_weights(model)
     fw.refresh()
+    if graphs:   # rows left-padded to a multiple of 64: few prefill shapes, each one CUDA graph
+        extra = -ids.shape[1] % 64
+        ids, attn = F.pad(ids, (extra, 0), value=pad_id), F.pad(attn, (extra, 0))
     B, n = ids.shape
     L = -(-(n + max_new_tokens) // 64) * 64
     if fw.window and n + max_new_tokens > fw.window:   # it attends to the whole row
@@ -236,13 +273,15 @@ def decode_fused(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: i
     keep = torch.zeros((B, L), dtype=torch.bool, device=ids.device)
     keep[:, :n] = attn.bool()
     pos = (attn.cumsum(-1) - 1).clamp_min(0)
-    logits = fw.forward(ids, pos, torch.arange(n, device=ids.device), keep, kc, vc)
     if graphs:
         torch.compiler.cudagraph_mark_step_begin()
+        allow_recompiles(64)   # prefill and decode shapes of every batch the learner samples
         one = compile_once(model, "_sleepray_fused_step", fw.forward, mode="reduce-overhead", dynamic=False,
                            fullgraph=True)
     else:
         one = fw.forward
+    logits = one(ids, pos, torch.arange(n, device=ids.device), keep, kc, vc)
+    logits = logits.clone() if graphs else logits
     again = repeat_call(one) if graphs and fast_guards else one
     pos = pos[:, -1:].clone()
     cpos = torch.full((1,), n - 1, dtype=torch.long, device=ids.device)

@@ -56,13 +56,17 @@ def _model_logits(model, ids, attn) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -1]
 
 
+def _empty_caches(fw: FusedWeights, B: int, L: int = 64) -> tuple[list, list]:
+    kc = [torch.zeros(B, fw.kv_heads, L, fw.head_dim) for _ in fw.layers]
+    return kc, [torch.zeros_like(k) for k in kc]
+
+
 def _fused_logits(fw: FusedWeights, ids, attn, new: torch.Tensor, forward=None) -> list[torch.Tensor]:
     """The fused blocks' logits after the prompt and after each of ``new`` [B, k] fed one at a time."""
     forward = forward or fw.forward
     B, n = ids.shape
     L = 64
-    kc = [torch.zeros(B, fw.kv_heads, L, fw.head_dim) for _ in fw.layers]
-    vc = [torch.zeros_like(k) for k in kc]
+    kc, vc = _empty_caches(fw, B, L)
     keep = torch.zeros(B, L, dtype=torch.bool)
     keep[:, :n] = attn.bool()
     pos = (attn.cumsum(-1) - 1).clamp_min(0)
@@ -91,6 +95,27 @@ def test_the_fused_blocks_give_the_model_logits_as_student_and_teacher(bank_tok)
                 assert torch.allclose(f, want, atol=1e-5, rtol=1e-5), (teacher, k, (f - want).abs().max())
             got[teacher] = fused[-1]
     assert not torch.allclose(got[False], got[True], atol=1e-3)   # the experts matter: refresh followed them
+    q = bank.model.get_base_model().model.layers[0].self_attn.q_proj   # no expert there: copied when it changes
+    w = getattr(q, "base_layer", q).weight
+    w.add_(0.2 * torch.sin(torch.arange(w.numel(), dtype=w.dtype)).view_as(w))   # not a scale: Qwen3's q norm hides one
+    fw.refresh()
+    assert torch.allclose(fw.forward(ids, (attn.cumsum(-1) - 1).clamp_min(0), torch.arange(ids.shape[1]),
+                                     torch.cat([attn.bool(), torch.zeros(2, 64 - ids.shape[1], dtype=torch.bool)], 1),
+                                     *_empty_caches(fw, 2)),
+                          _model_logits(bank.model, ids, attn), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_peft_merge_and_the_one_product_merge_write_the_same_weights(bank_tok, monkeypatch):
+    bank, _ = bank_tok
+    fw = fused_weights(bank.model)
+    fw.refresh()
+    fast = [{k: v.clone() for k, v in layer.items() if k.endswith("_w")} for layer in fw.layers]
+    monkeypatch.setattr("sleepray.fused_decode._plain_lora", lambda *a: False)   # every expert through PEFT
+    fw.refresh()
+    for a, layer in zip(fast, fw.layers):
+        for k, v in a.items():
+            assert torch.allclose(v, layer[k], atol=1e-6), k
 
 
 @torch.no_grad()
