@@ -34,17 +34,17 @@ def _nonempty(ids: list[int], newline: int) -> list[int]:
 class LocalSampler:
     def __init__(self, bank, tok, max_new_tokens: int, temperature: float, decode: str = "auto",
                  merged: bool = False, fast_guards: bool = False):
-        """``decode``: ``nrem.decode`` (auto: CUDA graphs on a GPU, the eager loop on CPU; "fused":
-        ``sleepray.fused_decode``, a ValueError here for a family it cannot run); ``merged``:
-        sample with the active experts merged into the weights (``nrem.merged_sampling``,
-        ``sleepray.merged_sampling``; "fused" merges by itself); ``fast_guards``:
-        ``nrem.fast_guards`` for the decode steps."""
+        """``decode``: ``nrem.decode`` ("fused": ``sleepray.fused_decode``, refused here with a
+        ValueError for a model it cannot run; auto: fused where it can, else CUDA graphs on a GPU
+        and the eager loop on a CPU). ``merged``: sample with the active experts merged into the
+        weights (``nrem.merged_sampling``, ``sleepray.merged_sampling``); the fused loop merges
+        by itself and ignores it. ``fast_guards``: ``nrem.fast_guards`` for the decode steps."""
+        from sleepray.fused_decode import auto_loop, fused_weights
         from sleepray.merged_sampling import MergedWeights
         self.bank, self.tok = bank, tok
         on_gpu = next(bank.model.parameters()).device.type == "cuda"
-        self.loop = ("graph" if on_gpu else "own") if decode == "auto" else decode
-        if self.loop == "fused":   # refused here for a family it cannot run; it merges the experts itself
-            from sleepray.fused_decode import fused_weights
+        self.loop = auto_loop(bank.model, on_gpu) if decode == "auto" else decode
+        if self.loop == "fused":
             fused_weights(bank.model)
         self.merged = MergedWeights(bank) if merged and self.loop != "fused" else None
         self.fast_guards = fast_guards

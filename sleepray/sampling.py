@@ -9,6 +9,8 @@ from typing import Sequence
 import torch
 
 from sleepray.compiled_blocks import compile_once, repeat_call
+from sleepray.draws import sample_loop
+from sleepray.fused_decode import decode_fused
 from sleepray.prompt_format import stop_token_ids
 
 
@@ -58,7 +60,6 @@ def sample_ids(model, tok, prompts: list[str], max_new_tokens: int, temperature:
     with _seeded(device, seed):
         if loop in ("own", "static", "graph", "fused"):
             if loop == "fused":
-                from sleepray.fused_decode import decode_fused
                 fn = functools.partial(decode_fused, graphs=device.type == "cuda", fast_guards=fast_guards)
             else:
                 fn = decode if loop == "own" else functools.partial(decode_static, graphs=loop == "graph",
@@ -101,38 +102,7 @@ def decode(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, te
         pos = pos + 1
         return model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
                      use_cache=True).logits[:, -1]
-    return _sample_loop(logits, step, max_new_tokens, temperature, stop_ids, pad_id, stopped)
-
-
-CHECK_EVERY = 8
-
-
-def _sample_loop(logits: torch.Tensor, step, max_new_tokens: int, temperature: float, stop_ids: list[int],
-                 pad_id: int, stopped=None, check_every: int | None = None) -> torch.Tensor:
-    """The draws of :func:`decode` and :func:`decode_static`: ``logits`` [B, V] of the first new
-    token; ``step(tokens, t)`` feeds draw ``t`` and returns the next logits.
-
-    On a GPU without a ``stopped`` callback, whether every row has stopped is read back only
-    every ``CHECK_EVERY`` draws: reading it is a device sync, and without one the host queues
-    the next steps while the device runs (the H200 profile: the sync every step doubled the
-    step). A stopped row draws only padding, so the rows are the same; at most
-    ``CHECK_EVERY - 1`` padding columns more."""
-    B, device = logits.shape[0], logits.device
-    every = check_every or (CHECK_EVERY if device.type == "cuda" and stopped is None else 1)
-    stop = torch.tensor(sorted(set(stop_ids)), device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    toks: list[torch.Tensor] = []
-    for t in range(max_new_tokens):
-        nxt = torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1)[:, 0]
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        toks.append(nxt)
-        done = done | torch.isin(nxt, stop)
-        if stopped is not None:
-            done = done | torch.tensor([stopped(r) for r in torch.stack(toks, 1).tolist()], device=device)
-        if len(toks) == max_new_tokens or (len(toks) % every == 0 and bool(done.all())):
-            break
-        logits = step(nxt, t)
-    return torch.stack(toks, 1) if toks else torch.zeros((B, 0), dtype=torch.long, device=device)
+    return sample_loop(logits, step, max_new_tokens, temperature, stop_ids, pad_id, stopped)
 
 
 _STATIC: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> {(batch, length): cache}
@@ -189,7 +159,7 @@ def decode_static(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: 
         mask[:, n + t] = 1
         pos, cpos = pos + 1, cpos + 1   # on the device: a host tensor copied in every step syncs
         return (again if t else one)(nxt[:, None], pos, cpos, mask, cache).clone()
-    return _sample_loop(logits, step, max_new_tokens, temperature, stop_ids, pad_id, stopped)
+    return sample_loop(logits, step, max_new_tokens, temperature, stop_ids, pad_id, stopped)
 
 
 def _distinct_rows(ids: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

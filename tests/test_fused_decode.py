@@ -3,8 +3,12 @@ models with two active experts, in float32 on a CPU, the fused blocks give the m
 (within 1e-5) at the prefill and at every decode step, for left-padded rows, as the student and
 as the teacher; the sampler draws the same tokens as the eager loop; traced whole by
 torch.compile (no graph break: on a GPU the step is one CUDA graph); families it cannot run are
-refused up front. The CUDA-graph path itself is tested on a GPU (tests/test_gpu_block_graphs.py)."""
+refused up front; weights that train without moving their version are followed; the fused
+weights die with their model. The CUDA-graph path itself is tested on a GPU
+(tests/test_gpu_fused_decode.py)."""
+import gc
 import random
+import weakref
 
 import pytest
 import torch
@@ -12,7 +16,7 @@ import torch
 from bank_helpers import moved_bank
 from sleepray.config import ExpertConfig, load_config
 from sleepray.experts import ExpertBank
-from sleepray.fused_decode import FusedWeights, decode_fused, fused_weights
+from sleepray.fused_decode import FusedWeights, auto_loop, decode_fused, fused_weights, sliding_window, unsupported
 from sleepray.models import load_model
 from sleepray.nrem_samplers import LocalSampler
 from sleepray.prompts import consolidation_prompts
@@ -23,9 +27,15 @@ RUNS = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _bank(folder) -> tuple:
-    """A float32 bank on the tiny model with a frozen expert and an open one, both moved off zero."""
+    """A float32 bank on the tiny model with a frozen expert and an open one, both moved off zero,
+    and every norm weight and bias random (a tiny model's are 1 and 0, which would hide a norm or
+    a bias used in the wrong place)."""
     model, tok = load_model(str(folder), "float32", "cpu")
     torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
     bank = ExpertBank(model, ExpertConfig(rank=4, max_slots=3))
     for freeze in (True, False):
         slot = bank.open_new_expert()
@@ -70,7 +80,7 @@ def _fused_logits(fw: FusedWeights, ids, attn, new: torch.Tensor, forward=None) 
     keep = torch.zeros(B, L, dtype=torch.bool)
     keep[:, :n] = attn.bool()
     pos = (attn.cumsum(-1) - 1).clamp_min(0)
-    out = [fw.forward(ids, pos, torch.arange(n), keep, kc, vc)]
+    out = [forward(ids, pos, torch.arange(n), keep, kc, vc)]
     last = pos[:, -1:]
     for t in range(new.shape[1]):
         keep[:, n + t] = True
@@ -164,19 +174,71 @@ def test_families_it_cannot_run_are_refused_up_front(family, tmp_path):
     with pytest.raises(ValueError, match="nrem.decode=fused cannot run model type"):
         LocalSampler(bank, tok, 4, 1.0, "fused")
     assert LocalSampler(bank, tok, 4, 1.0, "own").loop == "own"     # the others still run
+    assert LocalSampler(bank, tok, 4, 1.0, "auto").loop == "own"    # auto falls back on a CPU
+    assert auto_loop(bank.model, on_gpu=True) == "graph"             # and to transformers' graphs on a GPU
+
+
+def test_auto_takes_the_fused_loop_where_it_can(bank_tok):
+    bank, tok = bank_tok
+    assert LocalSampler(bank, tok, 4, 1.0, "auto").loop == "fused"
+    assert auto_loop(bank.model, on_gpu=True) == "fused"
+
+
+def test_sliding_windows_are_read_from_the_config_and_a_longer_row_is_refused(tmp_path):
+    from transformers import MistralConfig, Qwen2Config, Qwen3Config
+    assert sliding_window(MistralConfig()) == 4096 and sliding_window(Qwen3Config()) is None
+    assert sliding_window(Qwen2Config(use_sliding_window=True, sliding_window=128)) == 128
+    assert sliding_window(Qwen2Config()) is None
+    bank, tok = _bank(build_tiny_model("mistral", tmp_path))
+    bank.model.get_base_model().config.sliding_window = 32
+    assert auto_loop(bank.model, on_gpu=False) == "own"          # auto does not risk it
+    ids, attn = _rows(tok)
+    with pytest.raises(ValueError, match="sliding window"):
+        decode_fused(bank.model, ids, attn, 40, 1.0, [], tok.pad_token_id)
+    assert decode_fused(bank.model, ids, attn, 4, 1.0, [], tok.pad_token_id).shape == (2, 4)   # within it
+
+
+def test_a_model_that_trains_every_weight_is_followed_through_a_fused_adamw_step(tmp_path):
+    model, tok = load_model(str(build_tiny_model("qwen3", tmp_path)), "float32", "cpu")
+    ids, attn = _rows(tok)
+    fw = fused_weights(model)
+    fw.refresh()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)   # writes without moving a version
+    versions = [p._version for p in model.parameters()]
+    model(input_ids=ids, attention_mask=attn).logits.square().mean().backward()
+    opt.step()
+    assert [p._version for p in model.parameters()] == versions
+    with torch.no_grad():
+        fw.refresh()
+        got = _fused_logits(fw, ids, attn, torch.zeros(2, 0, dtype=torch.long))[0]
+        assert torch.allclose(got, _model_logits(model, ids, attn), atol=1e-5, rtol=1e-5)
+
+
+def test_the_fused_weights_die_with_their_model(tmp_path):
+    model, tok = load_model(str(build_tiny_model("llama", tmp_path)), "float32", "cpu")
+    ids, attn = _rows(tok)
+    decode_fused(model, ids, attn, 3, 1.0, [], tok.pad_token_id)
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
+
+
+def test_lora_variants_and_dynamic_rope_are_refused():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, vocab_size=100)
+    assert "RoPE 'dynamic'" in unsupported(LlamaForCausalLM(LlamaConfig(
+        **small, rope_scaling={"rope_type": "dynamic", "factor": 2.0})))
+    dora = get_peft_model(LlamaForCausalLM(LlamaConfig(**small)),
+                          LoraConfig(r=2, target_modules=["gate_proj"], use_dora=True))
+    assert "LoRA variant" in unsupported(dora)
+    with pytest.raises(ValueError, match="LoRA variant"):
+        FusedWeights(dora)
 
 
 def test_config_takes_fused_and_refuses_a_loop_it_does_not_know():
     assert load_config(None, ["nrem.decode=fused"]).nrem.decode == "fused"
     with pytest.raises(Exception, match="decode"):
         load_config(None, ["nrem.decode=turbo"])
-
-
-def test_a_cache_past_the_sliding_window_is_refused(tmp_path):
-    bank, tok = _bank(build_tiny_model("mistral", tmp_path))
-    fw = fused_weights(bank.model)
-    fw.window = 32
-    ids, attn = _rows(tok)
-    with pytest.raises(ValueError, match="sliding window"):
-        decode_fused(bank.model, ids, attn, 40, 1.0, [], tok.pad_token_id)
-    assert decode_fused(bank.model, ids, attn, 4, 1.0, [], tok.pad_token_id).shape == (2, 4)   # within it

@@ -216,14 +216,14 @@ def test_lora_weights_in_the_models_dtype_match_the_float32_upcast(setup):
 def test_reading_the_stop_flag_every_few_draws_changes_no_row():
     """The GPU loop reads "has every row stopped?" back every CHECK_EVERY draws (a sync each): the
     rows are the same as reading it every draw, padded with at most CHECK_EVERY - 1 columns more."""
-    from sleepray.sampling import CHECK_EVERY, _sample_loop
+    from sleepray.draws import CHECK_EVERY, sample_loop
     V, B, stop, pad = 12, 5, 3, 0
     table = torch.randn(64, V, generator=torch.Generator().manual_seed(0))
     table[:, stop] += torch.linspace(-2, 3, 64)                  # rows stop sooner as the steps go on
 
     def run(every):
         torch.manual_seed(0)
-        return _sample_loop(table[0].expand(B, V).clone(), lambda nxt, t: table[t + 1].expand(B, V).clone(),
+        return sample_loop(table[0].expand(B, V).clone(), lambda nxt, t: table[t + 1].expand(B, V).clone(),
                             40, 1.0, [stop], pad, check_every=every)
     a, b = run(1), run(CHECK_EVERY)
     assert a.shape[1] < 40 and (a == stop).any(1).all()          # every row stopped before the budget
