@@ -140,9 +140,9 @@ class NREMConfig(_Anchored):
                             "CUDA graph over a static KV cache ('graph'), or Llama/Mistral/Qwen2/Qwen3 blocks run "
                             "with the experts merged and q|k|v and gate|up fused, one CUDA graph a step on a GPU "
                             "('fused', sleepray.fused_decode; eager on a CPU; merges the experts by itself, so "
-                            "merged_sampling is not used; costs one copy of the blocks' weights); auto: fused for "
-                            "those families (no sliding window, no dynamic RoPE, plain LoRA), else graph on a GPU "
-                            "and own on CPU")
+                            "merged_sampling is not used; costs one copy of the blocks' weights); auto: on a GPU fused "
+                            "for those families (no sliding window, no dynamic RoPE, plain LoRA), else graph; own "
+                            "on a CPU")
     loss_chunk: int = Field(512, ge=1, description="positions per chunk of the fused losses (peak memory ~ 6 x chunk x vocabulary x 4 bytes)")
     reuse_context_kv: bool = Field(True, description="the teacher's episode context is run once per NREM and its "
                                                      "keys/values reused by every teacher forward")

@@ -35,8 +35,8 @@ class LocalSampler:
     def __init__(self, bank, tok, max_new_tokens: int, temperature: float, decode: str = "auto",
                  merged: bool = False, fast_guards: bool = False):
         """``decode``: ``nrem.decode`` ("fused": ``sleepray.fused_decode``, refused here with a
-        ValueError for a model it cannot run; auto: fused where it can, else CUDA graphs on a GPU
-        and the eager loop on a CPU). ``merged``: sample with the active experts merged into the
+        ValueError for a model it cannot run; auto: on a GPU fused where it can, else CUDA graphs;
+        the eager loop on a CPU). ``merged``: sample with the active experts merged into the
         weights (``nrem.merged_sampling``, ``sleepray.merged_sampling``); the fused loop merges
         by itself and ignores it. ``fast_guards``: ``nrem.fast_guards`` for the decode steps."""
         from sleepray.fused_decode import auto_loop, fused_weights

@@ -178,10 +178,10 @@ def test_families_it_cannot_run_are_refused_up_front(family, tmp_path):
     assert auto_loop(bank.model, on_gpu=True) == "graph"             # and to transformers' graphs on a GPU
 
 
-def test_auto_takes_the_fused_loop_where_it_can(bank_tok):
+def test_auto_takes_the_fused_loop_on_a_gpu_where_it_can(bank_tok):
     bank, tok = bank_tok
-    assert LocalSampler(bank, tok, 4, 1.0, "auto").loop == "fused"
     assert auto_loop(bank.model, on_gpu=True) == "fused"
+    assert LocalSampler(bank, tok, 4, 1.0, "auto").loop == "own"    # on a CPU, transformers' eager loop
 
 
 def test_sliding_windows_are_read_from_the_config_and_a_longer_row_is_refused(tmp_path):
@@ -191,7 +191,7 @@ def test_sliding_windows_are_read_from_the_config_and_a_longer_row_is_refused(tm
     assert sliding_window(Qwen2Config()) is None
     bank, tok = _bank(build_tiny_model("mistral", tmp_path))
     bank.model.get_base_model().config.sliding_window = 32
-    assert auto_loop(bank.model, on_gpu=False) == "own"          # auto does not risk it
+    assert auto_loop(bank.model, on_gpu=True) == "graph"         # auto does not risk it
     ids, attn = _rows(tok)
     with pytest.raises(ValueError, match="sliding window"):
         decode_fused(bank.model, ids, attn, 40, 1.0, [], tok.pad_token_id)
