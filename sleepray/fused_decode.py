@@ -96,8 +96,8 @@ def unsupported(model) -> Optional[str]:
 def auto_loop(model, on_gpu: bool) -> str:
     """``nrem.decode=auto``: on a GPU, "fused" where the family allows it and no sliding window
     could cut a row, else "graph"; on a CPU "own". (Eager on a CPU the fused loop is 1.4x faster a
-    decode step on ``seed:small`` but moved the default sleep by 1-3%, and it costs a copy of the
-    blocks' weights: ask for it with ``nrem.decode=fused``.)"""
+    decode step on ``seed:small`` but the default sleep only a few percent, within that machine's
+    spread, and it costs a copy of the blocks' weights: ask for it with ``nrem.decode=fused``.)"""
     if on_gpu and unsupported(model) is None and sliding_window(_base(model).config) is None:
         return "fused"
     return "graph" if on_gpu else "own"
