@@ -46,3 +46,18 @@ def assert_same_losses(a: tuple, b: tuple, tight: bool = True) -> None:
     assert torch.allclose(lp0, lp1, atol=lp_atol)
     for x, y in zip(g0, g1):
         assert torch.allclose(x, y, atol=g_atol, rtol=g_rtol)
+
+
+def bank_with_moved_experts(model, rank: int = 4) -> ExpertBank:
+    """A bank on ``model`` with a frozen expert and an open one, each B drawn N(0, 0.05) (the sampling
+    loops' tests: an expert at zero would not show whether it was merged)."""
+    from sleepray.config import ExpertConfig
+    bank = ExpertBank(model, ExpertConfig(rank=rank, max_slots=3))
+    for freeze in (True, False):
+        slot = bank.open_new_expert()
+        with torch.no_grad():
+            for layer in bank._lora_layers():
+                layer.lora_B[slot].weight.normal_(0, 0.05)
+        if freeze:
+            bank.freeze_current()
+    return bank

@@ -13,9 +13,8 @@ import weakref
 import pytest
 import torch
 
-from bank_helpers import moved_bank
-from sleepray.config import ExpertConfig, load_config
-from sleepray.experts import ExpertBank
+from bank_helpers import bank_with_moved_experts, moved_bank
+from sleepray.config import load_config
 from sleepray.fused_decode import FusedWeights, auto_loop, decode_fused, fused_weights, sliding_window, unsupported
 from sleepray.models import load_model
 from sleepray.nrem_samplers import LocalSampler
@@ -36,15 +35,7 @@ def _bank(folder) -> tuple:
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith(".bias"):
                 p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
-    bank = ExpertBank(model, ExpertConfig(rank=4, max_slots=3))
-    for freeze in (True, False):
-        slot = bank.open_new_expert()
-        with torch.no_grad():
-            for layer in bank._lora_layers():
-                layer.lora_B[slot].weight.normal_(0, 0.05)
-        if freeze:
-            bank.freeze_current()
-    return bank, tok
+    return bank_with_moved_experts(model), tok
 
 
 @pytest.fixture(scope="module", params=RUNS)

@@ -11,8 +11,7 @@ note of the learner issue gives the revision and the output).
 import pytest
 import torch
 
-from sleepray.config import ExpertConfig
-from sleepray.experts import ExpertBank
+from bank_helpers import bank_with_moved_experts
 from sleepray.models import load_model
 from sleepray.nrem_samplers import LocalSampler
 from sleepray.tiny_models import build_tiny_model
@@ -27,14 +26,7 @@ def test_graphed_fused_steps_draw_the_eager_tokens_as_the_expert_moves(family, t
     torch.backends.cuda.matmul.allow_tf32 = False
     model, tok = load_model(str(build_tiny_model(family, tmp_path / "m")), "float32", "cpu")
     torch.manual_seed(0)
-    bank = ExpertBank(model.to("cuda"), ExpertConfig(rank=4, max_slots=3))
-    for freeze in (True, False):
-        slot = bank.open_new_expert()
-        with torch.no_grad():
-            for layer in bank._lora_layers():
-                layer.lora_B[slot].weight.normal_(0, 0.05)
-        if freeze:
-            bank.freeze_current()
+    bank = bank_with_moved_experts(model.to("cuda"))
     samplers = {loop: LocalSampler(bank, tok, 16, 1e-4, loop, fast_guards=True) for loop in ("own", "fused")}
     draws = []
     for i in range(4):        # compile and record, replay, replay, replay
