@@ -20,8 +20,10 @@ module runs the blocks itself:
 The prefill runs the same code, with PyTorch's sdpa for many queries (on a GPU, rows left-padded
 to a multiple of 64 tokens and replayed from a CUDA graph a shape too). The rotary embedding,
 the embedding, the norms and the output head are the model's own modules (RoPE scaling, tied
-weights, LoRA and hooks on the head keep working). In float32 the logits are the model's within rounding
-and the draws the same (``tests/test_fused_decode.py``).
+weights, LoRA and hooks on the head keep working). In float32 the logits are the model's within
+rounding and the draws the same (``tests/test_fused_decode.py``). On the H200 (2668d5c,
+``docs/results/bench_learner_h200.json``) a step took 1.78 ms against transformers' graphed
+2.71 ms at 0.6B with 16 rows, 2.36 against 3.15 ms at 1.7B.
 """
 from __future__ import annotations
 
