@@ -403,6 +403,11 @@ NREM_MODES = {
     "alpha1_fast_math_async_fused": _FAST + ["nrem.attention=math", "nrem.async_rows=true", "nrem.decode=fused"],
     "alpha1_fast_math_graphs_async_fused": _FAST + ["nrem.attention=math", "nrem.block_graphs=true",
                                                     "nrem.async_rows=true", "nrem.decode=fused"],
+    "alpha1_fast_math_async_fused_ahead4": _FAST + ["nrem.attention=math", "nrem.async_rows=true",
+                                                    "nrem.decode=fused", "nrem.sample_ahead=4"],
+    "alpha1_fast_math_graphs_async_fused_ahead4": _FAST + ["nrem.attention=math", "nrem.block_graphs=true",
+                                                           "nrem.async_rows=true", "nrem.decode=fused",
+                                                           "nrem.sample_ahead=4"],
     "lti": ["nrem.alpha=0.5", "nrem.judge=exact"],
     "anchor": ["nrem.alpha=1.0", "nrem.anchor_weight=1.0", "nrem.anchor_batch=8"],
 }

@@ -163,3 +163,18 @@ def test_the_learner_benchmark_runs_the_fused_decode_on_a_cpu(tmp_path, seed_tes
     assert rec["decode_ms"] == min(dec["own_decode_ms"], dec["fused_decode_ms"])
     fused = {n["mode"]: n for n in rec["nrem"]}["alpha1_fused"]
     assert "error" not in fused and fused["loss_tokens"] > 0 and fused["phases_s"]["sampling"] > 0
+
+
+def test_every_nrem_mode_loads_and_its_name_says_its_switches():
+    from sleepray.config import load_config
+    from sleepray.learner_bench import NREM_MODES
+    for name, over in NREM_MODES.items():
+        n = load_config(None, list(over)).nrem          # a bad override would raise here
+        parts = name.split("_")
+        assert (n.decode == "fused") == ("fused" in parts), name
+        assert (n.sample_ahead == 4) == ("ahead4" in parts), name
+        assert (n.async_rows is True) == ("async" in parts), name
+        # "graphs": the blocks' CUDA graphs in a fast mode; alone (alpha1_graphs), the teacher's graph
+        assert (n.block_graphs is True) == ("fast" in parts and "graphs" in parts), name
+        assert (n.teacher_graph is True) == ("fast" in parts or "graphs" in parts), name
+        assert (n.attention == "math") == ("math" in parts), name
