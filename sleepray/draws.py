@@ -34,3 +34,30 @@ def sample_loop(logits: torch.Tensor, step, max_new_tokens: int, temperature: fl
             break
         logits = step(nxt, t)
     return torch.stack(toks, 1) if toks else torch.zeros((B, 0), dtype=torch.long, device=device)
+
+
+def cache_length(n: int, new_tokens: int, multiple: int = 64) -> int:
+    """A fixed-size KV cache's length for ``n`` prompt columns and ``new_tokens`` draws, rounded up
+    to ``multiple`` (few shapes: each is one CUDA graph, and the cache is reused across calls)."""
+    return -(-(n + new_tokens) // multiple) * multiple
+
+
+def sample_cached(logits: torch.Tensor, one, again, mask: torch.Tensor, pos: torch.Tensor, n: int,
+                  max_new_tokens: int, temperature: float, stop_ids: list[int], pad_id: int, stopped=None,
+                  clone: bool = True) -> torch.Tensor:
+    """:func:`sample_loop` over a fixed-size KV cache whose first ``n`` columns hold the prompt
+    (``sleepray.sampling.decode_static``, ``sleepray.fused_decode.decode_fused``). Draw ``t`` is
+    fed at cache column ``n + t``, marked in ``mask`` [B, L], and at each row's next position after
+    ``pos`` [B, 1]. ``one(tokens, positions, column, mask)`` -> logits runs the first step,
+    ``again`` (the same call with repeated guards skipped, or ``one``) the later ones. ``clone``:
+    each step's logits copied out (a CUDA graph's output is overwritten by its next replay)."""
+    pos = pos.clone()
+    cpos = torch.full((1,), n - 1, dtype=torch.long, device=mask.device)
+
+    def step(nxt, t):
+        nonlocal pos, cpos
+        mask[:, n + t] = 1
+        pos, cpos = pos + 1, cpos + 1   # on the device: a host tensor copied in every step syncs
+        out = (again if t else one)(nxt[:, None], pos, cpos, mask)
+        return out.clone() if clone else out
+    return sample_loop(logits, step, max_new_tokens, temperature, stop_ids, pad_id, stopped)

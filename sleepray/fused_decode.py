@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sleepray.compiled_blocks import allow_recompiles, decoder_layers, repeat_call
-from sleepray.draws import sample_loop
+from sleepray.draws import cache_length, sample_cached
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 _PROJ = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
@@ -311,9 +311,8 @@ def decode_fused(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: i
         extra = -ids.shape[1] % 64
         ids, attn = F.pad(ids, (extra, 0), value=pad_id), F.pad(attn, (extra, 0))
     B, n = ids.shape
-    L = -(-(n + max_new_tokens) // 64) * 64
-    kc, vc = fw.cache(B, L)
-    keep = torch.zeros((B, L), dtype=torch.bool, device=ids.device)
+    kc, vc = fw.cache(B, cache_length(n, max_new_tokens))
+    keep = torch.zeros((B, kc[0].shape[2]), dtype=torch.bool, device=ids.device)
     keep[:, :n] = attn.bool()
     pos = (attn.cumsum(-1) - 1).clamp_min(0)
     if graphs:
@@ -327,13 +326,5 @@ def decode_fused(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: i
     logits = one(ids, pos, torch.arange(n, device=ids.device), keep, kc, vc)
     logits = logits.clone() if graphs else logits
     again = repeat_call(one) if graphs and fast_guards else one
-    pos = pos[:, -1:].clone()
-    cpos = torch.full((1,), n - 1, dtype=torch.long, device=ids.device)
-
-    def step(nxt, t):
-        nonlocal pos, cpos
-        keep[:, n + t] = True
-        pos, cpos = pos + 1, cpos + 1   # on the device: a host tensor copied in every step syncs
-        out = (again if t else one)(nxt[:, None], pos, cpos, keep, kc, vc)
-        return out.clone() if graphs else out
-    return sample_loop(logits, step, max_new_tokens, temperature, stop_ids, pad_id, stopped)
+    return sample_cached(logits, lambda *a: one(*a, kc, vc), lambda *a: again(*a, kc, vc), keep, pos[:, -1:], n,
+                         max_new_tokens, temperature, stop_ids, pad_id, stopped, clone=graphs)

@@ -626,10 +626,13 @@ def bench_decode(bank, tok, B: int, new_tokens: int, device, prompt_tokens: int 
             one = statistics.median(run(1) for _ in range(iters))   # the prefill and a first draw
             out[f"{name}_decode_ms"] = (full - one) / max(1, new_tokens - 1) * 1000
         graphed = [k for k in ("graph", "graph_fast") if k in loops]
-        if graphed or "fused" in loops:                       # near-greedy draws vs eager
+        checked = {"graph": graphed[0]} if graphed else {}          # record key -> loop checked
+        if "fused" in loops:
+            checked["fused"] = "fused"
+        if checked:                                           # near-greedy draws vs eager
             torch.manual_seed(0)
             a = decode(model, ids, attn, 8, 1e-4, [], tok.pad_token_id)
-            for key, name in ([("graph", graphed[0])] if graphed else []) + ([("fused", "fused")] if "fused" in loops else []):
+            for key, name in checked.items():
                 fn, merge = loops[name]
                 torch.manual_seed(0)
                 with merge.on() if merge else contextlib.nullcontext():

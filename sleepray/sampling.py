@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 from sleepray.compiled_blocks import compile_once, repeat_call
-from sleepray.draws import sample_loop
+from sleepray.draws import cache_length, sample_cached, sample_loop
 from sleepray.fused_decode import decode_fused
 from sleepray.prompt_format import stop_token_ids
 
@@ -138,7 +138,7 @@ def decode_static(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: 
     and addresses; ``graphs``: each step replayed from a CUDA graph (``torch.compile``
     "reduce-overhead"; the first calls of a shape record it). Draws as :func:`decode`."""
     B, n = ids.shape
-    L = -(-(n + max_new_tokens) // 64) * 64
+    L = cache_length(n, max_new_tokens)
     if graphs:   # a new run of PyTorch's CUDA graph trees (after a training pass's graphs, nrem.block_graphs,
         torch.compiler.cudagraph_mark_step_begin()   # its steps would otherwise never leave their warm-up)
     cache = _static_cache(model, B, L)
@@ -151,15 +151,8 @@ def decode_static(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: 
         lambda i, p, c, m, kv: model(input_ids=i, position_ids=p, cache_position=c, attention_mask=m,
                                      past_key_values=kv, use_cache=True).logits[:, -1])
     again = repeat_call(one) if graphs and fast_guards else one   # steps after the first repeat it
-    pos = pos[:, -1:].clone()
-    cpos = torch.full((1,), n - 1, dtype=torch.long, device=ids.device)
-
-    def step(nxt, t):
-        nonlocal pos, cpos
-        mask[:, n + t] = 1
-        pos, cpos = pos + 1, cpos + 1   # on the device: a host tensor copied in every step syncs
-        return (again if t else one)(nxt[:, None], pos, cpos, mask, cache).clone()
-    return sample_loop(logits, step, max_new_tokens, temperature, stop_ids, pad_id, stopped)
+    return sample_cached(logits, lambda *a: one(*a, cache), lambda *a: again(*a, cache), mask, pos[:, -1:], n,
+                         max_new_tokens, temperature, stop_ids, pad_id, stopped)
 
 
 def _distinct_rows(ids: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
