@@ -10,9 +10,10 @@ Writes a JSON list of records, one per (shape, batch), with the fields the learn
 for (``bare_tok_s``, ``bare_mfu_6n``, ``nrem_tok_s``, ``nrem_tok_s_nosample``, ``switch_ms``,
 ``loss_peak_gib_256x64``, ``decode_ms``, ``decode_floor_ms``) and every measurement behind
 them, plus the revision, the command and the seeds; and a PNG beside it.
-``--ray-workers 1,2``: the same NREM step (alpha 1) also as a Ray Train run on each number of
-workers (``sleepray.learner_bench_ray``; one GPU each, or one CPU), its ``ray_train_tok_s_<n>gpu``
-beside the in-process ``nrem_tok_s`` and ``ray_train_overhead_pct``. ``--only-nrem``: no bare
+``--ray-workers 1,2``: the same NREM step (``--ray-mode``, alpha1 by default, with the same
+overrides) also as a Ray Train run on each number of workers (``sleepray.learner_bench_ray``;
+one GPU each, or one CPU), its ``ray_train_tok_s_<n>gpu`` beside the in-process step of that
+mode and ``ray_train_overhead_pct``. ``--only-nrem``: no bare
 loop, loss memory or decode measurement.
 ``--cpu-default``: the NREM step on ``seed:small`` with the default config, and one whole
 default sleep of two episodes in this process (``nrem_step_s``, ``sleep_s``).
@@ -68,9 +69,10 @@ def learner_records(args, save=lambda records: None) -> list[dict]:
             from sleepray.learner_bench_ray import bench_nrem_ray
             rec["ray_train"] = []
             for n in workers:
-                log.info("%s B=%d: NREM alpha1 on Ray Train, %d workers", shape, B, n)
+                log.info("%s B=%d: NREM %s on Ray Train, %d workers", shape, B, args.ray_mode, n)
                 rec["ray_train"].append(_safe(bench_nrem_ray, shape, B, args.new_tokens, n, device.type == "cuda",
-                                              args.warm, args.iters, "alpha1", args.ray_cpus))
+                                              args.warm, args.iters, args.ray_mode, args.ray_cpus,
+                                              tuple(args.overrides)))
         if not (args.only_nrem or args.only_bare):
             model = make()
             rec["loss_memory"] = _safe(lb.bench_loss_memory, model, device)
@@ -130,7 +132,7 @@ def _headline(rec: dict) -> dict:
     modes = [r for r in rec["nrem"] if r.get("mode", "").startswith("alpha1")]
     alpha1 = _best([r for r in modes if r.get("sample_ahead", 1) == 1], "nrem_tok_s")
     ahead = _best([r for r in modes if r.get("sample_ahead", 1) > 1], "nrem_tok_s")
-    rec.update(headline(alpha1, rec.get("ray_train", [])))
+    rec.update(headline({r["mode"]: r for r in rec["nrem"] if "mode" in r}, rec.get("ray_train", [])))
     rec.update({
         "bare_variant": bare and bare["variant"], "bare_tok_s": bare and bare["tok_s"],
         "bare_mfu_6n": bare and bare["mfu_6n"],
@@ -230,7 +232,10 @@ def main(argv=None) -> int:
                          "(nrem.async_rows), ..._fused (nrem.decode=fused), ..._ahead4 (nrem.sample_ahead=4), lti, "
                          "anchor; every name in sleepray.learner_bench.NREM_MODES")
     ap.add_argument("--ray-workers", default="", help="comma list of Ray Train worker counts to run the NREM "
-                                                      "step (alpha 1) on too, one GPU (or CPU) each; e.g. 1,2")
+                                                      "step (--ray-mode) on too, one GPU (or CPU) each; e.g. 1,2")
+    ap.add_argument("--ray-mode", default="alpha1", help="the NREM mode the Ray Train runs take (with the same "
+                                                         "overrides); its overhead is taken against the in-process "
+                                                         "run of that mode, so list it in --modes too")
     ap.add_argument("--ray-cpus", type=float, default=1, help="CPUs per Ray Train worker (the learner's default 1)")
     ap.add_argument("--ray-poll-s", type=float, default=None,
                     help="Ray Train's controller poll interval (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, default 2 s): a "
@@ -264,7 +269,10 @@ def main(argv=None) -> int:
     from sleepray.provenance import provenance
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    from sleepray.learner_bench import check_decode_loops
+    from sleepray.learner_bench import NREM_MODES, check_decode_loops
+    unknown = [m for m in [*args.modes.split(","), args.ray_mode] if m and m not in NREM_MODES]
+    if unknown:
+        ap.error(f"unknown NREM modes {unknown}; known: {', '.join(NREM_MODES)}")
     try:
         check_decode_loops([x for x in args.decode_loops.split(",") if x], args.device.startswith("cuda"))
     except ValueError as e:

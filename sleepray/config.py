@@ -62,6 +62,15 @@ class SeedConfig(_Section):
     seed: int = 0
 
 
+GpuSwitch = Union[bool, Literal["auto"]]
+
+
+def _gpu_switch(description: str):
+    """A learner speed switch: off by default, "auto" on where the model is on a GPU
+    (``sleepray.compiled_blocks.switched_on``); each has a test that it matches the plain path."""
+    return Field(False, description=description)
+
+
 class ExpertConfig(_Section):
     """L1 memory: low-rank experts on the MLP projections (PEFT LoRA)."""
     rank: int = Field(8, ge=1, description="rank r of each expert (paper default 64; smaller for tiny models)")
@@ -75,6 +84,10 @@ class ExpertConfig(_Section):
     adapter_dtype: Literal["model", "float32"] = Field(
         "model", description="the experts' LoRA weights in the model's dtype (bf16 on GPU: no casts in every "
                              "layer) or float32 (PEFT's default for half-precision models)")
+    fused_lora: GpuSwitch = _gpu_switch(
+        "each LoRA layer's adapters added inside the base layer's matrix product (cuBLAS addmm), "
+        "forward and backward, in place of PEFT's three passes over the output "
+        "(sleepray.fused_lora; PEFT's forward wherever it would differ); auto: inputs on a GPU")
     deep_sleep_every: int = Field(4, ge=1, description="K: merge L1 experts into L2 every K sleeps")
 
 
@@ -90,15 +103,6 @@ class _Anchored(_Section):
                                                     "rem.replay; 0 = off)")
     rehearsal_weight: Optional[float] = Field(None, ge=0, description="weight of the KL on those older dreams; "
                                                                       "None = anchor_weight")
-
-
-GpuSwitch = Union[bool, Literal["auto"]]
-
-
-def _gpu_switch(description: str):
-    """A learner speed switch: off by default, "auto" on where the model is on a GPU
-    (``sleepray.compiled_blocks.switched_on``); each has a test that it matches the plain path."""
-    return Field(False, description=description)
 
 
 class NREMConfig(_Anchored):

@@ -165,6 +165,9 @@ class ExpertBank:
         for s in self.slots[1:]:
             peft_model.add_adapter(s, _lora_config(cfg), autocast_adapter_dtype=cast)
         self.model = peft_model
+        if cfg.fused_lora:
+            from sleepray.fused_lora import install
+            install(peft_model, only_cuda=cfg.fused_lora == "auto")
         self.on: list[str] = []            # frozen on-experts, in the order they were opened
         self.training: Optional[str] = None
         self.versions: dict[str, int] = {s: 0 for s in self.slots}

@@ -259,6 +259,7 @@ class BareVariant:
     compile: bool = False
     swiglu: bool = False   # liger's SwiGLU MLP (the gate's SiLU and the product in one kernel)
     fused_optimizer: bool = False   # AdamW as PyTorch's fused kernel (one launch for every tensor)
+    fused_lora: bool = False        # the adapters added inside the base products (sleepray.fused_lora)
 
 
 BARE_VARIANTS = {
@@ -269,6 +270,8 @@ BARE_VARIANTS = {
     "tuned_swiglu": BareVariant("tuned_swiglu", True, True, "liger", swiglu=True),
     "tuned_fused": BareVariant("tuned_fused", True, True, "liger", fused_optimizer=True),
     "tuned_swiglu_fused": BareVariant("tuned_swiglu_fused", True, True, "liger", swiglu=True, fused_optimizer=True),
+    "tuned_lora": BareVariant("tuned_lora", True, True, "liger", fused_lora=True),
+    "tuned_lora_fused": BareVariant("tuned_lora_fused", True, True, "liger", fused_lora=True, fused_optimizer=True),
 }
 
 
@@ -291,6 +294,9 @@ def bench_bare(make_model: Callable, variant: BareVariant, B: int, S: int, devic
     pm = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, bias="none",
                                           target_modules=["gate_proj", "up_proj", "down_proj"]),
                         autocast_adapter_dtype=not variant.lora_bf16)
+    if variant.fused_lora:
+        from sleepray.fused_lora import install
+        install(pm)
     pm.train()
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, **({"fused": True} if variant.fused_optimizer else {}))
@@ -330,7 +336,8 @@ def bench_bare(make_model: Callable, variant: BareVariant, B: int, S: int, devic
     peak, _ = device_peaks(device)
     tokens = B * S
     out = {"variant": variant.name, "lora_bf16": variant.lora_bf16, "liger": bool(liger), "loss": loss_kind,
-           "compile": variant.compile, "swiglu": swiglu, "fused_optimizer": variant.fused_optimizer, "B": B, "S": S, "step_s": step, "tok_s": tokens / step,
+           "compile": variant.compile, "swiglu": swiglu, "fused_optimizer": variant.fused_optimizer,
+           "fused_lora": variant.fused_lora, "B": B, "S": S, "step_s": step, "tok_s": tokens / step,
            "mfu_6n": 6 * N * tokens / step / peak if peak else None, "peak_gib": peak_bytes(device) / 2**30,
            "N": N}
     del pm, model, opt, params, batches, loss
@@ -517,7 +524,7 @@ def bench_nrem(model, tok, mode: str, B: int, new_tokens: int, device, warm: int
     sampling = avg(p.get("sampling", 0.0) for p in timed_phases) + pool_s / ncfg.steps
     with torch.no_grad():
         switch_ms = _switch_ms(bank, device)
-    out = {"mode": mode, "B": B, "new_tokens": new_tokens, "sample_ahead": ncfg.sample_ahead,
+    out = {"mode": mode, "overrides": list(extra), "B": B, "new_tokens": new_tokens, "sample_ahead": ncfg.sample_ahead,
            "step_s": step + pool_s / ncfg.steps, "step_stat": avg.__name__,
            "step_s_mean": statistics.fmean(steps) + pool_s / ncfg.steps,
            "step_s_all": steps, "rank": trainer.hooks.rank, "world": trainer.hooks.world,

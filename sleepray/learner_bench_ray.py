@@ -54,7 +54,8 @@ def _worker_loop(config: dict) -> None:
     tok = lb.bench_tokenizer()
     model = lb.build_model(config["shape"], device, dtype, tok)
     rec = lb.bench_nrem(model, tok, config["mode"], config["batch"], config["new_tokens"], device,
-                        config["warm"], config["iters"], hooks=ReportingHooks(rank, world))
+                        config["warm"], config["iters"], extra=tuple(config["extra"]),
+                        hooks=ReportingHooks(rank, world))
     rec["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     ranks = [rec]
     if world > 1:
@@ -80,16 +81,17 @@ def summarize(ranks: list[dict]) -> dict:
 
 
 def bench_nrem_ray(shape: str, B: int, new_tokens: int, workers: int, use_gpu: bool, warm: int, iters: int,
-                   mode: str = "alpha1", cpus_per_worker: float = 1) -> dict:
-    """``bench_nrem`` on ``workers`` Ray Train workers (Ray must be initialised): the run's figures
-    (:func:`summarize`), its ``fit_s`` and each rank's record under ``ranks``."""
+                   mode: str = "alpha1", cpus_per_worker: float = 1, extra: tuple[str, ...] = ()) -> dict:
+    """``bench_nrem`` (mode ``mode``, config overrides ``extra``) on ``workers`` Ray Train workers
+    (Ray must be initialised): the run's figures (:func:`summarize`), its ``fit_s`` and each rank's
+    record under ``ranks``."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     with tempfile.TemporaryDirectory(prefix="bench_nrem_ray_") as storage:
         trainer = TorchTrainer(
             _worker_loop,
             train_loop_config={"shape": shape, "batch": B, "new_tokens": new_tokens, "mode": mode,
-                               "warm": warm, "iters": iters, "use_gpu": use_gpu},
+                               "warm": warm, "iters": iters, "use_gpu": use_gpu, "extra": list(extra)},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": cpus_per_worker}),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -99,24 +101,28 @@ def bench_nrem_ray(shape: str, B: int, new_tokens: int, workers: int, use_gpu: b
         fit_s = time.perf_counter() - t
         with result.checkpoint.as_directory() as folder:
             ranks = json.loads((Path(folder) / "ranks.json").read_text())
-    return {**summarize(ranks), "mode": mode, "B": B, "new_tokens": new_tokens, "use_gpu": use_gpu,
+    return {**summarize(ranks), "mode": mode, "overrides": list(extra), "B": B, "new_tokens": new_tokens, "use_gpu": use_gpu,
             "backend": "nccl" if use_gpu else "gloo", "cpus_per_worker": cpus_per_worker, "fit_s": fit_s,
             "ray_train_poll_s": float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)),
             "ranks": ranks}
 
 
-def headline(inproc: dict | None, runs: list[dict]) -> dict:
-    """The record's Ray Train fields: ``ray_train_tok_s_<n>gpu`` (or ``cpu``) per run, and the
-    1-worker run's overhead over the in-process step in percent (``inproc / ray - 1``; sampling
+def headline(inproc: dict[str, dict], runs: list[dict]) -> dict:
+    """The record's Ray Train fields: ``ray_train_mode``, ``ray_train_tok_s_<n>gpu`` (or ``cpu``)
+    per run, and the 1-worker run's overhead over the in-process step of the same mode
+    (``inproc``: the in-process records by mode) in percent (``inproc / ray - 1``; sampling
     included, and excluded under ``_nosample``)."""
     out = {}
     for r in runs:
         if "tok_s" not in r:
             continue
         kind = "gpu" if r["use_gpu"] else "cpu"
+        out["ray_train_mode"] = r["mode"]
         out[f"ray_train_tok_s_{r['workers']}{kind}"] = r["tok_s"]
         out[f"ray_train_tok_s_nosample_{r['workers']}{kind}"] = r["tok_s_nosample"]
-        if r["workers"] == 1 and inproc and inproc.get("nrem_tok_s"):
-            out["ray_train_overhead_pct"] = (inproc["nrem_tok_s"] / r["tok_s"] - 1) * 100
-            out["ray_train_overhead_pct_nosample"] = (inproc["nrem_tok_s_nosample"] / r["tok_s_nosample"] - 1) * 100
+        same = inproc.get(r["mode"])
+        if r["workers"] == 1 and same and same.get("nrem_tok_s"):
+            out["ray_train_inproc_tok_s"] = same["nrem_tok_s"]
+            out["ray_train_overhead_pct"] = (same["nrem_tok_s"] / r["tok_s"] - 1) * 100
+            out["ray_train_overhead_pct_nosample"] = (same["nrem_tok_s_nosample"] / r["tok_s_nosample"] - 1) * 100
     return out

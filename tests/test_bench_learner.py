@@ -69,14 +69,16 @@ def test_timed_steps_synchronise_only_the_phases_asked_for():
 
 
 def test_the_bare_loops_alone_with_the_fused_optimizer(tmp_path, seed_test_model):
-    """--only-bare: the bare variants and nothing else; tuned_fused's AdamW is PyTorch's fused one."""
+    """--only-bare: the bare variants and nothing else; tuned_fused's AdamW is PyTorch's fused one,
+    tuned_lora's LoRA layers the fused ones."""
     out = tmp_path / "bench_bare.json"
     assert main(["--shapes", "tiny", "--batches", "4", "--warm", "1", "--iters", "1", "--device", "cpu",
-                 "--bare", "tuned,tuned_fused", "--only-bare", "--out", str(out)]) == 0
+                 "--bare", "tuned,tuned_fused,tuned_lora", "--only-bare", "--out", str(out)]) == 0
     [rec] = json.loads(out.read_text())
     assert rec["nrem"] == [] and "decode" not in rec and "loss_memory" not in rec
     bare = {b["variant"]: b for b in rec["bare"]}
     assert bare["tuned_fused"]["fused_optimizer"] is True and bare["tuned"]["fused_optimizer"] is False
+    assert bare["tuned_lora"]["fused_lora"] is True and bare["tuned"]["fused_lora"] is False
     assert rec["bare_tok_s"] == max(b["tok_s"] for b in rec["bare"]) > 0
 
 
@@ -105,13 +107,17 @@ def test_liger_swiglu_is_seen_whether_its_class_or_its_forward_was_put_in():
     assert (has_liger_swiglu(plain), has_liger_swiglu(bound), has_liger_swiglu(built)) == (False, True, True)
 
 
-def test_the_learner_benchmark_refuses_unknown_decode_loops_before_running(tmp_path, capsys):
+def test_the_learner_benchmark_refuses_unknown_decode_loops_and_modes_before_running(tmp_path, capsys):
     import pytest
     out = tmp_path / "never.json"
     for loops in ("fast", "graph_fast"):       # unknown; a graphed loop on a CPU
         with pytest.raises(SystemExit) as e:
             main(["--shapes", "tiny", "--device", "cpu", "--decode-loops", loops, "--out", str(out)])
         assert e.value.code == 2 and "--decode-loops" in capsys.readouterr().err
+    for flag in ("--modes", "--ray-mode"):    # a mode name that is not one
+        with pytest.raises(SystemExit) as e:
+            main(["--shapes", "tiny", "--device", "cpu", flag, "alpha2", "--out", str(out)])
+        assert e.value.code == 2 and "unknown NREM modes ['alpha2']" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -148,7 +154,7 @@ def test_the_learner_benchmark_runs_the_nrem_step_on_ray_train(ray_client, tmp_p
     assert abs(rank0["divergence"] - inproc["divergence"]) < 1e-4 * max(1.0, abs(inproc["divergence"]))
     assert len(rank0["step_s_all"]) == 2 and run["fit_s"] > run["step_s"]
     expect = (rec["nrem_tok_s"] / run["tok_s"] - 1) * 100
-    assert abs(rec["ray_train_overhead_pct"] - expect) < 1e-9
+    assert abs(rec["ray_train_overhead_pct"] - expect) < 1e-9 and rec["ray_train_mode"] == run["mode"] == "alpha1"
     assert "bare" not in rec and "decode" not in rec
 
 
