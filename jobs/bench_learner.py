@@ -86,8 +86,8 @@ def learner_records(args, save=lambda records: None) -> list[dict]:
         shape, B = rec["shape"], rec["batch"]
         make = lambda: lb.build_model(shape, device, dtype, tok)   # noqa: E731
         log.info("%s B=%d: bare loop", shape, B)
-        rec["bare"] = [_safe(lb.bench_bare, make, lb.BARE_VARIANTS[v], B, args.seq, device, args.warm,
-                             args.iters) for v in bare]
+        rec["bare"] = [_safe(lb.bench_bare, make, lb.BARE_VARIANTS[v], B, args.seq, device,
+                             args.bare_warm or args.warm, args.bare_iters or args.iters) for v in bare]
         _headline(rec)
         save(records)
         log.info("%s", json.dumps({k: v for k, v in rec.items() if not isinstance(v, (list, dict))}))
@@ -224,7 +224,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=512, help="tokens per row of the bare loop")
     ap.add_argument("--bare", default="peft,tuned", help="bare-loop variants: peft, tuned (liger's fused linear "
                                                           "CE where installed), tuned_chunked, tuned_compile, "
-                                                          "tuned_swiglu, tuned_fused (fused AdamW), tuned_swiglu_fused")
+                                                          "tuned_swiglu, tuned_fused (fused AdamW), tuned_swiglu_fused, "
+                                                          "tuned_lora (experts.fused_lora's layers), tuned_lora_fused, "
+                                                          "tuned_lora_ce8 (and liger's CE in 8x larger chunks)")
     ap.add_argument("--modes", default="alpha1,lti,anchor",
                     help="NREM modes: alpha1, alpha1_compiled (nrem.compile_blocks on), alpha1_graphs (and "
                          "nrem.teacher_graph), alpha1_fast (and nrem.compile_loss, merged_sampling, fast_guards), "
@@ -256,6 +258,8 @@ def main(argv=None) -> int:
                          "top kernels and host ops by phase, in each NREM record's 'profile'")
     ap.add_argument("--warm", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--bare-warm", type=int, default=None, help="the bare loops' warm-up steps (default --warm)")
+    ap.add_argument("--bare-iters", type=int, default=None, help="the bare loops' timed steps (default --iters)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--cpu-default", action="store_true",
                     help="the default config's NREM step and whole sleep on seed:small, on this CPU")

@@ -260,6 +260,7 @@ class BareVariant:
     swiglu: bool = False   # liger's SwiGLU MLP (the gate's SiLU and the product in one kernel)
     fused_optimizer: bool = False   # AdamW as PyTorch's fused kernel (one launch for every tensor)
     fused_lora: bool = False        # the adapters added inside the base products (sleepray.fused_lora)
+    lce_chunks: int = 1             # liger's fused linear CE: logits a chunk at a time, of this many x B*S*H
 
 
 BARE_VARIANTS = {
@@ -272,6 +273,7 @@ BARE_VARIANTS = {
     "tuned_swiglu_fused": BareVariant("tuned_swiglu_fused", True, True, "liger", swiglu=True, fused_optimizer=True),
     "tuned_lora": BareVariant("tuned_lora", True, True, "liger", fused_lora=True),
     "tuned_lora_fused": BareVariant("tuned_lora_fused", True, True, "liger", fused_lora=True, fused_optimizer=True),
+    "tuned_lora_ce8": BareVariant("tuned_lora_ce8", True, True, "liger", fused_lora=True, lce_chunks=8),
 }
 
 
@@ -308,8 +310,12 @@ def bench_bare(make_model: Callable, variant: BareVariant, B: int, S: int, devic
 
     loss_kind = variant.loss if (variant.loss != "liger" or liger_available(device)) else "chunked"
     if loss_kind == "liger":
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-        lce = LigerFusedLinearCrossEntropyLoss()
+        from liger_kernel.ops import LigerFusedLinearCrossEntropyFunction
+
+        def lce(weight, h, y):   # liger's module, with its chunks' budget (chunk_mem_const) set
+            return LigerFusedLinearCrossEntropyFunction.apply(
+                h, weight, y, None, None, -100, 0.0, 0.0, "mean", None, False, None, False, False, False,
+                None, None, variant.lce_chunks)
 
     def loss_fn(ids):
         if loss_kind == "hf":
@@ -337,7 +343,8 @@ def bench_bare(make_model: Callable, variant: BareVariant, B: int, S: int, devic
     tokens = B * S
     out = {"variant": variant.name, "lora_bf16": variant.lora_bf16, "liger": bool(liger), "loss": loss_kind,
            "compile": variant.compile, "swiglu": swiglu, "fused_optimizer": variant.fused_optimizer,
-           "fused_lora": variant.fused_lora, "B": B, "S": S, "step_s": step, "tok_s": tokens / step,
+           "fused_lora": variant.fused_lora, "lce_chunks": variant.lce_chunks, "B": B, "S": S, "step_s": step,
+           "step_s_all": times, "tok_s": tokens / step,
            "mfu_6n": 6 * N * tokens / step / peak if peak else None, "peak_gib": peak_bytes(device) / 2**30,
            "N": N}
     del pm, model, opt, params, batches, loss

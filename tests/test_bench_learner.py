@@ -73,12 +73,13 @@ def test_the_bare_loops_alone_with_the_fused_optimizer(tmp_path, seed_test_model
     tuned_lora's LoRA layers the fused ones."""
     out = tmp_path / "bench_bare.json"
     assert main(["--shapes", "tiny", "--batches", "4", "--warm", "1", "--iters", "1", "--device", "cpu",
-                 "--bare", "tuned,tuned_fused,tuned_lora", "--only-bare", "--out", str(out)]) == 0
+                 "--bare", "tuned,tuned_fused,tuned_lora", "--only-bare", "--bare-iters", "2", "--out", str(out)]) == 0
     [rec] = json.loads(out.read_text())
     assert rec["nrem"] == [] and "decode" not in rec and "loss_memory" not in rec
     bare = {b["variant"]: b for b in rec["bare"]}
     assert bare["tuned_fused"]["fused_optimizer"] is True and bare["tuned"]["fused_optimizer"] is False
     assert bare["tuned_lora"]["fused_lora"] is True and bare["tuned"]["fused_lora"] is False
+    assert all(len(b["step_s_all"]) == 2 for b in rec["bare"])   # --bare-iters
     assert rec["bare_tok_s"] == max(b["tok_s"] for b in rec["bare"]) > 0
 
 
