@@ -315,7 +315,7 @@ def bench_bare(make_model: Callable, variant: BareVariant, B: int, S: int, devic
         def lce(weight, h, y):   # liger's module, with its chunks' budget (chunk_mem_const) set
             return LigerFusedLinearCrossEntropyFunction.apply(
                 h, weight, y, None, None, -100, 0.0, 0.0, "mean", None, False, None, False, False, False,
-                None, None, variant.lce_chunks)
+                None, None, variant.lce_chunks)[0]
 
     def loss_fn(ids):
         if loss_kind == "hf":
