@@ -35,6 +35,7 @@ from torch import nn
 
 from sleepray.compiled_blocks import allow_recompiles, decoder_layers, repeat_call
 from sleepray.draws import cache_length, sample_cached
+from sleepray.fused_lora import lora_variant
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 _PROJ = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
@@ -50,15 +51,6 @@ def sliding_window(cfg) -> Optional[int]:
     on = (cfg.model_type == "mistral" or "sliding_attention" in (getattr(cfg, "layer_types", None) or [])
           or getattr(cfg, "use_sliding_window", False))
     return getattr(cfg, "sliding_window", None) if on else None
-
-
-def _variant(m, adapter: str) -> Optional[str]:
-    """What keeps LoRA layer ``m``'s ``adapter`` from merging as W + scaling x B A, or None."""
-    if getattr(m, "lora_variant", {}).get(adapter) is not None or getattr(m, "use_dora", {}).get(adapter):
-        return "a LoRA variant (DoRA and the like)"
-    if getattr(m, "lora_bias", {}).get(adapter):
-        return "a LoRA bias"
-    return None
 
 
 def unsupported(model) -> Optional[str]:
@@ -86,7 +78,7 @@ def unsupported(model) -> Optional[str]:
                 m = getattr(getattr(block, part, None), name, None)
                 if not isinstance(getattr(m, "base_layer", m), nn.Linear):
                     return f"a block without a Linear {part}.{name}"
-                why = next(filter(None, (_variant(m, a) for a in getattr(m, "lora_A", {}))), None)
+                why = next(filter(None, (lora_variant(m, a) for a in getattr(m, "lora_A", {}))), None)
                 if why:
                     return f"{why} on {part}.{name}"
     emb = model.get_input_embeddings()
@@ -213,7 +205,7 @@ class FusedWeights:
             return
         self._copied.pop(where, None)
         for k, a in enumerate(experts):
-            why = _variant(m, a)
+            why = lora_variant(m, a)
             if why:
                 raise ValueError(f"nrem.decode=fused cannot merge {why} (expert {a!r}); use 'graph' or 'own'")
             A, B = m.lora_A[a].weight, m.lora_B[a].weight

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["FusedLoRALinear", "fused_forward", "install", "installed", "uninstall"]
+__all__ = ["FusedLoRALinear", "fused_forward", "install", "installed", "lora_variant", "uninstall"]
 
 _ORIGINAL = "_sleepray_peft_forward"
 
@@ -84,6 +84,17 @@ class FusedLoRALinear(torch.autograd.Function):
         return (dx, dw, db, None, *dab)
 
 
+def lora_variant(m, adapter: str) -> Optional[str]:
+    """What keeps LoRA layer ``m``'s ``adapter`` from being plain LoRA, ``W + scaling x B A``
+    (which both this module's fused layers and ``sleepray.fused_decode``'s merge compute), or None."""
+    if adapter in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(adapter):
+        return "a LoRA variant (DoRA and the like)"
+    if (getattr(m, "lora_bias", {}).get(adapter) or m.lora_A[adapter].bias is not None
+            or m.lora_B[adapter].bias is not None):
+        return "a LoRA bias"
+    return None
+
+
 def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks)
 
@@ -102,7 +113,7 @@ def _fusable(layer, x: torch.Tensor, args, kwargs) -> Optional[list[str]]:
     names = [a for a in layer.active_adapters if a in layer.lora_A]
     for a in names:
         A, B, drop = layer.lora_A[a], layer.lora_B[a], layer.lora_dropout[a]
-        if a in layer.lora_variant or B.bias is not None or A.bias is not None:
+        if lora_variant(layer, a):
             return None
         if A.weight.dtype != x.dtype or B.weight.dtype != x.dtype or _hooked(A) or _hooked(B):
             return None
