@@ -1,4 +1,4 @@
-"""A helper of the learner's tests (tests/test_fused_losses.py, tests/test_compiled_blocks.py)."""
+"""Helpers of the learner's tests (tests/test_fused_losses.py, tests/test_compiled_blocks.py, the GPU tests)."""
 import torch
 
 from sleepray.experts import ExpertBank
@@ -61,3 +61,37 @@ def bank_with_moved_experts(model, rank: int = 4) -> ExpertBank:
         if freeze:
             bank.freeze_current()
     return bank
+
+
+def two_episode_rows(tok) -> tuple[list, list[list[int]]]:
+    """The consolidation prompts of two episodes of a small world, and a short answer for each."""
+    import random
+
+    from sleepray.prompts import consolidation_prompts
+    from sleepray.world import World
+    prompts = [p for e in World(3, 1, 0, 0, 1).episodes(2) for p in consolidation_prompts(e, 6, random.Random(0))]
+    return prompts, [tok.encode(f" answer {i}\n", add_special_tokens=False) for i in range(len(prompts))]
+
+
+def moving_expert_steps(path, tok, prompts, ys, overrides: list[str], device: str = "cuda", steps: int = 4):
+    """A float32 :func:`moved_bank` under config ``overrides`` on ``device`` (float32: differences
+    between two paths are theirs, not bf16's) and its ``Scorer``; ``steps`` steps of
+    :func:`losses_and_grads`, the open expert moved in place after each as an optimizer step
+    would (the same in every run), so a path that read stale weights would differ.
+    Returns (scorer, each step's losses and gradients)."""
+    from sleepray.config import load_config
+    from sleepray.nrem import _by_episode
+    from sleepray.nrem_forward import Scorer
+    cfg = load_config(None, [*overrides, "experts.max_slots=3"])
+    bank = moved_bank(path, cfg, dtype="float32")
+    bank.model.to(device)
+    sc = Scorer(bank, tok, cfg.nrem, contexts=_by_episode(prompts))
+    out = []
+    for i in range(steps):
+        sc.begin_step()
+        bank.model.zero_grad(set_to_none=True)
+        out.append(losses_and_grads(sc, tok, prompts, ys))
+        with torch.no_grad():
+            for j, p in enumerate(bank.trainable_parameters()):
+                p.add_(0.02 * torch.sin(torch.arange(p.numel(), device=p.device).view_as(p) + i + j))
+    return sc, out

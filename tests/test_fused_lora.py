@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from bank_helpers import bank_with_moved_experts
+from bank_helpers import assert_same_losses, bank_with_moved_experts, moving_expert_steps, two_episode_rows
 from sleepray import fused_lora
 from sleepray.config import ExpertConfig
 from sleepray.experts import ExpertBank
@@ -192,3 +192,19 @@ def test_bank_installs_from_config(tmp_path):
     assert tl.forward.__self__ is tl
     fused_lora.uninstall(bank.model)
     assert not fused_lora.installed(bank.model)
+
+
+def test_nrem_passes_match_peft_as_the_expert_moves(tmp_path):
+    """The NREM passes (student, teacher after its cached context, JSD, LTI log-probs, anchor KL,
+    backward) with the fused layers equal PEFT's within 1e-5, four steps with the expert moved in
+    place between them (on a GPU, also inside the graphed blocks: tests/test_gpu_fused_lora.py)."""
+    path = str(build_tiny_model("qwen3", tmp_path / "m"))
+    tok = load_model(path)[1]
+    prompts, ys = two_episode_rows(tok)
+    runs = {}
+    for on in (False, True):
+        sc, runs[on] = moving_expert_steps(path, tok, prompts, ys, [f"experts.fused_lora={on}"], device="cpu")
+        assert fused_lora.installed(sc.bank.model) is on
+    for a, b in zip(runs[False], runs[True]):
+        assert_same_losses(a, b)
+    assert runs[False][3][0] != pytest.approx(runs[False][0][0], rel=1e-6)   # the expert did move

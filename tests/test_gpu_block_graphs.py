@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from bank_helpers import assert_same_losses, losses_and_grads, moved_bank
+from bank_helpers import assert_same_losses, losses_and_grads, moved_bank, moving_expert_steps, two_episode_rows
 from sleepray.config import load_config
 from sleepray.models import load_model
 from sleepray.nrem import _by_episode
@@ -26,32 +26,15 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 def test_block_graphs_replay_the_eager_losses_and_gradients_as_the_expert_moves(tmp_path):
     path = str(build_tiny_model("qwen3", tmp_path / "m"))
     tok = load_model(path)[1]
-    prompts = [p for e in World(3, 1, 0, 0, 1).episodes(2) for p in consolidation_prompts(e, 6, random.Random(0))]
-    ys = [tok.encode(f" answer {i}\n", add_special_tokens=False) for i in range(len(prompts))]
+    prompts, ys = two_episode_rows(tok)
     runs = {}
     for mode, over in {"eager": ["nrem.compile_blocks=false"],
                        "graphs": ["nrem.compile_blocks=true", "nrem.block_graphs=true", "nrem.fast_guards=true"]
-                       }.items():
-        cfg = load_config(None, [*over, "experts.max_slots=3"])
-        bank = moved_bank(path, cfg, dtype="float32")   # float32: differences are the graphs', not bf16's
-        bank.model.to("cuda")
-        sc = Scorer(bank, tok, cfg.nrem, contexts=_by_episode(prompts))
+                       }.items():   # steps: warm-up, record, replay, replay
+        sc, runs[mode] = moving_expert_steps(path, tok, prompts, ys, over)
         assert (sc.blocks is not None and sc.blocks.graphs) is (mode == "graphs")
-        out = []
-        for i in range(4):        # warm-up, record, replay, replay
-            sc.begin_step()
-            bank.model.zero_grad(set_to_none=True)
-            out.append(losses_and_grads(sc, tok, prompts, ys))
-            with torch.no_grad():   # an optimizer step's in-place update, the same in both runs
-                for j, p in enumerate(bank.trainable_parameters()):
-                    p.add_(0.02 * torch.sin(torch.arange(p.numel(), device=p.device).view_as(p) + i + j))
-        runs[mode] = out
-    for i, ((d0, lp0, kl0, g0), (d1, lp1, kl1, g1)) in enumerate(zip(runs["eager"], runs["graphs"])):
-        assert d1 == pytest.approx(d0, rel=1e-3, abs=1e-5) and d0 > 0, i
-        assert kl1 == pytest.approx(kl0, rel=1e-3, abs=1e-5), i
-        assert torch.allclose(lp0, lp1, atol=1e-3), i
-        for a, b in zip(g0, g1):
-            assert torch.allclose(a, b, atol=1e-4, rtol=1e-2), i
+    for a, b in zip(runs["eager"], runs["graphs"]):
+        assert_same_losses(a, b, tight=False)
     assert runs["eager"][3][0] != pytest.approx(runs["eager"][0][0], rel=1e-6)   # the expert did move
 
 
