@@ -43,6 +43,17 @@ def switched_on(switch, on) -> bool:
     return switch is True or (switch == "auto" and where.is_cuda)
 
 
+def graph_length(n: int, pad: int) -> int:
+    """The length ``n`` tokens are right-padded to for a pass replayed from CUDA graphs (one graph
+    per length): a multiple of ``pad``, or of a quarter of the largest power of two <= ``n`` where
+    that is larger. So at most four lengths an octave above ``4 * pad``, and the padding is under a
+    quarter of ``n`` (under ``pad`` below it): 73 -> 80 with ``pad`` 16, 300 -> 320, 600 -> 640."""
+    if n < 1 or pad < 1:
+        raise ValueError(f"graph_length needs n >= 1 and pad >= 1, got {n}, {pad}")
+    step = max(pad, 1 << max(0, n.bit_length() - 3))
+    return -(-n // step) * step
+
+
 def allow_recompiles(n: int = 32) -> None:
     """torch.compile's recompile limit raised to at least ``n``: the modes (gradient or not, teacher
     or student adapters) and shapes the learner's compiled calls meet."""

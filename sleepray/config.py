@@ -157,8 +157,11 @@ class NREMConfig(_Anchored):
         "the teacher's pass after its episode's cached context replayed from a CUDA graph over "
         "a static KV cache holding the context for every row (needs reuse_context_kv and "
         "fused_loss); auto: on a GPU")
-    teacher_graph_tokens: int = Field(128, ge=1, description="a graphed teacher pass's own tokens per row (longer "
-                                                             "rows run eager)")
+    teacher_graph_tokens: int = Field(128, ge=1, description="the most own tokens a row of the graphed teacher pass "
+                                                             "has: the graph is as long as the run's rows can be "
+                                                             "(a prompt after its episode's shared context plus "
+                                                             "max_new_tokens, rounded up to 16), up to this; longer "
+                                                             "rows run eager")
     merged_sampling: GpuSwitch = _gpu_switch(
         "the learner samples with its active experts merged into a copy of the adapted weights "
         "and LoRA off (no skinny LoRA products in every decode step; costs one copy of those "
@@ -192,8 +195,11 @@ class NREMConfig(_Anchored):
         "alone hides the padding after a row; transformers reads a mask back to check it): no "
         "host-device sync inside the passes, so the host queues the next kernels while the GPU "
         "runs; auto: on a GPU")
-    block_graph_pad: int = Field(64, ge=1, description="with block_graphs, the student's and the anchor's rows padded "
-                                                       "to a multiple of this many tokens (fewer lengths, fewer graphs)")
+    block_graph_pad: int = Field(16, ge=1, description="with block_graphs, the student's and the anchor's rows "
+                                                       "right-padded to a multiple of this many tokens, or of a quarter "
+                                                       "of their length's power of two where that is larger (one "
+                                                       "graph per length: at most four lengths an octave, padding "
+                                                       "under a quarter of the row; compiled_blocks.graph_length)")
 
     @property
     def lti_on(self) -> bool:

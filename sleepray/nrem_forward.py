@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from sleepray.compiled_blocks import CompiledBlocks, switched_on
+from sleepray.compiled_blocks import CompiledBlocks, graph_length, switched_on
 from sleepray.fused_losses import _logprob, fused_jsd, fused_token_logprobs
 from sleepray.lm_forward import (PrefixKV, UnsupportedModel, _gather, _right_padded, common_prefix, lm_parts,
                                  right_padded_input, span_hidden, to_device)
@@ -45,10 +45,13 @@ class Scorer:
         self._prefix_len: dict[str, int] = {}
         self._kv: dict[str, PrefixKV] = {}
         self._ids: dict[str, list[int]] = {}
+        own = 0         # the most tokens a teacher row can have after its episode's shared context
         if contexts and ncfg.reuse_context_kv and self.fused:
             for ep, prompts in contexts.items():
-                self._prefix_len[ep] = common_prefix([self.ids(p) for p in prompts])
-        self.graph = prefix_graph(bank.model, ncfg, rows, max(self._prefix_len.values(), default=0))
+                ids = [self.ids(p) for p in prompts]
+                self._prefix_len[ep] = common_prefix(ids)
+                own = max(own, max(map(len, ids)) - self._prefix_len[ep] + ncfg.max_new_tokens)
+        self.graph = prefix_graph(bank.model, ncfg, rows, max(self._prefix_len.values(), default=0), own)
 
     def ids(self, text: str) -> list[int]:
         """``tok.encode(text)``, remembered: NREM's prompts come back every step."""
@@ -71,7 +74,9 @@ class Scorer:
     def _states(self, model, rows, starts, lens, prefix=None) -> torch.Tensor:
         """[N, H] hidden states (fused) or [N, V] logits (plain) predicting each row's span."""
         compiled = self.blocks is not None and prefix is None
-        multiple = self.ncfg.block_graph_pad if compiled and self.blocks.graphs else 1   # few lengths, few graphs
+        multiple = 1
+        if compiled and self.blocks.graphs:   # few lengths, few graphs; a multiple of itself: that length
+            multiple = graph_length(max(map(len, rows)), self.ncfg.block_graph_pad)
         with self.blocks.on() if compiled else contextlib.nullcontext(), self._attention():
             if self.fused:
                 return span_hidden(model, rows, starts, lens, self.pad, prefix, multiple, self.async_rows)
@@ -174,12 +179,16 @@ def compiled_blocks(model, ncfg) -> Optional[CompiledBlocks]:
 _BLOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def prefix_graph(model, ncfg, rows: int, max_prefix: int) -> Optional[PrefixGraph]:
+def prefix_graph(model, ncfg, rows: int, max_prefix: int, own: int = 0) -> Optional[PrefixGraph]:
     """The teacher's CUDA-graph pass after the episodes' contexts when ``nrem.teacher_graph``
-    asks (auto: on a GPU), for passes of up to ``rows`` rows after up to ``max_prefix`` tokens."""
+    asks (auto: on a GPU), for passes of up to ``rows`` rows after up to ``max_prefix`` tokens.
+    Its rows are as long as the run's can be (``own``: a prompt's tokens after the shared context
+    plus the continuation's; rounded up to a multiple of 16), and at most
+    ``nrem.teacher_graph_tokens``: every padded position costs as much as a real one."""
     if rows < 1 or max_prefix < 1 or not switched_on(ncfg.teacher_graph, model):
         return None
-    return PrefixGraph(model, rows, max_prefix, ncfg.teacher_graph_tokens)
+    length = min(ncfg.teacher_graph_tokens, -(-own // 16) * 16) if own > 0 else ncfg.teacher_graph_tokens
+    return PrefixGraph(model, rows, max_prefix, length)
 
 
 def padded(flat: torch.Tensor, lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

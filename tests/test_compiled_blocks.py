@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bank_helpers import losses_and_grads, moved_bank
-from sleepray.compiled_blocks import CompiledBlocks, decoder_layers
+from sleepray.compiled_blocks import CompiledBlocks, decoder_layers, graph_length
 from sleepray.config import load_config
 from sleepray.models import load_model
 from sleepray.nrem import _by_episode
@@ -42,8 +42,8 @@ def test_compiled_blocks_give_the_plain_losses_and_gradients(qwen3):
              # blocks after the second skip the guards that do not tell graphs apart (nrem.fast_guards)
              "fast_guards": ["nrem.compile_blocks=true", "nrem.fast_guards=true"],
              # "reduce-overhead" (CUDA graphs on a GPU; here the compiled blocks without them) and the
-             # rows padded to a multiple of 64 tokens
-             "graphs": ["nrem.compile_blocks=true", "nrem.block_graphs=true", "nrem.block_graph_pad=64"]}
+             # rows right-padded to few lengths (compiled_blocks.graph_length)
+             "graphs": ["nrem.compile_blocks=true", "nrem.block_graphs=true", "nrem.block_graph_pad=16"]}
     for mode, over in modes.items():
         cfg = load_config(None, [*over, "nrem.compile_backend=inductor", "experts.max_slots=3"])
         bank = moved_bank(qwen3, cfg)
@@ -68,6 +68,43 @@ def test_compiled_blocks_give_the_plain_losses_and_gradients(qwen3):
     # the compiled code ran, and the blocks share graphs: the student's (gradient) and the anchor's
     # teacher (none), a static and a dynamic shape each; a graph per block would double them
     assert 2 <= graphs <= 8, dict(counters["stats"])
+
+
+def test_graph_lengths_are_few_an_octave_and_pad_under_a_quarter():
+    """nrem.block_graph_pad: one CUDA graph per padded length, so few lengths; every padded
+    position costs as much as a real one, so little padding."""
+    assert [graph_length(n, 16) for n in (1, 16, 17, 70, 73, 80, 81, 130, 300, 600)] == \
+        [16, 16, 32, 80, 80, 80, 96, 160, 320, 640]
+    assert graph_length(70, 64) == 128 and graph_length(70, 1) == 80 and graph_length(7, 1) == 7
+    for pad in (1, 8, 16, 64):
+        lengths = [graph_length(n, pad) for n in range(1, 4097)]
+        assert all(m >= n and m % pad == 0 for n, m in enumerate(lengths, 1))
+        assert all(m - n < max(pad, n / 4) for n, m in enumerate(lengths, 1))
+        for lo in (4 * pad * 2 ** k for k in range(8)):        # above 4 * pad: at most four an octave
+            assert len({m for n, m in enumerate(lengths, 1) if lo < n <= 2 * lo}) <= 4, (pad, lo)
+    for bad in ((0, 16), (5, 0)):
+        with pytest.raises(ValueError):
+            graph_length(*bad)
+
+
+def test_block_graph_passes_pad_their_rows_to_a_graph_length(qwen3, monkeypatch):
+    """The student's pass under nrem.block_graphs pads its rows to graph_length (73 tokens: 80
+    with the default pad of 16, not 128); without the graphs it pads nothing."""
+    import sleepray.nrem_forward as nf
+    seen = []
+    real = nf.span_hidden
+    monkeypatch.setattr(nf, "span_hidden", lambda model, rows, starts, lens, pad, prefix=None, multiple=1, *a:
+                        seen.append(-(-max(map(len, rows)) // multiple) * multiple)
+                        or real(model, rows, starts, lens, pad, prefix, multiple, *a))
+    tok = load_model(qwen3)[1]
+    for graphs in ("true", "false"):
+        cfg = load_config(None, ["nrem.compile_blocks=true", f"nrem.block_graphs={graphs}"])
+        assert cfg.nrem.block_graph_pad == 16
+        sc = Scorer(bank := moved_bank(qwen3, cfg), tok, cfg.nrem)
+        with torch.no_grad():
+            sc.student([[5] * 9, [6] * 3], [[7] * 64, [8] * 60])
+        bank.model.zero_grad(set_to_none=True)
+    assert seen == [80, 73]
 
 
 def test_block_graphs_need_the_inductor_compiled_blocks():
@@ -166,3 +203,29 @@ def test_the_graphed_teacher_pass_equals_the_eager_one(qwen3):
             assert sc.graph is None
     assert out["true"].shape == out["false"].shape
     assert torch.allclose(out["true"], out["false"], atol=1e-4, rtol=1e-4)
+
+
+def test_the_teacher_graph_is_as_long_as_the_runs_rows_can_be(qwen3):
+    """nrem.teacher_graph: the graph's rows are the longest prompt after its episode's shared
+    context plus max_new_tokens, rounded up to 16, and at most nrem.teacher_graph_tokens (every
+    padded position costs a real one's time); a row that long runs in the graph."""
+    from sleepray.lm_forward import common_prefix
+    tok = load_model(qwen3)[1]
+    prompts = [p for e in World(3, 1, 0, 0, 1).episodes(2) for p in consolidation_prompts(e, 5, random.Random(1))]
+    own = 0
+    for texts in _by_episode(prompts).values():
+        ids = [tok.encode(t) for t in texts]
+        own = max(own, max(map(len, ids)) - common_prefix(ids))
+    for cap, new in ((128, 20), (128, 21), (24, 20)):
+        cfg = load_config(None, ["nrem.teacher_graph=true", f"nrem.teacher_graph_tokens={cap}",
+                                 f"nrem.max_new_tokens={new}"])
+        sc = Scorer(moved_bank(qwen3, cfg), tok, cfg.nrem, contexts=_by_episode(prompts), rows=4)
+        assert sc.graph.length == min(cap, -(-(own + new) // 16) * 16), (cap, new, own)
+    assert sc.graph.length == 24 < own + 20
+    p = max(prompts, key=lambda p: len(tok.encode(p.teacher_prompt)))
+    cfg = load_config(None, ["nrem.teacher_graph=true", "nrem.max_new_tokens=20"])
+    sc = Scorer(moved_bank(qwen3, cfg), tok, cfg.nrem, contexts=_by_episode(prompts), rows=4)
+    ran = []
+    sc._graphed = lambda *a, real=sc._graphed: ran.append(real(*a)) or ran[-1]
+    sc.teacher([p.episode_id], [tok.encode(p.teacher_prompt)], [[7] * 20])     # the longest row there is
+    assert ran and ran[0] is not None
