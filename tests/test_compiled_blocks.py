@@ -212,17 +212,18 @@ def test_the_teacher_graph_is_as_long_as_the_runs_rows_can_be(qwen3):
     from sleepray.lm_forward import common_prefix
     tok = load_model(qwen3)[1]
     prompts = [p for e in World(3, 1, 0, 0, 1).episodes(2) for p in consolidation_prompts(e, 5, random.Random(1))]
-    own = 0
+    tails = {}          # each teacher prompt's tokens after its episode's shared context
     for texts in _by_episode(prompts).values():
         ids = [tok.encode(t) for t in texts]
-        own = max(own, max(map(len, ids)) - common_prefix(ids))
+        tails.update({t: len(i) - common_prefix(ids) for t, i in zip(texts, ids)})
+    own = max(tails.values())
     for cap, new in ((128, 20), (128, 21), (24, 20)):
         cfg = load_config(None, ["nrem.teacher_graph=true", f"nrem.teacher_graph_tokens={cap}",
                                  f"nrem.max_new_tokens={new}"])
         sc = Scorer(moved_bank(qwen3, cfg), tok, cfg.nrem, contexts=_by_episode(prompts), rows=4)
         assert sc.graph.length == min(cap, -(-(own + new) // 16) * 16), (cap, new, own)
     assert sc.graph.length == 24 < own + 20
-    p = max(prompts, key=lambda p: len(tok.encode(p.teacher_prompt)))
+    p = max(prompts, key=lambda p: tails[p.teacher_prompt])
     cfg = load_config(None, ["nrem.teacher_graph=true", "nrem.max_new_tokens=20"])
     sc = Scorer(moved_bank(qwen3, cfg), tok, cfg.nrem, contexts=_by_episode(prompts), rows=4)
     ran = []
